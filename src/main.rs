@@ -1,1 +1,250 @@
-fn main() {}
+//! `aquila`: the one binary. Parses flags, sets up logging, and calls into the
+//! gateway and worker crates; it holds no serving logic of its own.
+
+mod client;
+
+use std::net::SocketAddr;
+use std::path::PathBuf;
+use std::sync::Arc;
+
+use anyhow::{Context, Result};
+use aquila_gateway::GatewayArgs;
+use aquila_worker::WorkerArgs;
+use aquila_worker::presets::{GgufType, Preset, WeightFormat};
+use clap::{Parser, Subcommand};
+use tokio::net::TcpListener;
+
+#[derive(Parser)]
+#[command(name = "aquila", version, about = "Aquila Serve: gRPC serving for LLaMA-architecture language models")]
+struct Cli {
+    /// Log as JSON lines instead of text.
+    #[arg(long, global = true, env = "AQUILA_LOG_JSON")]
+    log_json: bool,
+    #[command(subcommand)]
+    command: Command,
+}
+
+#[derive(Subcommand)]
+enum Command {
+    /// Serve a model on this machine: one worker and a gateway. With no
+    /// flags, serves the demo model (SmolLM2-135M-Instruct), fetching it once.
+    Serve {
+        /// Model to serve (Hugging Face folder or GGUF file). Default: the demo model.
+        #[arg(long, env = "AQUILA_MODEL")]
+        model: Option<PathBuf>,
+        /// Address of the public gRPC API.
+        #[arg(long, env = "AQUILA_LISTEN", default_value = "127.0.0.1:50051")]
+        listen: SocketAddr,
+        /// Address of the internal worker API.
+        #[arg(long, env = "AQUILA_WORKER_LISTEN", default_value = "127.0.0.1:0")]
+        worker_listen: SocketAddr,
+        /// Jinja chat template file, overriding the model's.
+        #[arg(long, env = "AQUILA_CHAT_TEMPLATE")]
+        chat_template: Option<PathBuf>,
+        #[command(flatten)]
+        worker: WorkerArgs,
+    },
+    /// Run a worker: load a model and serve the internal worker API.
+    Worker {
+        /// Model to serve: a Hugging Face folder or a GGUF file.
+        #[arg(long, env = "AQUILA_MODEL")]
+        model: PathBuf,
+        /// Address to listen on (port 0: any free port, printed at start).
+        #[arg(long, env = "AQUILA_WORKER_LISTEN", default_value = "127.0.0.1:50061")]
+        listen: SocketAddr,
+        #[command(flatten)]
+        worker: WorkerArgs,
+    },
+    /// Run the gateway: the public API in front of one or more workers.
+    Gateway {
+        /// Address to listen on (port 0: any free port, printed at start).
+        #[arg(long, env = "AQUILA_LISTEN", default_value = "127.0.0.1:50051")]
+        listen: SocketAddr,
+        #[command(flatten)]
+        gateway: GatewayArgs,
+    },
+    /// Complete a prompt through a gateway, streaming the text.
+    Generate(client::GenerateArgs),
+    /// Chat with a model through a gateway (one message, or interactive).
+    Chat(client::ChatArgs),
+    /// Write a deterministic random-weight Aquila-architecture model.
+    MakeModel {
+        #[arg(long, value_enum, default_value = "tiny")]
+        preset: Preset,
+        /// Output folder.
+        #[arg(long)]
+        out: PathBuf,
+        #[arg(long, default_value_t = 0)]
+        seed: u64,
+        /// Weight file format.
+        #[arg(long, value_enum, default_value = "safetensors")]
+        format: WeightFormat,
+        /// Number of weight files for sharded formats.
+        #[arg(long, default_value_t = 2)]
+        shards: usize,
+        /// Tensor type of GGUF weights.
+        #[arg(long, value_enum, default_value = "f32")]
+        gguf_type: GgufType,
+    },
+    /// Fetch the demo model into the cache (if needed) and print its path.
+    FetchDemo,
+    /// Measure single-stream prefill and decode speed of a model (no network).
+    Bench {
+        /// Model to measure. Default: the demo model.
+        #[arg(long, env = "AQUILA_MODEL")]
+        model: Option<PathBuf>,
+        #[arg(long, default_value_t = 32)]
+        prompt_tokens: usize,
+        #[arg(long, default_value_t = 128)]
+        gen_tokens: usize,
+        #[command(flatten)]
+        worker: WorkerArgs,
+    },
+}
+
+fn main() -> Result<()> {
+    let cli = Cli::parse();
+    init_tracing(cli.log_json);
+    let rt = tokio::runtime::Builder::new_multi_thread()
+        .enable_all()
+        .worker_threads(2)
+        .build()?;
+    rt.block_on(dispatch(cli.command))
+}
+
+async fn dispatch(cmd: Command) -> Result<()> {
+    match cmd {
+        Command::Serve {
+            model,
+            listen,
+            worker_listen,
+            chat_template,
+            worker,
+        } => serve(model, listen, worker_listen, chat_template, worker).await,
+        Command::Worker { model, listen, worker } => {
+            let state = Arc::new(tokio::task::spawn_blocking(move || aquila_worker::WorkerState::start(model, &worker)).await??);
+            let listener = bind(listen, "worker").await?;
+            aquila_worker::run(listener, state, shutdown_signal()).await?;
+            Ok(())
+        }
+        Command::Gateway { listen, gateway } => {
+            let config = gateway.into_config()?;
+            let listener = bind(listen, "gateway").await?;
+            aquila_gateway::run(listener, config, shutdown_signal()).await?;
+            Ok(())
+        }
+        Command::Generate(args) => client::generate(args).await,
+        Command::Chat(args) => client::chat(args).await,
+        Command::MakeModel {
+            preset,
+            out,
+            seed,
+            format,
+            shards,
+            gguf_type,
+        } => {
+            aquila_worker::presets::make(preset, &out, seed, format, shards, gguf_type)?;
+            println!("wrote {}", out.display());
+            Ok(())
+        }
+        Command::FetchDemo => {
+            let path = tokio::task::spawn_blocking(aquila_worker::demo::fetch_demo).await??;
+            println!("{}", path.display());
+            Ok(())
+        }
+        Command::Bench {
+            model,
+            prompt_tokens,
+            gen_tokens,
+            worker,
+        } => {
+            let model = match model {
+                Some(m) => m,
+                None => aquila_worker::demo::fetch_demo()?,
+            };
+            aquila_worker::service::init_threads(worker.threads);
+            let opts = aquila_worker::loader::LoadOptions {
+                dtype: worker.dtype,
+                name: worker.served_model_name.clone(),
+            };
+            let r = aquila_worker::bench::run(&model, &opts, prompt_tokens, gen_tokens)?;
+            println!("{}", r.to_json());
+            Ok(())
+        }
+    }
+}
+
+/// Binds and prints the bound address on stdout (tests and scripts read
+/// this line to find a port-0 server).
+async fn bind(addr: SocketAddr, what: &str) -> Result<TcpListener> {
+    let listener = TcpListener::bind(addr).await.with_context(|| format!("binding {what} to {addr}"))?;
+    println!("aquila {what} listening on {}", listener.local_addr()?);
+    Ok(listener)
+}
+
+async fn serve(
+    model: Option<PathBuf>,
+    listen: SocketAddr,
+    worker_listen: SocketAddr,
+    chat_template: Option<PathBuf>,
+    worker: WorkerArgs,
+) -> Result<()> {
+    let model = match model {
+        Some(m) => m,
+        None => tokio::task::spawn_blocking(aquila_worker::demo::fetch_demo).await??,
+    };
+    let state = Arc::new(tokio::task::spawn_blocking(move || aquila_worker::WorkerState::start(model, &worker)).await??);
+    let model_name = state.model_info().name.clone();
+    let worker_listener = TcpListener::bind(worker_listen).await.context("binding the worker")?;
+    let worker_addr = worker_listener.local_addr()?;
+    let gateway_listener = bind(listen, "gateway").await?;
+    let mut args = GatewayArgs::with_workers(vec![worker_addr.to_string()]);
+    args.chat_template = chat_template;
+    let config = args.into_config()?;
+    let (stop_tx, stop_rx) = tokio::sync::watch::channel(false);
+    let wait = |mut rx: tokio::sync::watch::Receiver<bool>| async move {
+        let _ = rx.wait_for(|stop| *stop).await;
+    };
+    let worker_task = tokio::spawn(aquila_worker::run(worker_listener, state, wait(stop_rx.clone())));
+    let gateway_task = tokio::spawn(aquila_gateway::run(gateway_listener, config, wait(stop_rx)));
+    println!(
+        "serving {model_name} on {listen}\ntry:  cargo run --release -- chat --gateway http://{listen} \"What is the capital of France? Answer in one word.\"\n  or:  grpcurl -plaintext -d '{{\"messages\":[{{\"role\":\"user\",\"content\":\"Hello!\"}}]}}' {listen} aquila.v1.Generation/Chat\nCtrl-C stops."
+    );
+    shutdown_signal().await;
+    let _ = stop_tx.send(true);
+    gateway_task.await??;
+    worker_task.await??;
+    Ok(())
+}
+
+async fn shutdown_signal() {
+    let ctrl_c = tokio::signal::ctrl_c();
+    #[cfg(unix)]
+    {
+        let mut term = match tokio::signal::unix::signal(tokio::signal::unix::SignalKind::terminate()) {
+            Ok(s) => s,
+            Err(_) => {
+                let _ = ctrl_c.await;
+                return;
+            }
+        };
+        tokio::select! {
+            _ = ctrl_c => {}
+            _ = term.recv() => {}
+        }
+    }
+    #[cfg(not(unix))]
+    let _ = ctrl_c.await;
+    tracing::info!("shutting down");
+}
+
+fn init_tracing(json: bool) {
+    use tracing_subscriber::EnvFilter;
+    let filter = EnvFilter::try_from_default_env().unwrap_or_else(|_| EnvFilter::new("info"));
+    let builder = tracing_subscriber::fmt().with_env_filter(filter).with_writer(std::io::stderr);
+    if json {
+        builder.json().init();
+    } else {
+        builder.init();
+    }
+}

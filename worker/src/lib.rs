@@ -1,1 +1,23 @@
+//! The Aquila Serve worker: loads a LLaMA-architecture model, runs it on its
+//! own engine thread, and serves token ids in / token events out over the
+//! internal `aquila.worker.v1` API. Knows nothing of text beyond handing the
+//! tokenizer to the gateway.
 
+pub mod bench;
+pub mod comm;
+pub mod config;
+pub mod demo;
+pub mod engine;
+pub mod export;
+pub mod error;
+pub mod kv_cache;
+pub mod loader;
+pub mod model;
+pub mod presets;
+pub mod sampler;
+pub mod service;
+pub mod tokenizer;
+pub mod weights;
+
+pub use error::{Result, WorkerError};
+pub use service::{WorkerArgs, WorkerState, run};

@@ -1,0 +1,117 @@
+//! Shared fixtures for the end-to-end tests: tiny models written from a seed,
+//! and real `aquila` processes on 127.0.0.1 port 0, waited for by health
+//! checks (never by sleeping).
+#![allow(dead_code)]
+
+use std::io::{BufRead, BufReader};
+use std::path::Path;
+use std::process::{Child, Command, Stdio};
+use std::time::{Duration, Instant};
+
+use aquila_worker::presets::{GgufType, Preset, WeightFormat};
+use tempfile::TempDir;
+use tonic_health::pb::health_check_response::ServingStatus;
+use tonic_health::pb::health_client::HealthClient;
+use tonic_health::pb::HealthCheckRequest;
+
+/// The tiny preset (seed 7) written in `format` into a fresh temp folder.
+pub fn tiny_model(format: WeightFormat, gguf: GgufType) -> TempDir {
+    let dir = tempfile::tempdir().expect("tempdir");
+    aquila_worker::presets::make(Preset::Tiny, dir.path(), 7, format, 2, gguf).expect("make tiny model");
+    dir
+}
+
+/// The path a worker is given for a model written by `tiny_model`.
+pub fn model_path(dir: &Path, format: WeightFormat) -> std::path::PathBuf {
+    match format {
+        WeightFormat::Gguf => dir.join("model.gguf"),
+        _ => dir.to_path_buf(),
+    }
+}
+
+/// A running `aquila` process, killed when dropped.
+pub struct Proc {
+    pub child: Child,
+    /// "127.0.0.1:PORT" as the process printed it.
+    pub addr: String,
+}
+
+impl Proc {
+    pub fn url(&self) -> String {
+        format!("http://{}", self.addr)
+    }
+
+    pub fn kill(&mut self) {
+        let _ = self.child.kill();
+        let _ = self.child.wait();
+    }
+}
+
+impl Drop for Proc {
+    fn drop(&mut self) {
+        self.kill();
+    }
+}
+
+/// Starts `aquila ARGS` and waits for its "aquila WHAT listening on ADDR" line.
+pub fn spawn(args: &[&str], what: &str) -> Proc {
+    let mut child = Command::new(env!("CARGO_BIN_EXE_aquila"))
+        .args(args)
+        .env("RUST_LOG", "warn")
+        .stdout(Stdio::piped())
+        .stderr(Stdio::inherit())
+        .spawn()
+        .expect("spawn aquila");
+    let stdout = child.stdout.take().expect("stdout");
+    let mut lines = BufReader::new(stdout).lines();
+    let prefix = format!("aquila {what} listening on ");
+    let addr = loop {
+        match lines.next() {
+            Some(Ok(line)) => {
+                if let Some(a) = line.strip_prefix(&prefix) {
+                    break a.trim().to_string();
+                }
+            }
+            _ => panic!("aquila {args:?} exited before listening"),
+        }
+    };
+    // Keep draining stdout so the child never blocks on a full pipe.
+    std::thread::spawn(move || for _ in lines {});
+    Proc { child, addr }
+}
+
+pub fn spawn_worker(model: &Path, extra: &[&str]) -> Proc {
+    let model = model.to_str().expect("utf-8 path");
+    let mut args = vec!["worker", "--model", model, "--listen", "127.0.0.1:0", "--threads", "2"];
+    args.extend_from_slice(extra);
+    spawn(&args, "worker")
+}
+
+pub fn spawn_gateway(workers: &[&Proc], extra: &[&str]) -> Proc {
+    let mut args = vec!["gateway", "--listen", "127.0.0.1:0", "--health-interval-ms", "100"];
+    for w in workers {
+        args.push("--worker");
+        args.push(&w.addr);
+    }
+    args.extend_from_slice(extra);
+    spawn(&args, "gateway")
+}
+
+/// Polls `grpc.health.v1` on `url` until it reports SERVING (60 s at most).
+pub async fn wait_serving(url: &str) {
+    let deadline = Instant::now() + Duration::from_secs(60);
+    loop {
+        if let Ok(mut c) = HealthClient::connect(url.to_string()).await {
+            let r = c
+                .check(HealthCheckRequest {
+                    service: String::new(),
+                })
+                .await;
+            if r.is_ok_and(|r| r.into_inner().status == ServingStatus::Serving as i32) {
+                return;
+            }
+        }
+        assert!(Instant::now() < deadline, "{url} not SERVING after 60 s");
+        tokio::time::sleep(Duration::from_millis(25)).await;
+    }
+}

@@ -1,0 +1,366 @@
+//! The LLaMA-architecture model (LLaMA, Aquila, SmolLM...), written so the
+//! names match the checkpoint and tensor parallelism is visible in the types.
+//! `forward` takes a batch of sequences, each with its new tokens, its start
+//! position and its cache, so decodes and prefills of different lengths can
+//! share one step. It computes; it does not schedule or sample.
+
+mod attention;
+pub mod linear;
+mod norm;
+
+use std::sync::Arc;
+
+use candle_core::quantized::QTensor;
+use candle_core::{DType, Device, Tensor};
+
+use crate::comm::Communicator;
+use crate::config::ModelConfig;
+use crate::error::{Result, WorkerError};
+use crate::kv_cache::SeqCache;
+use crate::weights::{Weight, WeightStore};
+pub use linear::{ColumnParallelLinear, Linear, RowParallelLinear, Shard, WeightDtype};
+use norm::{RmsNorm, Rope};
+
+/// One sequence's part of a step.
+pub struct SeqInput<'a> {
+    /// Tokens to run: the (rest of the) prompt, or the last sampled token.
+    pub tokens: &'a [u32],
+    /// Position of `tokens[0]`; the cache holds positions `0..start`.
+    pub start: usize,
+    pub cache: &'a mut SeqCache,
+}
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum LogitsFor {
+    /// Only each sequence's last token (serving).
+    Last,
+    /// Every token (tests, scoring).
+    All,
+}
+
+/// Token embedding, split by vocabulary across ranks (rank r holds rows
+/// `[r·V/N, (r+1)·V/N)`; rows it lacks are zero and an all-reduce completes
+/// them).
+struct VocabParallelEmbedding {
+    table: Table,
+    hidden: usize,
+    comm: Arc<dyn Communicator>,
+}
+
+enum Table {
+    Dense(Tensor),
+    Quantized(Arc<QTensor>),
+}
+
+impl VocabParallelEmbedding {
+    fn forward(&self, ids: &[u32]) -> Result<Vec<f32>> {
+        let idx = Tensor::from_slice(ids, ids.len(), &Device::Cpu)?;
+        let rows = match &self.table {
+            Table::Dense(t) => t.index_select(&idx, 0)?,
+            Table::Quantized(q) => q.embedding(&idx)?,
+        };
+        let mut out: Vec<f32> = rows.to_dtype(DType::F32)?.flatten_all()?.to_vec1()?;
+        debug_assert_eq!(out.len(), ids.len() * self.hidden);
+        self.comm.all_reduce_sum(&mut out)?;
+        Ok(out)
+    }
+}
+
+struct Attention {
+    q_proj: ColumnParallelLinear,
+    k_proj: ColumnParallelLinear,
+    v_proj: ColumnParallelLinear,
+    o_proj: RowParallelLinear,
+}
+
+struct Mlp {
+    gate_proj: ColumnParallelLinear,
+    up_proj: ColumnParallelLinear,
+    down_proj: RowParallelLinear,
+}
+
+struct DecoderLayer {
+    input_layernorm: RmsNorm,
+    self_attn: Attention,
+    post_attention_layernorm: RmsNorm,
+    mlp: Mlp,
+}
+
+pub struct Llama {
+    cfg: ModelConfig,
+    embed_tokens: VocabParallelEmbedding,
+    layers: Vec<DecoderLayer>,
+    norm: RmsNorm,
+    /// Vocabulary-parallel output layer; logits are all-gathered.
+    lm_head: ColumnParallelLinear,
+    rope: Rope,
+    comm: Arc<dyn Communicator>,
+    weight_bytes: usize,
+}
+
+/// Loads tensors by Hugging Face name, reporting progress.
+struct Loader<'a> {
+    store: &'a WeightStore,
+    dtype: WeightDtype,
+    progress: &'a mut dyn FnMut(&str),
+}
+
+impl Loader<'_> {
+    fn get(&mut self, name: &str) -> Result<Weight> {
+        let w = self.store.get(name)?;
+        (self.progress)(name);
+        Ok(w)
+    }
+
+    fn linear(&mut self, name: &str, out: usize, inp: usize) -> Result<Linear> {
+        let w = self.get(name)?;
+        Linear::new(name, w, out, inp, self.dtype)
+    }
+
+    fn column(&mut self, name: &str, out: usize, inp: usize) -> Result<ColumnParallelLinear> {
+        Ok(ColumnParallelLinear {
+            inner: self.linear(name, out, inp)?,
+        })
+    }
+
+    fn row(&mut self, name: &str, out: usize, inp: usize, comm: &Arc<dyn Communicator>) -> Result<RowParallelLinear> {
+        Ok(RowParallelLinear {
+            inner: self.linear(name, out, inp)?,
+            comm: comm.clone(),
+        })
+    }
+
+    fn norm(&mut self, name: &str, dim: usize, eps: f64) -> Result<RmsNorm> {
+        let w = match self.get(name)? {
+            Weight::Dense(t) => t,
+            Weight::Quantized(q) => q.dequantize(&Device::Cpu).map_err(|source| WorkerError::Weight {
+                name: name.into(),
+                source,
+            })?,
+        };
+        RmsNorm::new(name, &w, dim, eps)
+    }
+}
+
+impl Llama {
+    /// Builds the model from a store. `progress` is called after each tensor.
+    pub fn load(
+        cfg: ModelConfig,
+        store: &WeightStore,
+        dtype: WeightDtype,
+        comm: Arc<dyn Communicator>,
+        progress: &mut dyn FnMut(&str),
+    ) -> Result<Self> {
+        let shard = Shard {
+            rank: comm.rank(),
+            world_size: comm.world_size(),
+        };
+        linear::check_shard("num_attention_heads", cfg.num_heads, shard)?;
+        let (h, q, kv, i) = (cfg.hidden_size, cfg.q_dim(), cfg.kv_dim(), cfg.intermediate_size);
+        let mut ld = Loader { store, dtype, progress };
+        let embed_name = "model.embed_tokens.weight";
+        let embed_w = ld.get(embed_name)?;
+        if embed_w.dims() != [cfg.vocab_size, h] {
+            return Err(WorkerError::Config(format!(
+                "{embed_name}: shape {:?}, the config implies [{}, {h}]",
+                embed_w.dims(),
+                cfg.vocab_size
+            )));
+        }
+        let table = match &embed_w {
+            Weight::Dense(t) => Table::Dense(match dtype {
+                WeightDtype::F32 => t.to_dtype(DType::F32)?,
+                WeightDtype::Bf16 => t.to_dtype(DType::BF16)?,
+                WeightDtype::F16 => t.to_dtype(DType::F16)?,
+            }),
+            Weight::Quantized(qt) => Table::Quantized(qt.clone()),
+        };
+        let mut layers = Vec::with_capacity(cfg.num_layers);
+        for l in 0..cfg.num_layers {
+            let p = format!("model.layers.{l}");
+            layers.push(DecoderLayer {
+                input_layernorm: ld.norm(&format!("{p}.input_layernorm.weight"), h, cfg.rms_norm_eps)?,
+                self_attn: Attention {
+                    q_proj: ld.column(&format!("{p}.self_attn.q_proj.weight"), q, h)?,
+                    k_proj: ld.column(&format!("{p}.self_attn.k_proj.weight"), kv, h)?,
+                    v_proj: ld.column(&format!("{p}.self_attn.v_proj.weight"), kv, h)?,
+                    o_proj: ld.row(&format!("{p}.self_attn.o_proj.weight"), h, q, &comm)?,
+                },
+                post_attention_layernorm: ld.norm(
+                    &format!("{p}.post_attention_layernorm.weight"),
+                    h,
+                    cfg.rms_norm_eps,
+                )?,
+                mlp: Mlp {
+                    gate_proj: ld.column(&format!("{p}.mlp.gate_proj.weight"), i, h)?,
+                    up_proj: ld.column(&format!("{p}.mlp.up_proj.weight"), i, h)?,
+                    down_proj: ld.row(&format!("{p}.mlp.down_proj.weight"), h, i, &comm)?,
+                },
+            });
+        }
+        let norm = ld.norm("model.norm.weight", h, cfg.rms_norm_eps)?;
+        // Tied checkpoints (and GGUF files without `output.weight`) reuse
+        // the embedding as the output layer.
+        let lm_head = if !cfg.tie_word_embeddings && store.contains("lm_head.weight") {
+            ld.column("lm_head.weight", cfg.vocab_size, h)?
+        } else {
+            ColumnParallelLinear {
+                inner: Linear::new(embed_name, embed_w, cfg.vocab_size, h, dtype)?,
+            }
+        };
+        let rope = Rope::new(cfg.head_dim, cfg.context_length, cfg.rope_theta, cfg.rope_style);
+        let mut weight_bytes = lm_head.inner.weight_bytes()
+            + match &table {
+                Table::Dense(t) => t.elem_count() * t.dtype().size_in_bytes(),
+                Table::Quantized(qt) => qt.storage_size_in_bytes(),
+            };
+        for layer in &layers {
+            let a = &layer.self_attn;
+            let m = &layer.mlp;
+            weight_bytes += [&a.q_proj.inner, &a.k_proj.inner, &a.v_proj.inner, &a.o_proj.inner]
+                .iter()
+                .chain([&m.gate_proj.inner, &m.up_proj.inner, &m.down_proj.inner].iter())
+                .map(|l| l.weight_bytes())
+                .sum::<usize>();
+        }
+        Ok(Self {
+            embed_tokens: VocabParallelEmbedding {
+                table,
+                hidden: h,
+                comm: comm.clone(),
+            },
+            layers,
+            norm,
+            lm_head,
+            rope,
+            comm,
+            weight_bytes,
+            cfg,
+        })
+    }
+
+    pub fn config(&self) -> &ModelConfig {
+        &self.cfg
+    }
+
+    /// Bytes of weights held in memory (what one decode step reads).
+    pub fn weight_bytes(&self) -> usize {
+        self.weight_bytes
+    }
+
+    /// A cache for one sequence of up to `capacity` tokens.
+    pub fn new_cache(&self, capacity: usize) -> SeqCache {
+        SeqCache::new(self.cfg.num_layers, self.cfg.num_kv_heads, self.cfg.head_dim, capacity)
+    }
+
+    /// Runs one step for a batch of sequences. Returns, per sequence, logits
+    /// `[n, vocab]` row-major, where n is 1 for [`LogitsFor::Last`] and the
+    /// sequence's token count for [`LogitsFor::All`]. Advances each cache.
+    pub fn forward(&self, seqs: &mut [SeqInput<'_>], which: LogitsFor) -> Result<Vec<Vec<f32>>> {
+        let cfg = &self.cfg;
+        let (h, hd) = (cfg.hidden_size, cfg.head_dim);
+        let mut ids = Vec::new();
+        let mut positions = Vec::new();
+        for s in seqs.iter() {
+            if s.tokens.is_empty() || s.start + s.tokens.len() > s.cache.capacity() || s.start != s.cache.len() {
+                return Err(WorkerError::InvalidRequest(format!(
+                    "step of {} tokens at position {} does not fit a cache of {} holding {}",
+                    s.tokens.len(),
+                    s.start,
+                    s.cache.capacity(),
+                    s.cache.len()
+                )));
+            }
+            ids.extend_from_slice(s.tokens);
+            positions.extend(s.start..s.start + s.tokens.len());
+        }
+        let total = ids.len();
+        let mut x = self.embed_tokens.forward(&ids)?;
+        for (l, layer) in self.layers.iter().enumerate() {
+            let xn = layer.input_layernorm.forward(&x, total);
+            let a = &layer.self_attn;
+            let mut q = a.q_proj.forward(&xn, total)?;
+            let mut k = a.k_proj.forward(&xn, total)?;
+            let v = a.v_proj.forward(&xn, total)?;
+            let heads = q.len() / (total * hd);
+            let kv_heads = k.len() / (total * hd);
+            self.rope.apply(&mut q, &positions, heads);
+            self.rope.apply(&mut k, &positions, kv_heads);
+            let mut attn = Vec::with_capacity(q.len());
+            let mut row = 0;
+            for s in seqs.iter_mut() {
+                let n = s.tokens.len();
+                s.cache.write(l, s.start, &k[row * kv_heads * hd..(row + n) * kv_heads * hd], &v[row * kv_heads * hd..(row + n) * kv_heads * hd]);
+                attn.extend(attention::attend(&q[row * heads * hd..(row + n) * heads * hd], n, s.start, s.cache, l, heads));
+                row += n;
+            }
+            let o = a.o_proj.forward(&attn, total)?;
+            x.iter_mut().zip(&o).for_each(|(x, o)| *x += o);
+            let xn = layer.post_attention_layernorm.forward(&x, total);
+            let m = &layer.mlp;
+            let mut g = m.gate_proj.forward(&xn, total)?;
+            let u = m.up_proj.forward(&xn, total)?;
+            g.iter_mut().zip(&u).for_each(|(g, u)| *g = silu(*g) * u);
+            let d = m.down_proj.forward(&g, total)?;
+            x.iter_mut().zip(&d).for_each(|(x, d)| *x += d);
+        }
+        for s in seqs.iter_mut() {
+            s.cache.set_len(s.start + s.tokens.len());
+        }
+        // Rows whose logits are wanted, in batch order.
+        let mut rows = Vec::new();
+        let mut counts = Vec::with_capacity(seqs.len());
+        let mut row = 0;
+        for s in seqs.iter() {
+            let n = s.tokens.len();
+            match which {
+                LogitsFor::Last => {
+                    rows.push(row + n - 1);
+                    counts.push(1);
+                }
+                LogitsFor::All => {
+                    rows.extend(row..row + n);
+                    counts.push(n);
+                }
+            }
+            row += n;
+        }
+        let mut picked = Vec::with_capacity(rows.len() * h);
+        for &r in &rows {
+            picked.extend_from_slice(&x[r * h..(r + 1) * h]);
+        }
+        let picked = self.norm.forward(&picked, rows.len());
+        let local = self.lm_head.forward(&picked, rows.len())?;
+        let logits = self.gather_vocab(local, rows.len())?;
+        let vocab = cfg.vocab_size;
+        let mut out = Vec::with_capacity(seqs.len());
+        let mut at = 0;
+        for n in counts {
+            out.push(logits[at * vocab..(at + n) * vocab].to_vec());
+            at += n;
+        }
+        Ok(out)
+    }
+
+    /// Reassembles `[rows, vocab]` from each rank's `[rows, vocab/N]`.
+    fn gather_vocab(&self, local: Vec<f32>, rows: usize) -> Result<Vec<f32>> {
+        let n = self.comm.world_size();
+        if n == 1 {
+            return Ok(local);
+        }
+        let all = self.comm.all_gather(&local)?;
+        let part = local.len() / rows;
+        let mut out = Vec::with_capacity(all.len());
+        for r in 0..rows {
+            for rank in 0..n {
+                let base = rank * rows * part + r * part;
+                out.extend_from_slice(&all[base..base + part]);
+            }
+        }
+        Ok(out)
+    }
+}
+
+fn silu(x: f32) -> f32 {
+    x / (1.0 + (-x).exp())
+}

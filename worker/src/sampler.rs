@@ -1,0 +1,168 @@
+//! Turns a sequence's logits into its next token: penalties, temperature,
+//! top-k, top-p, min-p, and a per-request random stream, so a seeded request
+//! yields the same tokens whatever else runs beside it. Log probabilities are
+//! those of the model's own distribution (before any of these transforms).
+
+use std::collections::HashMap;
+
+use aquila_proto::worker::v1::{SamplingParams, Token, TopToken};
+use rand::{Rng, SeedableRng};
+use rand_chacha::ChaCha8Rng;
+
+pub struct Sampler {
+    params: SamplingParams,
+    rng: ChaCha8Rng,
+    /// Tokens of the prompt, for the repetition penalty.
+    prompt_tokens: Vec<u32>,
+    /// Generated token → count, for presence/frequency/repetition penalties.
+    output_counts: HashMap<u32, u32>,
+}
+
+impl Sampler {
+    pub fn new(params: SamplingParams, prompt: &[u32]) -> Self {
+        let seed = params.seed.unwrap_or_else(|| rand::rng().random());
+        let mut prompt_tokens = prompt.to_vec();
+        prompt_tokens.sort_unstable();
+        prompt_tokens.dedup();
+        Self {
+            params,
+            rng: ChaCha8Rng::seed_from_u64(seed),
+            prompt_tokens,
+            output_counts: HashMap::new(),
+        }
+    }
+
+    pub fn params(&self) -> &SamplingParams {
+        &self.params
+    }
+
+    /// Picks the next token from `logits` (consumed as scratch space).
+    pub fn sample(&mut self, logits: &mut [f32]) -> Token {
+        let p = &self.params;
+        // Log probabilities come from the untransformed logits.
+        let raw = (p.logprobs || p.top_logprobs > 0).then(|| {
+            let lse = log_sum_exp(logits);
+            let top: Vec<TopToken> = top_n(logits, p.top_logprobs as usize)
+                .into_iter()
+                .map(|(id, l)| TopToken { id, logprob: l - lse })
+                .collect();
+            (logits.to_vec(), lse, top)
+        });
+        self.apply_penalties(logits);
+        let id = if self.params.temperature == 0.0 {
+            argmax(logits)
+        } else {
+            self.draw(logits)
+        };
+        *self.output_counts.entry(id).or_default() += 1;
+        let mut token = Token {
+            id,
+            ..Token::default()
+        };
+        if let Some((raw, lse, top)) = raw {
+            token.logprob = raw[id as usize] - lse;
+            token.top = top;
+        }
+        token
+    }
+
+    fn apply_penalties(&self, logits: &mut [f32]) {
+        let p = &self.params;
+        if p.repetition_penalty != 1.0 {
+            let r = p.repetition_penalty;
+            let seen = self
+                .prompt_tokens
+                .iter()
+                .chain(self.output_counts.keys())
+                .copied();
+            for id in seen {
+                if let Some(l) = logits.get_mut(id as usize) {
+                    *l = if *l > 0.0 { *l / r } else { *l * r };
+                }
+            }
+        }
+        if p.presence_penalty != 0.0 || p.frequency_penalty != 0.0 {
+            for (&id, &count) in &self.output_counts {
+                if let Some(l) = logits.get_mut(id as usize) {
+                    *l -= p.presence_penalty + p.frequency_penalty * count as f32;
+                }
+            }
+        }
+    }
+
+    fn draw(&mut self, logits: &mut [f32]) -> u32 {
+        let p = &self.params;
+        let inv_t = 1.0 / p.temperature;
+        // Candidates sorted by logit, truncated by top-k.
+        let k = if p.top_k == 0 {
+            logits.len()
+        } else {
+            (p.top_k as usize).min(logits.len())
+        };
+        let mut cand: Vec<(u32, f32)> = top_n(logits, k);
+        let max = cand[0].1;
+        let mut probs: Vec<f32> = cand.iter().map(|&(_, l)| ((l - max) * inv_t).exp()).collect();
+        let sum: f32 = probs.iter().sum();
+        probs.iter_mut().for_each(|q| *q /= sum);
+        // min-p: relative to the most likely token.
+        let mut keep = probs.len();
+        if p.min_p > 0.0 {
+            let floor = p.min_p * probs[0];
+            keep = probs.iter().take_while(|&&q| q >= floor).count().max(1);
+        }
+        // top-p: the smallest prefix whose mass reaches top_p.
+        if p.top_p < 1.0 {
+            let mut mass = 0.0;
+            let mut n = 0;
+            for &q in &probs[..keep] {
+                mass += q;
+                n += 1;
+                if mass >= p.top_p {
+                    break;
+                }
+            }
+            keep = n.max(1);
+        }
+        cand.truncate(keep);
+        probs.truncate(keep);
+        let total: f32 = probs.iter().sum();
+        let mut u = self.rng.random::<f32>() * total;
+        for (i, &q) in probs.iter().enumerate() {
+            if u < q {
+                return cand[i].0;
+            }
+            u -= q;
+        }
+        cand[keep - 1].0
+    }
+}
+
+/// Index of the largest value; the lowest index wins ties.
+pub fn argmax(v: &[f32]) -> u32 {
+    let mut best = 0;
+    for (i, &x) in v.iter().enumerate() {
+        if x > v[best] {
+            best = i;
+        }
+    }
+    best as u32
+}
+
+fn log_sum_exp(v: &[f32]) -> f32 {
+    let max = v.iter().copied().fold(f32::NEG_INFINITY, f32::max);
+    max + v.iter().map(|&x| (x - max).exp()).sum::<f32>().ln()
+}
+
+/// The `n` largest `(id, value)` pairs, largest first (ties: lower id first).
+fn top_n(v: &[f32], n: usize) -> Vec<(u32, f32)> {
+    let mut idx: Vec<(u32, f32)> = v.iter().enumerate().map(|(i, &x)| (i as u32, x)).collect();
+    let n = n.min(idx.len());
+    let cmp = |a: &(u32, f32), b: &(u32, f32)| b.1.total_cmp(&a.1).then(a.0.cmp(&b.0));
+    if n < idx.len() && n > 0 {
+        idx.select_nth_unstable_by(n - 1, cmp);
+        idx.truncate(n);
+    }
+    idx.sort_by(cmp);
+    idx.truncate(n);
+    idx
+}

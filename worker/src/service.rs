@@ -1,0 +1,240 @@
+//! The worker's gRPC face: `aquila.worker.v1.Worker` plus health and
+//! reflection, on an already-bound listener. Checks every request again (the
+//! gateway is not trusted to have done it) and hands it to the engine; it
+//! never runs model code on an async thread.
+
+use std::future::Future;
+use std::path::PathBuf;
+use std::sync::Arc;
+use std::time::Instant;
+
+use aquila_proto::worker::v1::worker_server::{Worker, WorkerServer};
+use aquila_proto::worker::v1::{
+    GenerateEvent, GenerateRequest, GetLoadRequest, GetModelInfoRequest, Load, ModelInfo, SamplingParams,
+};
+use tokio::net::TcpListener;
+use tokio_stream::wrappers::{TcpListenerStream, UnboundedReceiverStream};
+use tonic::{Request, Response, Status};
+
+use crate::comm::SingleRank;
+use crate::engine::{EngineConfig, EngineHandle};
+use crate::error::{Result, WorkerError};
+use crate::loader::{self, LoadOptions};
+use crate::model::WeightDtype;
+
+/// How a worker loads its model and runs its engine.
+#[derive(clap::Args, Debug, Clone)]
+pub struct WorkerArgs {
+    /// Float type to hold weights in (GGUF quantized weights stay quantized).
+    #[arg(long, env = "AQUILA_DTYPE", value_enum, default_value = "f32")]
+    pub dtype: WeightDtype,
+    /// Model name reported to clients (default: the folder or file name).
+    #[arg(long, env = "AQUILA_SERVED_MODEL_NAME")]
+    pub served_model_name: Option<String>,
+    /// Sequences decoded together in one step at most.
+    #[arg(long, env = "AQUILA_MAX_RUNNING", default_value_t = 16)]
+    pub max_running: usize,
+    /// Requests that may wait for a slot; more are refused with RESOURCE_EXHAUSTED.
+    #[arg(long, env = "AQUILA_MAX_WAITING", default_value_t = 256)]
+    pub max_waiting: usize,
+    /// Memory for the KV cache, in MiB.
+    #[arg(long, env = "AQUILA_KV_CACHE_MIB", default_value_t = 1024)]
+    pub kv_cache_mib: usize,
+    /// Tokens per KV block (the unit of cache accounting).
+    #[arg(long, env = "AQUILA_KV_BLOCK_SIZE", default_value_t = 16)]
+    pub kv_block_size: usize,
+    /// Compute threads (0: one per core).
+    #[arg(long, env = "AQUILA_THREADS", default_value_t = 0)]
+    pub threads: usize,
+}
+
+/// Sizes the compute thread pool; 0 keeps one thread per core.
+pub fn init_threads(threads: usize) {
+    if threads > 0 {
+        // Fails only if the pool already exists (several workers in one
+        // process); the first size then stays.
+        let _ = rayon::ThreadPoolBuilder::new().num_threads(threads).build_global();
+    }
+}
+
+/// A loaded model with its engine, ready to serve.
+pub struct WorkerState {
+    info: ModelInfo,
+    engine: EngineHandle,
+}
+
+impl WorkerState {
+    /// Loads the model and starts the engine thread. Blocking.
+    pub fn start(model: PathBuf, args: &WorkerArgs) -> Result<Self> {
+        init_threads(args.threads);
+        if args.kv_block_size == 0 || args.max_running == 0 {
+            return Err(WorkerError::Config(format!(
+                "--kv-block-size = {} and --max-running = {} must be positive",
+                args.kv_block_size, args.max_running
+            )));
+        }
+        let opts = LoadOptions {
+            dtype: args.dtype,
+            name: args.served_model_name.clone(),
+        };
+        let loaded = loader::load(&model, &opts, Arc::new(SingleRank))?;
+        let cfg = loaded.model.config().clone();
+        let block_bytes = cfg.kv_bytes_per_token() * args.kv_block_size;
+        let kv_blocks = args.kv_cache_mib * 1024 * 1024 / block_bytes;
+        tracing::info!(
+            "KV cache: {kv_blocks} blocks of {} tokens ({} MiB)",
+            args.kv_block_size,
+            args.kv_cache_mib
+        );
+        let tok = &loaded.tokenizer;
+        let info = ModelInfo {
+            name: loaded.name.clone(),
+            architecture: loaded.architecture.clone(),
+            context_length: cfg.context_length as u32,
+            vocab_size: cfg.vocab_size as u32,
+            dtype: loaded.dtype.clone(),
+            tensor_parallel_size: 1,
+            tokenizer_json: tok
+                .tokenizer
+                .to_string(false)
+                .map_err(|e| WorkerError::Config(format!("serializing the tokenizer: {e}")))?,
+            chat_template: loaded.chat_template.clone().unwrap_or_default(),
+            eos_token_ids: tok.eos_ids.clone(),
+            chat_stop: loaded.chat_stop.clone(),
+            bos_token_id: tok.bos.as_ref().map(|b| b.0),
+            bos_token: tok.bos.as_ref().map(|b| b.1.clone()).unwrap_or_default(),
+            eos_token: tok.eos_token.clone(),
+        };
+        let engine = EngineHandle::start(
+            loaded.model,
+            tok.eos_ids.clone(),
+            EngineConfig {
+                max_running: args.max_running,
+                max_waiting: args.max_waiting,
+                block_size: args.kv_block_size,
+                kv_blocks,
+            },
+        )?;
+        Ok(Self { info, engine })
+    }
+
+    pub fn model_info(&self) -> &ModelInfo {
+        &self.info
+    }
+
+    pub fn engine(&self) -> &EngineHandle {
+        &self.engine
+    }
+
+    /// Checks a request against the model's limits; every message names the
+    /// field, the value and the limit.
+    fn validate(&self, req: &GenerateRequest) -> Result<SamplingParams> {
+        let bad = |m: String| Err(WorkerError::InvalidRequest(m));
+        let vocab = self.info.vocab_size;
+        let ctx = self.info.context_length as usize;
+        let n = req.prompt_token_ids.len();
+        if n == 0 {
+            return bad("prompt_token_ids is empty".into());
+        }
+        if let Some((i, id)) = req.prompt_token_ids.iter().enumerate().find(|(_, id)| **id >= vocab) {
+            return bad(format!("prompt_token_ids[{i}] = {id} is not below the vocabulary size {vocab}"));
+        }
+        let Some(p) = req.params.clone() else {
+            return bad("params is missing".into());
+        };
+        if p.max_new_tokens == 0 {
+            return bad("params.max_new_tokens = 0 must be at least 1".into());
+        }
+        if n + p.max_new_tokens as usize > ctx {
+            return bad(format!(
+                "prompt ({n} tokens) + params.max_new_tokens ({}) = {} exceeds the context length {ctx}",
+                p.max_new_tokens,
+                n + p.max_new_tokens as usize
+            ));
+        }
+        let ranges = [
+            ("temperature", p.temperature, 0.0, 100.0),
+            ("top_p", p.top_p, f32::MIN_POSITIVE, 1.0),
+            ("min_p", p.min_p, 0.0, 1.0),
+            ("repetition_penalty", p.repetition_penalty, f32::MIN_POSITIVE, 10.0),
+            ("presence_penalty", p.presence_penalty, -2.0, 2.0),
+            ("frequency_penalty", p.frequency_penalty, -2.0, 2.0),
+        ];
+        for (field, v, lo, hi) in ranges {
+            if !(lo..=hi).contains(&v) {
+                return bad(format!("params.{field} = {v} is outside [{lo}, {hi}]"));
+            }
+        }
+        if let Some(id) = p.stop_token_ids.iter().find(|id| **id >= vocab) {
+            return bad(format!("params.stop_token_ids contains {id}, not below the vocabulary size {vocab}"));
+        }
+        if p.top_logprobs > vocab {
+            return bad(format!("params.top_logprobs = {} exceeds the vocabulary size {vocab}", p.top_logprobs));
+        }
+        Ok(p)
+    }
+}
+
+struct WorkerService {
+    state: Arc<WorkerState>,
+}
+
+#[tonic::async_trait]
+impl Worker for WorkerService {
+    type GenerateStream = UnboundedReceiverStream<Result<GenerateEvent, Status>>;
+
+    #[tracing::instrument(skip_all, fields(request_id = %req.get_ref().request_id))]
+    async fn generate(&self, req: Request<GenerateRequest>) -> Result<Response<Self::GenerateStream>, Status> {
+        let arrived = Instant::now();
+        let req = req.into_inner();
+        let params = self.state.validate(&req)?;
+        let (tx, rx) = tokio::sync::mpsc::unbounded_channel();
+        self.state.engine.submit(crate::engine::Request {
+            id: req.request_id,
+            prompt: req.prompt_token_ids,
+            params,
+            events: tx,
+            arrived,
+        })?;
+        Ok(Response::new(UnboundedReceiverStream::new(rx)))
+    }
+
+    async fn get_model_info(&self, _: Request<GetModelInfoRequest>) -> Result<Response<ModelInfo>, Status> {
+        Ok(Response::new(self.state.info.clone()))
+    }
+
+    async fn get_load(&self, _: Request<GetLoadRequest>) -> Result<Response<Load>, Status> {
+        Ok(Response::new(self.state.engine.load()))
+    }
+}
+
+/// Serves `state` on `listener` until `shutdown` resolves.
+pub async fn run(
+    listener: TcpListener,
+    state: Arc<WorkerState>,
+    shutdown: impl Future<Output = ()> + Send + 'static,
+) -> Result<()> {
+    let (reporter, health) = tonic_health::server::health_reporter();
+    reporter.set_serving::<WorkerServer<WorkerService>>().await;
+    reporter
+        .set_service_status("", tonic_health::ServingStatus::Serving)
+        .await;
+    let reflection_v1 = tonic_reflection::server::Builder::configure()
+        .register_encoded_file_descriptor_set(aquila_proto::FILE_DESCRIPTOR_SET)
+        .register_encoded_file_descriptor_set(tonic_health::pb::FILE_DESCRIPTOR_SET)
+        .build_v1()
+        .map_err(|e| WorkerError::Config(format!("reflection: {e}")))?;
+    let reflection_v1alpha = tonic_reflection::server::Builder::configure()
+        .register_encoded_file_descriptor_set(aquila_proto::FILE_DESCRIPTOR_SET)
+        .register_encoded_file_descriptor_set(tonic_health::pb::FILE_DESCRIPTOR_SET)
+        .build_v1alpha()
+        .map_err(|e| WorkerError::Config(format!("reflection: {e}")))?;
+    tonic::transport::Server::builder()
+        .add_service(health)
+        .add_service(reflection_v1)
+        .add_service(reflection_v1alpha)
+        .add_service(WorkerServer::new(WorkerService { state }))
+        .serve_with_incoming_shutdown(TcpListenerStream::new(listener), shutdown)
+        .await?;
+    Ok(())
+}

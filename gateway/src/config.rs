@@ -80,7 +80,11 @@ impl GatewayArgs {
     /// Validates every flag; reads and compiles the chat template file.
     pub fn into_config(self) -> Result<GatewayConfig, GatewayError> {
         if self.workers.is_empty() {
-            return Err(config_error("worker", "[]", "at least one --worker is required"));
+            return Err(config_error(
+                "worker",
+                "[]",
+                "at least one --worker is required",
+            ));
         }
         let workers = self
             .workers
@@ -93,7 +97,11 @@ impl GatewayArgs {
             Some(path) => Some(Arc::new(load_template(path)?)),
         };
         if self.default_max_new_tokens == 0 {
-            return Err(config_error("default_max_new_tokens", 0, "must be at least 1"));
+            return Err(config_error(
+                "default_max_new_tokens",
+                0,
+                "must be at least 1",
+            ));
         }
         let t = self.default_temperature;
         if !(0.0..=MAX_TEMPERATURE).contains(&t) {
@@ -104,7 +112,11 @@ impl GatewayArgs {
             ));
         }
         if self.max_stop_string_bytes == 0 {
-            return Err(config_error("max_stop_string_bytes", 0, "must be at least 1"));
+            return Err(config_error(
+                "max_stop_string_bytes",
+                0,
+                "must be at least 1",
+            ));
         }
         if self.health_interval_ms == 0 {
             return Err(config_error("health_interval_ms", 0, "must be at least 1"));
@@ -221,7 +233,8 @@ mod tests {
 
     #[test]
     fn flags_parse_with_defaults() {
-        let cli = Cli::try_parse_from(["x", "--worker", "w1:1", "--worker", "http://w2:2"]).unwrap();
+        let cli =
+            Cli::try_parse_from(["x", "--worker", "w1:1", "--worker", "http://w2:2"]).unwrap();
         let config = cli.gateway.into_config().unwrap();
         assert_eq!(config.workers, ["http://w1:1", "http://w2:2"]);
         assert_eq!(config.limits, Limits::default());
@@ -253,6 +266,9 @@ mod tests {
         let mut args = GatewayArgs::with_workers(vec!["w:1".into()]);
         args.chat_template = Some("/nonexistent/chat.jinja".into());
         let text = args.into_config().unwrap_err().to_string();
-        assert!(text.contains("chat_template = /nonexistent/chat.jinja"), "{text}");
+        assert!(
+            text.contains("chat_template = /nonexistent/chat.jinja"),
+            "{text}"
+        );
     }
 }

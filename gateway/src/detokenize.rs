@@ -86,7 +86,6 @@ fn boundary_at_or_below(text: &str, mut index: usize) -> usize {
 #[cfg(test)]
 pub(crate) mod tests {
     use super::*;
-    use std::collections::HashMap;
     use tokenizers::decoders::byte_level::ByteLevel;
     use tokenizers::models::bpe::BPE;
     use tokenizers::pre_tokenizers::byte_level::ByteLevel as ByteLevelPre;
@@ -96,14 +95,18 @@ pub(crate) mod tests {
     /// merges, plus `<eos>` = 256 as a special token: every multi-byte
     /// character takes several tokens.
     pub(crate) fn byte_tokenizer() -> Tokenizer {
-        let vocab: HashMap<String, u32> = (0..=255u8)
-            .map(|b| (byte_char(b).to_string(), u32::from(b)))
-            .collect();
-        let bpe = BPE::builder().vocab_and_merges(vocab, vec![]).build().unwrap();
+        let vocab: [(String, u32); 256] =
+            std::array::from_fn(|b| (byte_char(b as u8).to_string(), b as u32));
+        let bpe = BPE::builder()
+            .vocab_and_merges(vocab, vec![])
+            .build()
+            .unwrap();
         let mut tokenizer = Tokenizer::new(bpe);
         tokenizer.with_pre_tokenizer(Some(ByteLevelPre::new(false, true, false)));
         tokenizer.with_decoder(Some(ByteLevel::default()));
-        tokenizer.add_special_tokens(&[AddedToken::from("<eos>", true)]);
+        tokenizer
+            .add_special_tokens([AddedToken::from("<eos>", true)])
+            .unwrap();
         tokenizer
     }
 
@@ -129,7 +132,10 @@ pub(crate) mod tests {
     fn byte_tokenizer_is_one_token_per_byte() {
         let tokenizer = byte_tokenizer();
         assert_eq!(ids_of(&tokenizer, "中"), [0xE4, 0xB8, 0xAD]);
-        assert_eq!(ids_of(&tokenizer, "a b"), [b'a' as u32, b' ' as u32, b'b' as u32]);
+        assert_eq!(
+            ids_of(&tokenizer, "a b"),
+            [b'a' as u32, b' ' as u32, b'b' as u32]
+        );
     }
 
     #[test]

@@ -191,10 +191,7 @@ mod tests {
 
     #[test]
     fn missing_template_is_failed_precondition() {
-        let status = GatewayError::NoChatTemplate {
-            model: "m".into(),
-        }
-        .to_status();
+        let status = GatewayError::NoChatTemplate { model: "m".into() }.to_status();
         assert_eq!(status.code(), Code::FailedPrecondition);
         assert!(status.message().contains("--chat-template FILE"));
     }

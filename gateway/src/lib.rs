@@ -54,9 +54,8 @@ pub async fn run(
         .register_encoded_file_descriptor_set(tonic_health::pb::FILE_DESCRIPTOR_SET)
         .build_v1alpha()?;
 
-    let _health_tasks = AbortOnDrop(
-        pool.spawn_health_checks(config.health_interval, config.health_timeout),
-    );
+    let _health_tasks =
+        AbortOnDrop(pool.spawn_health_checks(config.health_interval, config.health_timeout));
     let generation = GenerationService::new(Arc::clone(&pool), config.limits.clone());
     if let Ok(address) = listener.local_addr() {
         tracing::info!(%address, workers = ?config.workers, "gateway listening");

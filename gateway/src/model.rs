@@ -89,7 +89,10 @@ impl Model {
                 reason: e.to_string(),
             })?;
         let bos = self.info.bos_token_id.filter(|_| add_bos);
-        Ok(bos.into_iter().chain(encoding.get_ids().iter().copied()).collect())
+        Ok(bos
+            .into_iter()
+            .chain(encoding.get_ids().iter().copied())
+            .collect())
     }
 
     /// Renders the conversation with the chat template and tokenizes it
@@ -152,8 +155,8 @@ pub(crate) mod tests {
 
     #[test]
     fn chat_renders_and_matches_special_tokens_in_the_template() {
-        let model = Model::from_info(info("m", "{{ bos_token }}{{ messages[0].content }}"), None)
-            .unwrap();
+        let model =
+            Model::from_info(info("m", "{{ bos_token }}{{ messages[0].content }}"), None).unwrap();
         let messages = [Message {
             role: "user".into(),
             content: "ok".into(),

@@ -47,7 +47,10 @@ impl GenerationService {
         Ok((model, request_id))
     }
 
-    async fn open_generate(&self, request: v1::GenerateRequest) -> Result<ResponseStream, GatewayError> {
+    async fn open_generate(
+        &self,
+        request: v1::GenerateRequest,
+    ) -> Result<ResponseStream, GatewayError> {
         let received = Instant::now();
         let (model, request_id) = self.accept(&request.model)?;
         // Explicit ids are sent as given; only text prompts get the bos token.
@@ -162,15 +165,17 @@ impl GenerationService {
             mut client,
         } = picked;
         let to_error = |status: Status| GatewayError::from_worker(&address, status);
-        let mut events = client.generate(request).await.map_err(to_error)?.into_inner();
-        let first = events
-            .message()
+        let mut events = client
+            .generate(request)
             .await
             .map_err(to_error)?
-            .ok_or_else(|| GatewayError::WorkerProtocol {
+            .into_inner();
+        let first = events.message().await.map_err(to_error)?.ok_or_else(|| {
+            GatewayError::WorkerProtocol {
                 worker: address.clone(),
                 reason: "the event stream ended before its first event".into(),
-            })?;
+            }
+        })?;
         Ok(Upstream {
             pool: Arc::clone(&self.pool),
             worker_index: index,
@@ -200,7 +205,9 @@ impl Generation for GenerationService {
         &self,
         request: Request<v1::GenerateRequest>,
     ) -> Result<Response<ResponseStream>, Status> {
-        Ok(Response::new(self.open_generate(request.into_inner()).await?))
+        Ok(Response::new(
+            self.open_generate(request.into_inner()).await?,
+        ))
     }
 
     #[instrument(skip_all, fields(request_id, model))]

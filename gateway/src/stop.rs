@@ -33,7 +33,10 @@ impl StopMatcher {
     }
 
     pub fn stop_string(&self, index: usize) -> &str {
-        self.stops.get(index).map(String::as_str).unwrap_or_default()
+        self.stops
+            .get(index)
+            .map(String::as_str)
+            .unwrap_or_default()
     }
 
     pub fn push(&mut self, delta: &str) -> StopOutcome {

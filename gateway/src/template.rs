@@ -163,7 +163,9 @@ mod tests {
             "{% if messages[0]['role'] == 'assistant' %}{{ raise_exception('must start with user') }}{% endif %}",
         )
         .unwrap();
-        let error = template.render(&[msg("assistant", "x")], "", "").unwrap_err();
+        let error = template
+            .render(&[msg("assistant", "x")], "", "")
+            .unwrap_err();
         assert!(describe(&error).contains("must start with user"));
     }
 

@@ -44,7 +44,10 @@ fn invalid(message: impl Into<String>) -> GatewayError {
 }
 
 pub fn parse_prompt(request: &v1::GenerateRequest) -> Result<Prompt, GatewayError> {
-    match (request.prompt.is_empty(), request.prompt_token_ids.is_empty()) {
+    match (
+        request.prompt.is_empty(),
+        request.prompt_token_ids.is_empty(),
+    ) {
         (false, true) => Ok(Prompt::Text(request.prompt.clone())),
         (true, false) => Ok(Prompt::TokenIds(request.prompt_token_ids.clone())),
         (true, true) => Err(invalid(
@@ -60,7 +63,9 @@ pub fn parse_prompt(request: &v1::GenerateRequest) -> Result<Prompt, GatewayErro
 
 pub fn validate_messages(messages: &[v1::ChatMessage]) -> Result<(), GatewayError> {
     if messages.is_empty() {
-        return Err(invalid("messages is empty; a chat needs at least one message"));
+        return Err(invalid(
+            "messages is empty; a chat needs at least one message",
+        ));
     }
     for (i, m) in messages.iter().enumerate() {
         if !CHAT_ROLES.contains(&m.role.as_str()) {

@@ -65,118 +65,220 @@ fn prompt_exactly_one_form() {
 
 #[test]
 fn prompt_ids_below_vocab() {
-    rejects(check(vec![1, 1000], params()), &["prompt_token_ids[1]", "1000", "vocabulary size 1000"]);
+    rejects(
+        check(vec![1, 1000], params()),
+        &["prompt_token_ids[1]", "1000", "vocabulary size 1000"],
+    );
 }
 
 #[test]
 fn prompt_must_leave_room_in_context() {
-    rejects(check(vec![1; 3000], params()), &["prompt has 3000 tokens", "context is 2048 tokens"]);
-    rejects(check(vec![1; 2048], params()), &["prompt has 2048 tokens", "2048"]);
+    rejects(
+        check(vec![1; 3000], params()),
+        &["prompt has 3000 tokens", "context is 2048 tokens"],
+    );
+    rejects(
+        check(vec![1; 2048], params()),
+        &["prompt has 2048 tokens", "2048"],
+    );
 }
 
 #[test]
 fn max_new_tokens_zero() {
-    let p = v1::SamplingParams { max_new_tokens: Some(0), ..params() };
-    rejects(check(vec![1], p), &["params.max_new_tokens = 0", "at least 1"]);
+    let p = v1::SamplingParams {
+        max_new_tokens: Some(0),
+        ..params()
+    };
+    rejects(
+        check(vec![1], p),
+        &["params.max_new_tokens = 0", "at least 1"],
+    );
 }
 
 #[test]
 fn max_new_tokens_plus_prompt_exceeds_context() {
-    let p = v1::SamplingParams { max_new_tokens: Some(100), ..params() };
+    let p = v1::SamplingParams {
+        max_new_tokens: Some(100),
+        ..params()
+    };
     rejects(
         check(vec![1; 2000], p),
         &["params.max_new_tokens = 100", "2000", "context of 2048"],
     );
-    let p = v1::SamplingParams { max_new_tokens: Some(48), ..params() };
+    let p = v1::SamplingParams {
+        max_new_tokens: Some(48),
+        ..params()
+    };
     assert_eq!(check(vec![1; 2000], p).unwrap().params.max_new_tokens, 48);
 }
 
 #[test]
 fn unset_max_new_tokens_is_capped_by_context() {
-    assert_eq!(check(vec![1; 2040], params()).unwrap().params.max_new_tokens, 8);
+    assert_eq!(
+        check(vec![1; 2040], params())
+            .unwrap()
+            .params
+            .max_new_tokens,
+        8
+    );
 }
 
 #[test]
 fn temperature_range() {
     for t in [-0.5, f32::NAN, f32::INFINITY, 100.5] {
-        let p = v1::SamplingParams { temperature: Some(t), ..params() };
-        rejects(check(vec![1], p), &["params.temperature", &t.to_string(), "[0, 100]"]);
+        let p = v1::SamplingParams {
+            temperature: Some(t),
+            ..params()
+        };
+        rejects(
+            check(vec![1], p),
+            &["params.temperature", &t.to_string(), "[0, 100]"],
+        );
     }
-    let p = v1::SamplingParams { temperature: Some(0.0), ..params() };
+    let p = v1::SamplingParams {
+        temperature: Some(0.0),
+        ..params()
+    };
     assert_eq!(check(vec![1], p).unwrap().params.temperature, 0.0);
 }
 
 #[test]
 fn top_k_non_negative() {
-    let p = v1::SamplingParams { top_k: Some(-1), ..params() };
+    let p = v1::SamplingParams {
+        top_k: Some(-1),
+        ..params()
+    };
     rejects(check(vec![1], p), &["params.top_k = -1", ">= 0"]);
-    let p = v1::SamplingParams { top_k: Some(40), ..params() };
+    let p = v1::SamplingParams {
+        top_k: Some(40),
+        ..params()
+    };
     assert_eq!(check(vec![1], p).unwrap().params.top_k, 40);
 }
 
 #[test]
 fn top_p_range() {
     for v in [1.5, 0.0, -0.1, f32::NAN] {
-        let p = v1::SamplingParams { top_p: Some(v), ..params() };
-        rejects(check(vec![1], p), &["params.top_p", &v.to_string(), "(0, 1]"]);
+        let p = v1::SamplingParams {
+            top_p: Some(v),
+            ..params()
+        };
+        rejects(
+            check(vec![1], p),
+            &["params.top_p", &v.to_string(), "(0, 1]"],
+        );
     }
-    let p = v1::SamplingParams { top_p: Some(1.5), ..params() };
+    let p = v1::SamplingParams {
+        top_p: Some(1.5),
+        ..params()
+    };
     rejects(check(vec![1], p), &["params.top_p = 1.5 is outside (0, 1]"]);
 }
 
 #[test]
 fn min_p_range() {
     for v in [-0.1, 1.1, f32::NAN] {
-        let p = v1::SamplingParams { min_p: Some(v), ..params() };
-        rejects(check(vec![1], p), &["params.min_p", &v.to_string(), "[0, 1]"]);
+        let p = v1::SamplingParams {
+            min_p: Some(v),
+            ..params()
+        };
+        rejects(
+            check(vec![1], p),
+            &["params.min_p", &v.to_string(), "[0, 1]"],
+        );
     }
 }
 
 #[test]
 fn repetition_penalty_range() {
     for v in [0.0, -1.0, 10.5, f32::NAN] {
-        let p = v1::SamplingParams { repetition_penalty: Some(v), ..params() };
-        rejects(check(vec![1], p), &["params.repetition_penalty", &v.to_string(), "(0, 10]"]);
+        let p = v1::SamplingParams {
+            repetition_penalty: Some(v),
+            ..params()
+        };
+        rejects(
+            check(vec![1], p),
+            &["params.repetition_penalty", &v.to_string(), "(0, 10]"],
+        );
     }
 }
 
 #[test]
 fn presence_and_frequency_penalty_range() {
-    let p = v1::SamplingParams { presence_penalty: Some(2.5), ..params() };
-    rejects(check(vec![1], p), &["params.presence_penalty = 2.5", "[-2, 2]"]);
-    let p = v1::SamplingParams { frequency_penalty: Some(-3.0), ..params() };
-    rejects(check(vec![1], p), &["params.frequency_penalty = -3", "[-2, 2]"]);
+    let p = v1::SamplingParams {
+        presence_penalty: Some(2.5),
+        ..params()
+    };
+    rejects(
+        check(vec![1], p),
+        &["params.presence_penalty = 2.5", "[-2, 2]"],
+    );
+    let p = v1::SamplingParams {
+        frequency_penalty: Some(-3.0),
+        ..params()
+    };
+    rejects(
+        check(vec![1], p),
+        &["params.frequency_penalty = -3", "[-2, 2]"],
+    );
 }
 
 #[test]
 fn too_many_stop_strings() {
-    let p = v1::SamplingParams { stop: vec!["x".into(); 17], ..params() };
+    let p = v1::SamplingParams {
+        stop: vec!["x".into(); 17],
+        ..params()
+    };
     rejects(check(vec![1], p), &["params.stop", "17", "limit of 16"]);
 }
 
 #[test]
 fn empty_stop_string() {
-    let p = v1::SamplingParams { stop: vec!["a".into(), String::new()], ..params() };
+    let p = v1::SamplingParams {
+        stop: vec!["a".into(), String::new()],
+        ..params()
+    };
     rejects(check(vec![1], p), &["params.stop[1]", "empty"]);
 }
 
 #[test]
 fn long_stop_string() {
-    let p = v1::SamplingParams { stop: vec!["y".repeat(257)], ..params() };
-    rejects(check(vec![1], p), &["params.stop[0]", "257 bytes", "limit of 256 bytes"]);
+    let p = v1::SamplingParams {
+        stop: vec!["y".repeat(257)],
+        ..params()
+    };
+    rejects(
+        check(vec![1], p),
+        &["params.stop[0]", "257 bytes", "limit of 256 bytes"],
+    );
 }
 
 #[test]
 fn stop_token_ids_below_vocab() {
-    let p = v1::SamplingParams { stop_token_ids: vec![3, 5000], ..params() };
-    rejects(check(vec![1], p), &["params.stop_token_ids[1] = 5000", "vocabulary size 1000"]);
+    let p = v1::SamplingParams {
+        stop_token_ids: vec![3, 5000],
+        ..params()
+    };
+    rejects(
+        check(vec![1], p),
+        &["params.stop_token_ids[1] = 5000", "vocabulary size 1000"],
+    );
 }
 
 #[test]
 fn top_logprobs_limit_and_implication() {
-    let p = v1::SamplingParams { top_logprobs: 21, ..params() };
-    rejects(check(vec![1], p), &["params.top_logprobs = 21", "limit of 20"]);
-    let p = v1::SamplingParams { top_logprobs: 5, ..params() };
+    let p = v1::SamplingParams {
+        top_logprobs: 21,
+        ..params()
+    };
+    rejects(
+        check(vec![1], p),
+        &["params.top_logprobs = 21", "limit of 20"],
+    );
+    let p = v1::SamplingParams {
+        top_logprobs: 5,
+        ..params()
+    };
     let valid = check(vec![1], p).unwrap();
     assert!(valid.params.logprobs);
     assert_eq!(valid.params.top_logprobs, 5);
@@ -184,7 +286,10 @@ fn top_logprobs_limit_and_implication() {
 
 #[test]
 fn implied_stop_strings_are_appended_once() {
-    let p = v1::SamplingParams { stop: vec!["###".into(), "END".into()], ..params() };
+    let p = v1::SamplingParams {
+        stop: vec!["###".into(), "END".into()],
+        ..params()
+    };
     let valid = validate(
         vec![1],
         Some(&p),
@@ -203,8 +308,14 @@ fn chat_messages() {
     assert!(status.message().contains("messages is empty"));
 
     let messages = vec![
-        v1::ChatMessage { role: "user".into(), content: String::new() },
-        v1::ChatMessage { role: "tool".into(), content: "x".into() },
+        v1::ChatMessage {
+            role: "user".into(),
+            content: String::new(),
+        },
+        v1::ChatMessage {
+            role: "tool".into(),
+            content: "x".into(),
+        },
     ];
     let status = validate_messages(&messages).unwrap_err().to_status();
     assert_eq!(status.code(), Code::InvalidArgument);

@@ -15,11 +15,11 @@ use aquila_proto::worker::v1 as worker;
 use aquila_proto::worker::v1::worker_client::WorkerClient;
 use tokio::task::JoinHandle;
 use tonic::transport::{Channel, Endpoint};
+use tonic_health::ServingStatus;
+use tonic_health::pb::HealthCheckRequest;
 use tonic_health::pb::health_check_response::ServingStatus as ProbeStatus;
 use tonic_health::pb::health_client::HealthClient;
-use tonic_health::pb::HealthCheckRequest;
 use tonic_health::server::HealthReporter;
-use tonic_health::ServingStatus;
 
 use crate::config::GatewayConfig;
 use crate::error::GatewayError;
@@ -73,16 +73,17 @@ impl WorkerPool {
             .workers
             .iter()
             .map(|address| {
-                let endpoint = Endpoint::from_shared(address.clone()).map_err(|e| {
-                    GatewayError::Config {
+                let endpoint =
+                    Endpoint::from_shared(address.clone()).map_err(|e| GatewayError::Config {
                         field: "worker",
                         value: address.clone(),
                         reason: e.to_string(),
-                    }
-                })?;
+                    })?;
                 Ok(Worker {
                     address: address.clone(),
-                    channel: endpoint.connect_timeout(config.health_timeout).connect_lazy(),
+                    channel: endpoint
+                        .connect_timeout(config.health_timeout)
+                        .connect_lazy(),
                     state: Mutex::new(WorkerState::default()),
                 })
             })
@@ -167,7 +168,10 @@ impl WorkerPool {
             .iter()
             .map(|w| {
                 let state = lock(&w.state);
-                (state.healthy, state.model.as_ref().map(|m| m.name().to_owned()))
+                (
+                    state.healthy,
+                    state.model.as_ref().map(|m| m.name().to_owned()),
+                )
             })
             .collect()
     }
@@ -214,8 +218,8 @@ impl WorkerPool {
         if lock(&w.state).model.is_some() {
             return Ok(());
         }
-        let mut client = WorkerClient::new(w.channel.clone())
-            .max_decoding_message_size(MAX_MODEL_INFO_BYTES);
+        let mut client =
+            WorkerClient::new(w.channel.clone()).max_decoding_message_size(MAX_MODEL_INFO_BYTES);
         let info = match tokio::time::timeout(
             MODEL_INFO_TIMEOUT,
             client.get_model_info(worker::GetModelInfoRequest {}),
@@ -288,7 +292,9 @@ impl WorkerPool {
 /// A poisoned lock only means another thread panicked mid-update of plain
 /// data (a flag and an `Arc`); the data is still usable.
 fn lock(state: &Mutex<WorkerState>) -> MutexGuard<'_, WorkerState> {
-    state.lock().unwrap_or_else(|poisoned| poisoned.into_inner())
+    state
+        .lock()
+        .unwrap_or_else(|poisoned| poisoned.into_inner())
 }
 
 /// Indices of healthy workers serving `model`, except `exclude`.
@@ -348,7 +354,11 @@ mod tests {
 
     #[test]
     fn round_robin_over_replicas_of_one_model() {
-        let workers = [state(true, Some("a")), state(true, Some("b")), state(true, Some("a"))];
+        let workers = [
+            state(true, Some("a")),
+            state(true, Some("b")),
+            state(true, Some("a")),
+        ];
         let policy = RoundRobin::default();
         let picks: Vec<_> = (0..4)
             .map(|_| policy.pick(&eligible(&workers, "a", None)).unwrap())

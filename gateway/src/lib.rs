@@ -15,6 +15,7 @@ pub mod service;
 pub mod stop;
 pub mod stream;
 pub mod template;
+pub mod transcribe;
 pub mod validation;
 pub mod workers;
 

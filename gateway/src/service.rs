@@ -20,8 +20,9 @@ use tracing::{Span, instrument};
 use crate::config::Limits;
 use crate::error::GatewayError;
 use crate::model::Model;
-use crate::stream::{self, RequestContext, ResponseStream, Upstream};
+use crate::stream::{self, ResponseStream, Upstream};
 use crate::template::Message;
+use crate::transcribe::RequestContext;
 use crate::validation::{self, Prompt, ValidRequest};
 use crate::workers::{Picked, WorkerPool};
 
@@ -182,6 +183,7 @@ impl GenerationService {
             worker_address: address,
             events,
             first,
+            first_received: Instant::now(),
         })
     }
 }

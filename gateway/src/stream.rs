@@ -15,23 +15,11 @@ use aquila_proto::worker::v1 as worker;
 use futures::{Stream, StreamExt};
 use tonic::{Status, Streaming};
 
-use crate::detokenize::{Detokenizer, token_text};
 use crate::error::GatewayError;
-use crate::model::Model;
-use crate::stop::{StopMatcher, StopOutcome};
+use crate::transcribe::{RequestContext, Transcriber};
 use crate::workers::WorkerPool;
 
 pub type ResponseStream = Pin<Box<dyn Stream<Item = Result<v1::GenerateResponse, Status>> + Send>>;
-
-/// What the gateway knows about a request once it is accepted.
-pub struct RequestContext {
-    pub request_id: String,
-    pub model: Arc<Model>,
-    pub prompt_token_ids: Vec<u32>,
-    pub stop: Vec<String>,
-    pub logprobs: bool,
-    pub received: Instant,
-}
 
 /// A worker call that has produced its first event.
 pub struct Upstream {
@@ -40,34 +28,23 @@ pub struct Upstream {
     pub worker_address: String,
     pub events: Streaming<worker::GenerateEvent>,
     pub first: worker::GenerateEvent,
+    /// When `first` arrived at the gateway.
+    pub first_received: Instant,
 }
 
 struct State {
-    ctx: RequestContext,
+    transcriber: Transcriber,
     upstream: Upstream,
     pending_first: Option<worker::GenerateEvent>,
-    detokenizer: Detokenizer,
-    stop: StopMatcher,
-    first_token_at: Option<Instant>,
-    completion_tokens: u32,
-}
-
-/// Ends of a stream, other than errors.
-enum Ending {
-    Worker(worker::Finish),
-    StopString(usize),
 }
 
 pub fn respond(ctx: RequestContext, mut upstream: Upstream) -> ResponseStream {
     let first = std::mem::take(&mut upstream.first);
+    let transcriber = Transcriber::new(ctx, upstream.worker_address.clone());
     let state = State {
-        detokenizer: Detokenizer::new(&ctx.prompt_token_ids),
-        stop: StopMatcher::new(ctx.stop.clone()),
-        ctx,
+        transcriber,
         upstream,
         pending_first: Some(first),
-        first_token_at: None,
-        completion_tokens: 0,
     };
     // `None` state = the stream has ended; dropping `State` drops the worker stream.
     Box::pin(futures::stream::unfold(Some(state), |state| async move {
@@ -102,11 +79,14 @@ impl State {
     /// The next item, and whether it is the last.
     async fn step(&mut self) -> (Result<v1::GenerateResponse, Status>, bool) {
         let event = match self.pending_first.take() {
-            Some(event) => Ok(Some(event)),
-            None => self.upstream.events.message().await,
+            Some(event) => Ok(Some((event, self.upstream.first_received))),
+            None => {
+                let event = self.upstream.events.message().await;
+                event.map(|e| e.map(|e| (e, Instant::now())))
+            }
         };
         let result = match event {
-            Ok(Some(event)) => self.on_event(event),
+            Ok(Some((event, arrived))) => self.transcriber.on_event(event, arrived),
             Ok(None) => Err(GatewayError::WorkerProtocol {
                 worker: self.upstream.worker_address.clone(),
                 reason: "the event stream ended without a finish event".into(),
@@ -126,126 +106,55 @@ impl State {
         match result {
             Ok((response, done)) => (Ok(response), done),
             Err(error) => {
-                tracing::warn!(request_id = %self.ctx.request_id, %error, "generation failed");
+                tracing::warn!(request_id = %self.transcriber.request_id(), %error, "generation failed");
                 (Err(error.to_status()), true)
             }
         }
     }
-
-    fn on_event(
-        &mut self,
-        event: worker::GenerateEvent,
-    ) -> Result<(v1::GenerateResponse, bool), GatewayError> {
-        let mut response = v1::GenerateResponse {
-            model: self.ctx.model.name().to_owned(),
-            request_id: self.ctx.request_id.clone(),
-            ..Default::default()
-        };
-        if !event.tokens.is_empty() && self.first_token_at.is_none() {
-            self.first_token_at = Some(Instant::now());
-        }
-        for token in &event.tokens {
-            self.completion_tokens += 1;
-            response.token_ids.push(token.id);
-            if self.ctx.logprobs {
-                response.logprobs.push(self.logprob(token));
-            }
-            let delta = self.decode(|d, t| d.push(t, token.id))?;
-            match self.stop.push(&delta) {
-                StopOutcome::Continue(text) => response.text.push_str(&text),
-                StopOutcome::Matched { text, stop } => {
-                    response.text.push_str(&text);
-                    self.finish(&mut response, Ending::StopString(stop));
-                    return Ok((response, true));
-                }
-            }
-        }
-        let Some(finish) = event.finish else {
-            return Ok((response, false));
-        };
-        let tail = self.decode(|d, t| d.flush(t))?;
-        match self.stop.push(&tail) {
-            StopOutcome::Continue(text) => {
-                response.text.push_str(&text);
-                response.text.push_str(&self.stop.finish());
-                self.finish(&mut response, Ending::Worker(finish));
-            }
-            StopOutcome::Matched { text, stop } => {
-                response.text.push_str(&text);
-                self.finish(&mut response, Ending::StopString(stop));
-            }
-        }
-        Ok((response, true))
-    }
-
-    fn decode(
-        &mut self,
-        f: impl FnOnce(&mut Detokenizer, &tokenizers::Tokenizer) -> Result<String, tokenizers::Error>,
-    ) -> Result<String, GatewayError> {
-        f(&mut self.detokenizer, &self.ctx.model.tokenizer).map_err(|e| GatewayError::Tokenizer {
-            model: self.ctx.model.name().to_owned(),
-            reason: e.to_string(),
-        })
-    }
-
-    fn logprob(&self, token: &worker::Token) -> v1::TokenLogprob {
-        let tokenizer = &self.ctx.model.tokenizer;
-        v1::TokenLogprob {
-            token_id: token.id,
-            token: token_text(tokenizer, token.id),
-            logprob: token.logprob,
-            top: token
-                .top
-                .iter()
-                .map(|t| v1::TopLogprob {
-                    token_id: t.id,
-                    token: token_text(tokenizer, t.id),
-                    logprob: t.logprob,
-                })
-                .collect(),
-        }
-    }
-
-    fn finish(&self, response: &mut v1::GenerateResponse, ending: Ending) {
-        let now = Instant::now();
-        let (reason, queue_seconds) = match &ending {
-            Ending::Worker(finish) => (finish_reason(finish.reason()), finish.queue_seconds),
-            Ending::StopString(index) => {
-                response.stop_sequence = self.stop.stop_string(*index).to_owned();
-                (v1::FinishReason::Stop, 0.0)
-            }
-        };
-        response.set_finish_reason(reason);
-        response.usage = Some(v1::Usage {
-            prompt_tokens: u32::try_from(self.ctx.prompt_token_ids.len()).unwrap_or(u32::MAX),
-            completion_tokens: self.completion_tokens,
-        });
-        let since_received = |t: Instant| t.duration_since(self.ctx.received).as_secs_f64();
-        let timings = v1::Timings {
-            queue_seconds,
-            time_to_first_token_seconds: self.first_token_at.map_or(0.0, since_received),
-            total_seconds: since_received(now),
-        };
-        tracing::info!(
-            request_id = %self.ctx.request_id,
-            model = self.ctx.model.name(),
-            worker = %self.upstream.worker_address,
-            finish_reason = reason.as_str_name(),
-            completion_tokens = self.completion_tokens,
-            ttft_seconds = timings.time_to_first_token_seconds,
-            total_seconds = timings.total_seconds,
-            "generation finished"
-        );
-        response.timings = Some(timings);
-    }
 }
 
-fn finish_reason(reason: worker::FinishReason) -> v1::FinishReason {
-    match reason {
-        worker::FinishReason::Length => v1::FinishReason::Length,
-        worker::FinishReason::StopToken => v1::FinishReason::Stop,
-        worker::FinishReason::Eos => v1::FinishReason::Eos,
-        worker::FinishReason::Cancelled => v1::FinishReason::Cancelled,
-        worker::FinishReason::Unspecified => v1::FinishReason::Unspecified,
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn collect_joins_parts_and_keeps_the_last_message_fields() {
+        let parts = vec![
+            Ok(v1::GenerateResponse {
+                text: "Hel".into(),
+                token_ids: vec![1, 2],
+                request_id: "r".into(),
+                ..Default::default()
+            }),
+            Ok(v1::GenerateResponse {
+                text: "lo".into(),
+                token_ids: vec![3],
+                finish_reason: v1::FinishReason::Eos as i32,
+                usage: Some(v1::Usage {
+                    prompt_tokens: 4,
+                    completion_tokens: 3,
+                }),
+                request_id: "r".into(),
+                ..Default::default()
+            }),
+        ];
+        let all =
+            futures::executor::block_on(collect(Box::pin(futures::stream::iter(parts)))).unwrap();
+        assert_eq!(all.text, "Hello");
+        assert_eq!(all.token_ids, [1, 2, 3]);
+        assert_eq!(all.finish_reason(), v1::FinishReason::Eos);
+        assert_eq!(all.usage.unwrap().completion_tokens, 3);
+        assert_eq!(all.request_id, "r");
+    }
+
+    #[test]
+    fn collect_returns_a_mid_stream_error() {
+        let parts = vec![
+            Ok(v1::GenerateResponse::default()),
+            Err(Status::resource_exhausted("worker w: full")),
+        ];
+        let error = futures::executor::block_on(collect(Box::pin(futures::stream::iter(parts))))
+            .unwrap_err();
+        assert_eq!(error.code(), tonic::Code::ResourceExhausted);
     }
 }

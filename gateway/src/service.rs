@@ -1,0 +1,296 @@
+//! The public `aquila.v1.Generation` service.
+//!
+//! Each RPC resolves the model, turns text into validated token ids, picks a
+//! replica (retrying once on another one if the first is unreachable before
+//! any token arrived) and hands the worker stream to [`crate::stream`]. This
+//! module holds no per-request state after returning: the response stream
+//! owns everything.
+
+use std::sync::Arc;
+use std::sync::OnceLock;
+use std::sync::atomic::{AtomicU64, Ordering};
+use std::time::{Instant, SystemTime, UNIX_EPOCH};
+
+use aquila_proto::v1;
+use aquila_proto::v1::generation_server::Generation;
+use aquila_proto::worker::v1 as worker;
+use tonic::{Request, Response, Status};
+use tracing::{Span, instrument};
+
+use crate::config::Limits;
+use crate::error::GatewayError;
+use crate::model::Model;
+use crate::stream::{self, ResponseStream, Upstream};
+use crate::template::Message;
+use crate::transcribe::RequestContext;
+use crate::validation::{self, Prompt, ValidRequest};
+use crate::workers::{Picked, WorkerPool};
+
+/// Attempts per request: the first replica, then one other if it was unreachable.
+const MAX_ATTEMPTS: usize = 2;
+
+#[derive(Debug)]
+pub struct GenerationService {
+    pool: Arc<WorkerPool>,
+    limits: Limits,
+}
+
+impl GenerationService {
+    pub fn new(pool: Arc<WorkerPool>, limits: Limits) -> Self {
+        GenerationService { pool, limits }
+    }
+
+    fn accept(&self, requested_model: &str) -> Result<(Arc<Model>, String), GatewayError> {
+        let request_id = next_request_id();
+        Span::current().record("request_id", request_id.as_str());
+        let model = self.pool.resolve(requested_model)?;
+        Span::current().record("model", model.name());
+        Ok((model, request_id))
+    }
+
+    async fn open_generate(
+        &self,
+        request: v1::GenerateRequest,
+    ) -> Result<ResponseStream, GatewayError> {
+        let received = Instant::now();
+        let (model, request_id) = self.accept(&request.model)?;
+        // Explicit ids are sent as given; only text prompts get the bos token.
+        let ids = match validation::parse_prompt(&request)? {
+            Prompt::Text(text) => model.encode(&text, true)?,
+            Prompt::TokenIds(ids) => ids,
+        };
+        let valid = validation::validate(
+            ids,
+            request.params.as_ref(),
+            &self.limits,
+            model.limits(),
+            &[],
+        )?;
+        self.open(model, valid, request_id, received).await
+    }
+
+    async fn open_chat(&self, request: v1::ChatRequest) -> Result<ResponseStream, GatewayError> {
+        let received = Instant::now();
+        let (model, request_id) = self.accept(&request.model)?;
+        validation::validate_messages(&request.messages)?;
+        let messages: Vec<Message> = request
+            .messages
+            .into_iter()
+            .map(|m| Message {
+                role: m.role,
+                content: m.content,
+            })
+            .collect();
+        let ids = model.encode_chat(&messages)?;
+        let valid = validation::validate(
+            ids,
+            request.params.as_ref(),
+            &self.limits,
+            model.limits(),
+            &model.info.chat_stop,
+        )?;
+        self.open(model, valid, request_id, received).await
+    }
+
+    async fn open(
+        &self,
+        model: Arc<Model>,
+        valid: ValidRequest,
+        request_id: String,
+        received: Instant,
+    ) -> Result<ResponseStream, GatewayError> {
+        tracing::debug!(
+            prompt_tokens = valid.prompt_token_ids.len(),
+            max_new_tokens = valid.params.max_new_tokens,
+            "request accepted"
+        );
+        let request = worker::GenerateRequest {
+            request_id: request_id.clone(),
+            prompt_token_ids: valid.prompt_token_ids,
+            params: Some(valid.params),
+        };
+        let upstream = self.call_with_retry(model.name(), &request).await?;
+        let ctx = RequestContext {
+            request_id,
+            logprobs: request.params.as_ref().is_some_and(|p| p.logprobs),
+            prompt_token_ids: request.prompt_token_ids,
+            stop: valid.stop,
+            model,
+            received,
+        };
+        Ok(stream::respond(ctx, upstream))
+    }
+
+    async fn call_with_retry(
+        &self,
+        model: &str,
+        request: &worker::GenerateRequest,
+    ) -> Result<Upstream, GatewayError> {
+        let mut failed: Option<(usize, GatewayError)> = None;
+        for _ in 0..MAX_ATTEMPTS {
+            let picked = match (self.pool.pick(model, failed.as_ref().map(|f| f.0)), failed) {
+                (Ok(picked), _) => picked,
+                // No other replica: the unreachable one's error says more.
+                (Err(_), Some((_, error))) => return Err(error),
+                (Err(error), None) => return Err(error),
+            };
+            let index = picked.index;
+            match self.call(picked, request.clone()).await {
+                Ok(upstream) => return Ok(upstream),
+                Err(error) if error.is_worker_unavailable() => {
+                    self.pool.mark_unavailable(index, &error.to_string()).await;
+                    tracing::warn!(%error, "worker unreachable; trying another replica");
+                    failed = Some((index, error));
+                }
+                Err(error) => return Err(error),
+            }
+        }
+        Err(failed.map_or_else(
+            || GatewayError::NoHealthyWorker {
+                model: model.to_owned(),
+            },
+            |(_, error)| error,
+        ))
+    }
+
+    /// Starts the generation and waits for its first event, so that a worker
+    /// failing before any token can still be replaced.
+    async fn call(
+        &self,
+        picked: Picked,
+        request: worker::GenerateRequest,
+    ) -> Result<Upstream, GatewayError> {
+        let Picked {
+            index,
+            address,
+            mut client,
+        } = picked;
+        let to_error = |status: Status| GatewayError::from_worker(&address, status);
+        let mut events = client
+            .generate(request)
+            .await
+            .map_err(to_error)?
+            .into_inner();
+        let first = events.message().await.map_err(to_error)?.ok_or_else(|| {
+            GatewayError::WorkerProtocol {
+                worker: address.clone(),
+                reason: "the event stream ended before its first event".into(),
+            }
+        })?;
+        Ok(Upstream {
+            pool: Arc::clone(&self.pool),
+            worker_index: index,
+            worker_address: address,
+            events,
+            first,
+            first_received: Instant::now(),
+        })
+    }
+}
+
+#[tonic::async_trait]
+impl Generation for GenerationService {
+    type GenerateStreamStream = ResponseStream;
+    type ChatStreamStream = ResponseStream;
+
+    #[instrument(skip_all, fields(request_id, model))]
+    async fn generate(
+        &self,
+        request: Request<v1::GenerateRequest>,
+    ) -> Result<Response<v1::GenerateResponse>, Status> {
+        let stream = self.open_generate(request.into_inner()).await?;
+        Ok(Response::new(stream::collect(stream).await?))
+    }
+
+    #[instrument(skip_all, fields(request_id, model))]
+    async fn generate_stream(
+        &self,
+        request: Request<v1::GenerateRequest>,
+    ) -> Result<Response<ResponseStream>, Status> {
+        Ok(Response::new(
+            self.open_generate(request.into_inner()).await?,
+        ))
+    }
+
+    #[instrument(skip_all, fields(request_id, model))]
+    async fn chat(
+        &self,
+        request: Request<v1::ChatRequest>,
+    ) -> Result<Response<v1::GenerateResponse>, Status> {
+        let stream = self.open_chat(request.into_inner()).await?;
+        Ok(Response::new(stream::collect(stream).await?))
+    }
+
+    #[instrument(skip_all, fields(request_id, model))]
+    async fn chat_stream(
+        &self,
+        request: Request<v1::ChatRequest>,
+    ) -> Result<Response<ResponseStream>, Status> {
+        Ok(Response::new(self.open_chat(request.into_inner()).await?))
+    }
+
+    #[instrument(skip_all, fields(model))]
+    async fn tokenize(
+        &self,
+        request: Request<v1::TokenizeRequest>,
+    ) -> Result<Response<v1::TokenizeResponse>, Status> {
+        let request = request.into_inner();
+        let model = self.pool.resolve(&request.model)?;
+        Span::current().record("model", model.name());
+        let token_ids = model.encode(&request.text, request.add_special_tokens)?;
+        let tokens = token_ids.iter().map(|&id| model.piece(id)).collect();
+        Ok(Response::new(v1::TokenizeResponse { token_ids, tokens }))
+    }
+
+    #[instrument(skip_all)]
+    async fn list_models(
+        &self,
+        _request: Request<v1::ListModelsRequest>,
+    ) -> Result<Response<v1::ListModelsResponse>, Status> {
+        let models = self
+            .pool
+            .models()
+            .iter()
+            .map(|model| {
+                let info = &model.info;
+                v1::ModelInfo {
+                    name: info.name.clone(),
+                    architecture: info.architecture.clone(),
+                    context_length: info.context_length,
+                    vocab_size: info.vocab_size,
+                    dtype: info.dtype.clone(),
+                    tensor_parallel_size: info.tensor_parallel_size,
+                    has_chat_template: model.has_chat_template(),
+                    replicas: u32::try_from(self.pool.healthy_replicas(&info.name))
+                        .unwrap_or(u32::MAX),
+                }
+            })
+            .collect();
+        Ok(Response::new(v1::ListModelsResponse { models }))
+    }
+}
+
+/// Unique across restarts: the process start time, then a counter.
+fn next_request_id() -> String {
+    static COUNTER: AtomicU64 = AtomicU64::new(0);
+    static START: OnceLock<u64> = OnceLock::new();
+    let start = *START.get_or_init(|| {
+        SystemTime::now()
+            .duration_since(UNIX_EPOCH)
+            .map_or(0, |d| d.as_millis() as u64)
+    });
+    format!("{start:x}-{}", COUNTER.fetch_add(1, Ordering::Relaxed))
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn request_ids_are_unique() {
+        let a = next_request_id();
+        let b = next_request_id();
+        assert_ne!(a, b);
+        assert_eq!(a.split('-').next(), b.split('-').next());
+    }
+}

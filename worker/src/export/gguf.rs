@@ -476,7 +476,7 @@ mod tests {
         assert_eq!(&q[8..16], &ts[1].data[16..24]);
         assert_eq!(&q[16..24], &ts[1].data[8..16]);
         assert_eq!(&q[24..32], &ts[1].data[24..32]);
-        assert!(content.tensor_infos.get("output.weight").is_none());
+        assert!(!content.tensor_infos.contains_key("output.weight"));
     }
 
     #[test]

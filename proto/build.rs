@@ -5,7 +5,10 @@
 use std::path::PathBuf;
 
 fn main() -> Result<(), Box<dyn std::error::Error>> {
-    let protos = ["aquila/v1/generation.proto", "aquila/worker/v1/worker.proto"];
+    let protos = [
+        "aquila/v1/generation.proto",
+        "aquila/worker/v1/worker.proto",
+    ];
     for p in &protos {
         println!("cargo:rerun-if-changed={p}");
     }

@@ -5,7 +5,9 @@ use std::io::{BufRead, Write};
 
 use anyhow::{Context, Result};
 use aquila_proto::v1::generation_client::GenerationClient;
-use aquila_proto::v1::{ChatMessage, ChatRequest, GenerateRequest, GenerateResponse, SamplingParams};
+use aquila_proto::v1::{
+    ChatMessage, ChatRequest, GenerateRequest, GenerateResponse, SamplingParams,
+};
 use tonic::Streaming;
 use tonic::transport::Channel;
 
@@ -100,7 +102,10 @@ pub async fn chat(args: ChatArgs) -> Result<()> {
     }
     if let Some(m) = &args.message {
         messages.push(message("user", m));
-        let stream = client.chat_stream(chat_request(&args, &messages)).await?.into_inner();
+        let stream = client
+            .chat_stream(chat_request(&args, &messages))
+            .await?
+            .into_inner();
         print_stream(stream).await?;
         return Ok(());
     }
@@ -113,7 +118,10 @@ pub async fn chat(args: ChatArgs) -> Result<()> {
             return Ok(());
         }
         messages.push(message("user", line.trim_end()));
-        let stream = client.chat_stream(chat_request(&args, &messages)).await?.into_inner();
+        let stream = client
+            .chat_stream(chat_request(&args, &messages))
+            .await?
+            .into_inner();
         let answer = print_stream(stream).await?;
         messages.push(message("assistant", &answer));
     }

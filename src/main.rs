@@ -15,7 +15,11 @@ use clap::{Parser, Subcommand};
 use tokio::net::TcpListener;
 
 #[derive(Parser)]
-#[command(name = "aquila", version, about = "Aquila Serve: gRPC serving for LLaMA-architecture language models")]
+#[command(
+    name = "aquila",
+    version,
+    about = "Aquila Serve: gRPC serving for LLaMA-architecture language models"
+)]
 struct Cli {
     /// Log as JSON lines instead of text.
     #[arg(long, global = true, env = "AQUILA_LOG_JSON")]
@@ -121,8 +125,17 @@ async fn dispatch(cmd: Command) -> Result<()> {
             chat_template,
             worker,
         } => serve(model, listen, worker_listen, chat_template, worker).await,
-        Command::Worker { model, listen, worker } => {
-            let state = Arc::new(tokio::task::spawn_blocking(move || aquila_worker::WorkerState::start(model, &worker)).await??);
+        Command::Worker {
+            model,
+            listen,
+            worker,
+        } => {
+            let state = Arc::new(
+                tokio::task::spawn_blocking(move || {
+                    aquila_worker::WorkerState::start(model, &worker)
+                })
+                .await??,
+            );
             let listener = bind(listen, "worker").await?;
             aquila_worker::run(listener, state, shutdown_signal()).await?;
             Ok(())
@@ -177,7 +190,9 @@ async fn dispatch(cmd: Command) -> Result<()> {
 /// Binds and prints the bound address on stdout (tests and scripts read
 /// this line to find a port-0 server).
 async fn bind(addr: SocketAddr, what: &str) -> Result<TcpListener> {
-    let listener = TcpListener::bind(addr).await.with_context(|| format!("binding {what} to {addr}"))?;
+    let listener = TcpListener::bind(addr)
+        .await
+        .with_context(|| format!("binding {what} to {addr}"))?;
     println!("aquila {what} listening on {}", listener.local_addr()?);
     Ok(listener)
 }
@@ -193,9 +208,14 @@ async fn serve(
         Some(m) => m,
         None => tokio::task::spawn_blocking(aquila_worker::demo::fetch_demo).await??,
     };
-    let state = Arc::new(tokio::task::spawn_blocking(move || aquila_worker::WorkerState::start(model, &worker)).await??);
+    let state = Arc::new(
+        tokio::task::spawn_blocking(move || aquila_worker::WorkerState::start(model, &worker))
+            .await??,
+    );
     let model_name = state.model_info().name.clone();
-    let worker_listener = TcpListener::bind(worker_listen).await.context("binding the worker")?;
+    let worker_listener = TcpListener::bind(worker_listen)
+        .await
+        .context("binding the worker")?;
     let worker_addr = worker_listener.local_addr()?;
     let gateway_listener = bind(listen, "gateway").await?;
     let mut args = GatewayArgs::with_workers(vec![worker_addr.to_string()]);
@@ -205,7 +225,11 @@ async fn serve(
     let wait = |mut rx: tokio::sync::watch::Receiver<bool>| async move {
         let _ = rx.wait_for(|stop| *stop).await;
     };
-    let worker_task = tokio::spawn(aquila_worker::run(worker_listener, state, wait(stop_rx.clone())));
+    let worker_task = tokio::spawn(aquila_worker::run(
+        worker_listener,
+        state,
+        wait(stop_rx.clone()),
+    ));
     let gateway_task = tokio::spawn(aquila_gateway::run(gateway_listener, config, wait(stop_rx)));
     println!(
         "serving {model_name} on {listen}\ntry:  cargo run --release -- chat --gateway http://{listen} \"What is the capital of France? Answer in one word.\"\n  or:  grpcurl -plaintext -d '{{\"messages\":[{{\"role\":\"user\",\"content\":\"Hello!\"}}]}}' {listen} aquila.v1.Generation/Chat\nCtrl-C stops."
@@ -221,13 +245,14 @@ async fn shutdown_signal() {
     let ctrl_c = tokio::signal::ctrl_c();
     #[cfg(unix)]
     {
-        let mut term = match tokio::signal::unix::signal(tokio::signal::unix::SignalKind::terminate()) {
-            Ok(s) => s,
-            Err(_) => {
-                let _ = ctrl_c.await;
-                return;
-            }
-        };
+        let mut term =
+            match tokio::signal::unix::signal(tokio::signal::unix::SignalKind::terminate()) {
+                Ok(s) => s,
+                Err(_) => {
+                    let _ = ctrl_c.await;
+                    return;
+                }
+            };
         tokio::select! {
             _ = ctrl_c => {}
             _ = term.recv() => {}
@@ -241,7 +266,9 @@ async fn shutdown_signal() {
 fn init_tracing(json: bool) {
     use tracing_subscriber::EnvFilter;
     let filter = EnvFilter::try_from_default_env().unwrap_or_else(|_| EnvFilter::new("info"));
-    let builder = tracing_subscriber::fmt().with_env_filter(filter).with_writer(std::io::stderr);
+    let builder = tracing_subscriber::fmt()
+        .with_env_filter(filter)
+        .with_writer(std::io::stderr);
     if json {
         builder.json().init();
     } else {

@@ -30,7 +30,8 @@ struct Ref {
 impl Ref {
     fn load(dir: &Path) -> Ref {
         let cfg: serde_json::Value =
-            serde_json::from_str(&std::fs::read_to_string(dir.join("config.json")).unwrap()).unwrap();
+            serde_json::from_str(&std::fs::read_to_string(dir.join("config.json")).unwrap())
+                .unwrap();
         let bytes = std::fs::read(dir.join("model.safetensors")).unwrap();
         let st = safetensors::SafeTensors::deserialize(&bytes).unwrap();
         let mut w = HashMap::new();
@@ -65,13 +66,18 @@ impl Ref {
     fn matvec(&self, name: &str, x: &[f64]) -> Vec<f64> {
         let w = self.t(name);
         let n = x.len();
-        w.chunks_exact(n).map(|row| row.iter().zip(x).map(|(a, b)| a * b).sum()).collect()
+        w.chunks_exact(n)
+            .map(|row| row.iter().zip(x).map(|(a, b)| a * b).sum())
+            .collect()
     }
 
     fn rmsnorm(&self, name: &str, x: &[f64]) -> Vec<f64> {
         let ms = x.iter().map(|v| v * v).sum::<f64>() / x.len() as f64;
         let inv = 1.0 / (ms + self.eps).sqrt();
-        x.iter().zip(self.t(name)).map(|(v, w)| v * inv * w).collect()
+        x.iter()
+            .zip(self.t(name))
+            .map(|(v, w)| v * inv * w)
+            .collect()
     }
 
     /// Rotate-half RoPE on one head vector at position `pos`.
@@ -90,7 +96,10 @@ impl Ref {
     fn forward(&self, tokens: &[u32]) -> Vec<Vec<f64>> {
         let (h, hd) = (self.h, self.h / self.heads);
         let emb = self.t("model.embed_tokens.weight");
-        let mut xs: Vec<Vec<f64>> = tokens.iter().map(|&t| emb[t as usize * h..(t as usize + 1) * h].to_vec()).collect();
+        let mut xs: Vec<Vec<f64>> = tokens
+            .iter()
+            .map(|&t| emb[t as usize * h..(t as usize + 1) * h].to_vec())
+            .collect();
         for l in 0..self.layers {
             let p = format!("model.layers.{l}");
             let mut qs = Vec::new();
@@ -137,7 +146,11 @@ impl Ref {
                 let xn = self.rmsnorm(&format!("{p}.post_attention_layernorm.weight"), x);
                 let g = self.matvec(&format!("{p}.mlp.gate_proj.weight"), &xn);
                 let u = self.matvec(&format!("{p}.mlp.up_proj.weight"), &xn);
-                let a: Vec<f64> = g.iter().zip(&u).map(|(g, u)| g / (1.0 + (-g).exp()) * u).collect();
+                let a: Vec<f64> = g
+                    .iter()
+                    .zip(&u)
+                    .map(|(g, u)| g / (1.0 + (-g).exp()) * u)
+                    .collect();
                 assert_eq!(a.len(), self.inter);
                 let d = self.matvec(&format!("{p}.mlp.down_proj.weight"), &a);
                 x.iter_mut().zip(&d).for_each(|(a, b)| *a += b);
@@ -166,11 +179,17 @@ fn argmax64(v: &[f64]) -> u32 {
 /// max |ours − ref| / max |ref| over one row of logits.
 fn rel_err(ours: &[f32], reference: &[f64]) -> f64 {
     let scale = reference.iter().map(|v| v.abs()).fold(0.0, f64::max);
-    let diff = ours.iter().zip(reference).map(|(a, b)| (*a as f64 - b).abs()).fold(0.0, f64::max);
+    let diff = ours
+        .iter()
+        .zip(reference)
+        .map(|(a, b)| (*a as f64 - b).abs())
+        .fold(0.0, f64::max);
     diff / scale
 }
 
-const PROMPT: &[u32] = &[72, 101, 108, 108, 111, 44, 32, 65, 113, 117, 105, 108, 97, 33];
+const PROMPT: &[u32] = &[
+    72, 101, 108, 108, 111, 44, 32, 65, 113, 117, 105, 108, 97, 33,
+];
 
 #[test]
 fn logits_and_greedy_tokens_match_an_f64_reference() {
@@ -199,7 +218,10 @@ fn logits_and_greedy_tokens_match_an_f64_reference() {
     let vocab = reference.vocab;
     for (pos, row) in want.iter().enumerate() {
         let err = rel_err(&got[0][pos * vocab..(pos + 1) * vocab], row);
-        assert!(err <= 1e-4, "prefill position {pos}: relative error {err:e} > 1e-4");
+        assert!(
+            err <= 1e-4,
+            "prefill position {pos}: relative error {err:e} > 1e-4"
+        );
     }
 
     // Greedy decode of 32 tokens through the cache, each step checked.
@@ -226,7 +248,10 @@ fn logits_and_greedy_tokens_match_an_f64_reference() {
         let want = reference.forward(&tokens);
         let row = want.last().unwrap();
         let err = rel_err(&got[0], row);
-        assert!(err <= 1e-4, "decode step {step}: relative error {err:e} > 1e-4");
+        assert!(
+            err <= 1e-4,
+            "decode step {step}: relative error {err:e} > 1e-4"
+        );
         next = argmax64(row);
         our_next = aquila_worker::sampler::argmax(&got[0]);
     }
@@ -249,7 +274,14 @@ fn a_batch_of_sequences_gives_each_its_own_logits() {
     let alone = |t: &[u32]| {
         let mut c = model.new_cache(t.len());
         model
-            .forward(&mut [SeqInput { tokens: t, start: 0, cache: &mut c }], LogitsFor::Last)
+            .forward(
+                &mut [SeqInput {
+                    tokens: t,
+                    start: 0,
+                    cache: &mut c,
+                }],
+                LogitsFor::Last,
+            )
             .unwrap()
             .remove(0)
     };
@@ -259,13 +291,24 @@ fn a_batch_of_sequences_gives_each_its_own_logits() {
     let both = model
         .forward(
             &mut [
-                SeqInput { tokens: a, start: 0, cache: &mut ca },
-                SeqInput { tokens: b, start: 0, cache: &mut cb },
+                SeqInput {
+                    tokens: a,
+                    start: 0,
+                    cache: &mut ca,
+                },
+                SeqInput {
+                    tokens: b,
+                    start: 0,
+                    cache: &mut cb,
+                },
             ],
             LogitsFor::Last,
         )
         .unwrap();
     for (x, y) in both[0].iter().zip(&la).chain(both[1].iter().zip(&lb)) {
-        assert!((x - y).abs() <= 1e-5 * y.abs().max(1.0), "batched {x} vs alone {y}");
+        assert!(
+            (x - y).abs() <= 1e-5 * y.abs().max(1.0),
+            "batched {x} vs alone {y}"
+        );
     }
 }

@@ -10,14 +10,15 @@ use std::time::{Duration, Instant};
 
 use aquila_worker::presets::{GgufType, Preset, WeightFormat};
 use tempfile::TempDir;
+use tonic_health::pb::HealthCheckRequest;
 use tonic_health::pb::health_check_response::ServingStatus;
 use tonic_health::pb::health_client::HealthClient;
-use tonic_health::pb::HealthCheckRequest;
 
 /// The tiny preset (seed 7) written in `format` into a fresh temp folder.
 pub fn tiny_model(format: WeightFormat, gguf: GgufType) -> TempDir {
     let dir = tempfile::tempdir().expect("tempdir");
-    aquila_worker::presets::make(Preset::Tiny, dir.path(), 7, format, 2, gguf).expect("make tiny model");
+    aquila_worker::presets::make(Preset::Tiny, dir.path(), 7, format, 2, gguf)
+        .expect("make tiny model");
     dir
 }
 
@@ -82,13 +83,27 @@ pub fn spawn(args: &[&str], what: &str) -> Proc {
 
 pub fn spawn_worker(model: &Path, extra: &[&str]) -> Proc {
     let model = model.to_str().expect("utf-8 path");
-    let mut args = vec!["worker", "--model", model, "--listen", "127.0.0.1:0", "--threads", "2"];
+    let mut args = vec![
+        "worker",
+        "--model",
+        model,
+        "--listen",
+        "127.0.0.1:0",
+        "--threads",
+        "2",
+    ];
     args.extend_from_slice(extra);
     spawn(&args, "worker")
 }
 
 pub fn spawn_gateway(workers: &[&Proc], extra: &[&str]) -> Proc {
-    let mut args = vec!["gateway", "--listen", "127.0.0.1:0", "--health-interval-ms", "100"];
+    let mut args = vec![
+        "gateway",
+        "--listen",
+        "127.0.0.1:0",
+        "--health-interval-ms",
+        "100",
+    ];
     for w in workers {
         args.push("--worker");
         args.push(&w.addr);
@@ -101,7 +116,10 @@ pub fn spawn_gateway(workers: &[&Proc], extra: &[&str]) -> Proc {
 pub async fn wait_serving(url: &str) {
     let deadline = Instant::now() + Duration::from_secs(60);
     loop {
-        if let Ok(mut c) = HealthClient::connect(url.to_string()).await {
+        let channel =
+            tonic::transport::Endpoint::from_shared(url.to_string()).map(|e| e.connect_lazy());
+        if let Ok(channel) = channel {
+            let mut c = HealthClient::new(channel);
             let r = c
                 .check(HealthCheckRequest {
                     service: String::new(),

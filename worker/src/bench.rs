@@ -39,7 +39,12 @@ impl BenchResult {
 
 /// Prefills `prompt_tokens` tokens of ordinary text, then decodes
 /// `gen_tokens` greedily; the first decode step is a warm-up, not timed.
-pub fn run(path: &std::path::Path, opts: &LoadOptions, prompt_tokens: usize, gen_tokens: usize) -> Result<BenchResult> {
+pub fn run(
+    path: &std::path::Path,
+    opts: &LoadOptions,
+    prompt_tokens: usize,
+    gen_tokens: usize,
+) -> Result<BenchResult> {
     let loaded = loader::load(path, opts, Arc::new(SingleRank))?;
     let text = "The quick brown fox jumps over the lazy dog. ".repeat(prompt_tokens);
     let mut prompt: Vec<u32> = loaded

@@ -217,7 +217,11 @@ impl ModelConfig {
         let num_heads = need("attention.head_count")?;
         let vocab_size = match content.tensor_infos.get("token_embd.weight") {
             Some(t) => t.shape.dims().first().copied().unwrap_or(0),
-            None => return Err(WorkerError::Config("GGUF tensor token_embd.weight is missing".into())),
+            None => {
+                return Err(WorkerError::Config(
+                    "GGUF tensor token_embd.weight is missing".into(),
+                ));
+            }
         };
         let cfg = ModelConfig {
             architecture: arch,
@@ -228,7 +232,8 @@ impl ModelConfig {
             num_kv_heads: need("attention.head_count_kv").unwrap_or(num_heads),
             head_dim: need("rope.dimension_count").unwrap_or(hidden_size / num_heads.max(1)),
             vocab_size,
-            rms_norm_eps: gguf_f64(content, "llama.attention.layer_norm_rms_epsilon").unwrap_or(1e-5),
+            rms_norm_eps: gguf_f64(content, "llama.attention.layer_norm_rms_epsilon")
+                .unwrap_or(1e-5),
             rope_theta: gguf_f64(content, "llama.rope.freq_base").unwrap_or(10000.0),
             context_length: need("context_length")?,
             tie_word_embeddings: !content.tensor_infos.contains_key("output.weight"),
@@ -240,7 +245,12 @@ impl ModelConfig {
 
     /// Parameters of the whole (unsharded) model.
     pub fn parameter_count(&self) -> usize {
-        let (h, q, kv, i) = (self.hidden_size, self.q_dim(), self.kv_dim(), self.intermediate_size);
+        let (h, q, kv, i) = (
+            self.hidden_size,
+            self.q_dim(),
+            self.kv_dim(),
+            self.intermediate_size,
+        );
         let per_layer = h * q + 2 * h * kv + q * h + 3 * h * i + 2 * h;
         let heads = if self.tie_word_embeddings { 1 } else { 2 };
         heads * self.vocab_size * h + self.num_layers * per_layer + h

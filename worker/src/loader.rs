@@ -48,7 +48,9 @@ pub fn load(path: &Path, opts: &LoadOptions, comm: Arc<dyn Communicator>) -> Res
     let is_gguf = path.is_file() && path.extension().is_some_and(|e| e == "gguf");
     let (cfg, store, tok) = if is_gguf {
         let store = WeightStore::open_gguf(path)?;
-        let content = store.gguf_content().ok_or_else(|| WorkerError::load(path, "not a GGUF file"))?;
+        let content = store
+            .gguf_content()
+            .ok_or_else(|| WorkerError::load(path, "not a GGUF file"))?;
         let cfg = ModelConfig::from_gguf(content)?;
         let tok = tokenizer::from_gguf(content)?;
         (cfg, store, tok)
@@ -98,7 +100,10 @@ pub fn load(path: &Path, opts: &LoadOptions, comm: Arc<dyn Communicator>) -> Res
     );
     let (chat_template, chat_stop) = match (&tok.chat_template, tok.is_aquila) {
         (Some(t), _) => (Some(t.clone()), Vec::new()),
-        (None, true) => (Some(AQUILA_CHAT_TEMPLATE.to_string()), vec!["###".to_string()]),
+        (None, true) => (
+            Some(AQUILA_CHAT_TEMPLATE.to_string()),
+            vec!["###".to_string()],
+        ),
         (None, false) => (None, Vec::new()),
     };
     Ok(LoadedModel {
@@ -113,7 +118,11 @@ pub fn load(path: &Path, opts: &LoadOptions, comm: Arc<dyn Communicator>) -> Res
 }
 
 fn default_name(path: &Path) -> String {
-    let stem = if path.is_dir() { path.file_name() } else { path.file_stem() };
+    let stem = if path.is_dir() {
+        path.file_name()
+    } else {
+        path.file_stem()
+    };
     stem.map(|s| s.to_string_lossy().into_owned())
         .unwrap_or_else(|| "model".into())
 }

@@ -83,13 +83,17 @@ fn byte_chars() -> Vec<char> {
 
 /// The preset tokenizer: one token per byte, `<|endoftext|>` and `<s>`.
 pub fn tokenizer() -> Result<Tokenizer> {
-    let terr = |e: tokenizers::Error| WorkerError::Config(format!("building the preset tokenizer: {e}"));
+    let terr =
+        |e: tokenizers::Error| WorkerError::Config(format!("building the preset tokenizer: {e}"));
     let vocab: tokenizers::models::bpe::Vocab = byte_chars()
         .into_iter()
         .enumerate()
         .map(|(i, c)| (c.to_string(), i as u32))
         .collect();
-    let bpe = BPE::builder().vocab_and_merges(vocab, vec![]).build().map_err(terr)?;
+    let bpe = BPE::builder()
+        .vocab_and_merges(vocab, vec![])
+        .build()
+        .map_err(terr)?;
     let mut tok = Tokenizer::new(bpe);
     tok.with_pre_tokenizer(Some(ByteLevel::new(false, true, true)));
     tok.with_decoder(Some(ByteLevel::default()));
@@ -108,23 +112,70 @@ pub fn tensors(preset: Preset, seed: u64) -> Vec<ExportTensor> {
     let mut rng = ChaCha8Rng::seed_from_u64(seed);
     let mut t = |name: String, shape: Vec<usize>, scale: f32, center: f32| {
         let n = shape.iter().product();
-        let data = (0..n).map(|_| center + scale * (rng.random::<f32>() * 2.0 - 1.0)).collect();
+        let data = (0..n)
+            .map(|_| center + scale * (rng.random::<f32>() * 2.0 - 1.0))
+            .collect();
         ExportTensor { name, shape, data }
     };
     let h = s.hidden;
     let w = |fan_in: usize| (3.0 / fan_in as f32).sqrt();
-    let mut out = vec![t("model.embed_tokens.weight".into(), vec![s.vocab, h], 1.0, 0.0)];
+    let mut out = vec![t(
+        "model.embed_tokens.weight".into(),
+        vec![s.vocab, h],
+        1.0,
+        0.0,
+    )];
     for l in 0..s.layers {
         let p = format!("model.layers.{l}");
         out.push(t(format!("{p}.input_layernorm.weight"), vec![h], 0.2, 1.0));
-        out.push(t(format!("{p}.self_attn.q_proj.weight"), vec![s.heads * hd, h], w(h), 0.0));
-        out.push(t(format!("{p}.self_attn.k_proj.weight"), vec![s.kv_heads * hd, h], w(h), 0.0));
-        out.push(t(format!("{p}.self_attn.v_proj.weight"), vec![s.kv_heads * hd, h], w(h), 0.0));
-        out.push(t(format!("{p}.self_attn.o_proj.weight"), vec![h, s.heads * hd], w(h), 0.0));
-        out.push(t(format!("{p}.post_attention_layernorm.weight"), vec![h], 0.2, 1.0));
-        out.push(t(format!("{p}.mlp.gate_proj.weight"), vec![s.intermediate, h], w(h), 0.0));
-        out.push(t(format!("{p}.mlp.up_proj.weight"), vec![s.intermediate, h], w(h), 0.0));
-        out.push(t(format!("{p}.mlp.down_proj.weight"), vec![h, s.intermediate], w(s.intermediate), 0.0));
+        out.push(t(
+            format!("{p}.self_attn.q_proj.weight"),
+            vec![s.heads * hd, h],
+            w(h),
+            0.0,
+        ));
+        out.push(t(
+            format!("{p}.self_attn.k_proj.weight"),
+            vec![s.kv_heads * hd, h],
+            w(h),
+            0.0,
+        ));
+        out.push(t(
+            format!("{p}.self_attn.v_proj.weight"),
+            vec![s.kv_heads * hd, h],
+            w(h),
+            0.0,
+        ));
+        out.push(t(
+            format!("{p}.self_attn.o_proj.weight"),
+            vec![h, s.heads * hd],
+            w(h),
+            0.0,
+        ));
+        out.push(t(
+            format!("{p}.post_attention_layernorm.weight"),
+            vec![h],
+            0.2,
+            1.0,
+        ));
+        out.push(t(
+            format!("{p}.mlp.gate_proj.weight"),
+            vec![s.intermediate, h],
+            w(h),
+            0.0,
+        ));
+        out.push(t(
+            format!("{p}.mlp.up_proj.weight"),
+            vec![s.intermediate, h],
+            w(h),
+            0.0,
+        ));
+        out.push(t(
+            format!("{p}.mlp.down_proj.weight"),
+            vec![h, s.intermediate],
+            w(s.intermediate),
+            0.0,
+        ));
     }
     out.push(t("model.norm.weight".into(), vec![h], 0.2, 1.0));
     out.push(t("lm_head.weight".into(), vec![s.vocab, h], w(h), 0.0));
@@ -159,9 +210,11 @@ pub fn config_json(preset: Preset) -> serde_json::Value {
 /// the caller writes the weights in the format it wants.
 pub fn write_metadata(dir: &Path, preset: Preset) -> Result<()> {
     let write = |name: &str, text: String| {
-        std::fs::write(dir.join(name), text).map_err(|e| WorkerError::io(format!("writing {name}"), e))
+        std::fs::write(dir.join(name), text)
+            .map_err(|e| WorkerError::io(format!("writing {name}"), e))
     };
-    std::fs::create_dir_all(dir).map_err(|e| WorkerError::io(format!("creating {}", dir.display()), e))?;
+    std::fs::create_dir_all(dir)
+        .map_err(|e| WorkerError::io(format!("creating {}", dir.display()), e))?;
     let pretty = |v: &serde_json::Value| serde_json::to_string_pretty(v).unwrap_or_default();
     write("config.json", pretty(&config_json(preset)))?;
     let tok = tokenizer()?
@@ -231,18 +284,33 @@ pub fn gguf_meta(preset: Preset) -> GgufMeta {
 }
 
 /// Writes `preset` with weights from `seed` into the folder `out`.
-pub fn make(preset: Preset, out: &Path, seed: u64, format: WeightFormat, shards: usize, gguf_type: GgufType) -> Result<()> {
+pub fn make(
+    preset: Preset,
+    out: &Path,
+    seed: u64,
+    format: WeightFormat,
+    shards: usize,
+    gguf_type: GgufType,
+) -> Result<()> {
     write_metadata(out, preset)?;
     let tensors = tensors(preset, seed);
     let xerr = |e: export::ExportError| WorkerError::load(out, e);
     match format {
         WeightFormat::Safetensors => export::write_safetensors(out, &tensors, 1, FloatDtype::F32),
-        WeightFormat::SafetensorsSharded => export::write_safetensors(out, &tensors, shards, FloatDtype::F32),
+        WeightFormat::SafetensorsSharded => {
+            export::write_safetensors(out, &tensors, shards, FloatDtype::F32)
+        }
         WeightFormat::Bin => export::write_pytorch_bin(out, &tensors, 1),
         WeightFormat::BinSharded => export::write_pytorch_bin(out, &tensors, shards),
         WeightFormat::Gguf => {
             let tok = crate::tokenizer::from_hf_folder(out)?;
-            export::write_gguf(&out.join("model.gguf"), &gguf_meta(preset), &tensors, gguf_type.ggml(), &tok)
+            export::write_gguf(
+                &out.join("model.gguf"),
+                &gguf_meta(preset),
+                &tensors,
+                gguf_type.ggml(),
+                &tok,
+            )
         }
     }
     .map_err(xerr)

@@ -44,7 +44,10 @@ impl Sampler {
             let lse = log_sum_exp(logits);
             let top: Vec<TopToken> = top_n(logits, p.top_logprobs as usize)
                 .into_iter()
-                .map(|(id, l)| TopToken { id, logprob: l - lse })
+                .map(|(id, l)| TopToken {
+                    id,
+                    logprob: l - lse,
+                })
                 .collect();
             (logits.to_vec(), lse, top)
         });
@@ -101,7 +104,10 @@ impl Sampler {
         };
         let mut cand: Vec<(u32, f32)> = top_n(logits, k);
         let max = cand[0].1;
-        let mut probs: Vec<f32> = cand.iter().map(|&(_, l)| ((l - max) * inv_t).exp()).collect();
+        let mut probs: Vec<f32> = cand
+            .iter()
+            .map(|&(_, l)| ((l - max) * inv_t).exp())
+            .collect();
         let sum: f32 = probs.iter().sum();
         probs.iter_mut().for_each(|q| *q /= sum);
         // min-p: relative to the most likely token.

@@ -10,7 +10,8 @@ use std::time::Instant;
 
 use aquila_proto::worker::v1::worker_server::{Worker, WorkerServer};
 use aquila_proto::worker::v1::{
-    GenerateEvent, GenerateRequest, GetLoadRequest, GetModelInfoRequest, Load, ModelInfo, SamplingParams,
+    GenerateEvent, GenerateRequest, GetLoadRequest, GetModelInfoRequest, Load, ModelInfo,
+    SamplingParams,
 };
 use tokio::net::TcpListener;
 use tokio_stream::wrappers::{TcpListenerStream, UnboundedReceiverStream};
@@ -53,7 +54,9 @@ pub fn init_threads(threads: usize) {
     if threads > 0 {
         // Fails only if the pool already exists (several workers in one
         // process); the first size then stays.
-        let _ = rayon::ThreadPoolBuilder::new().num_threads(threads).build_global();
+        let _ = rayon::ThreadPoolBuilder::new()
+            .num_threads(threads)
+            .build_global();
     }
 }
 
@@ -136,8 +139,15 @@ impl WorkerState {
         if n == 0 {
             return bad("prompt_token_ids is empty".into());
         }
-        if let Some((i, id)) = req.prompt_token_ids.iter().enumerate().find(|(_, id)| **id >= vocab) {
-            return bad(format!("prompt_token_ids[{i}] = {id} is not below the vocabulary size {vocab}"));
+        if let Some((i, id)) = req
+            .prompt_token_ids
+            .iter()
+            .enumerate()
+            .find(|(_, id)| **id >= vocab)
+        {
+            return bad(format!(
+                "prompt_token_ids[{i}] = {id} is not below the vocabulary size {vocab}"
+            ));
         }
         let Some(p) = req.params.clone() else {
             return bad("params is missing".into());
@@ -156,7 +166,12 @@ impl WorkerState {
             ("temperature", p.temperature, 0.0, 100.0),
             ("top_p", p.top_p, f32::MIN_POSITIVE, 1.0),
             ("min_p", p.min_p, 0.0, 1.0),
-            ("repetition_penalty", p.repetition_penalty, f32::MIN_POSITIVE, 10.0),
+            (
+                "repetition_penalty",
+                p.repetition_penalty,
+                f32::MIN_POSITIVE,
+                10.0,
+            ),
             ("presence_penalty", p.presence_penalty, -2.0, 2.0),
             ("frequency_penalty", p.frequency_penalty, -2.0, 2.0),
         ];
@@ -166,10 +181,15 @@ impl WorkerState {
             }
         }
         if let Some(id) = p.stop_token_ids.iter().find(|id| **id >= vocab) {
-            return bad(format!("params.stop_token_ids contains {id}, not below the vocabulary size {vocab}"));
+            return bad(format!(
+                "params.stop_token_ids contains {id}, not below the vocabulary size {vocab}"
+            ));
         }
         if p.top_logprobs > vocab {
-            return bad(format!("params.top_logprobs = {} exceeds the vocabulary size {vocab}", p.top_logprobs));
+            return bad(format!(
+                "params.top_logprobs = {} exceeds the vocabulary size {vocab}",
+                p.top_logprobs
+            ));
         }
         Ok(p)
     }
@@ -184,7 +204,10 @@ impl Worker for WorkerService {
     type GenerateStream = UnboundedReceiverStream<Result<GenerateEvent, Status>>;
 
     #[tracing::instrument(skip_all, fields(request_id = %req.get_ref().request_id))]
-    async fn generate(&self, req: Request<GenerateRequest>) -> Result<Response<Self::GenerateStream>, Status> {
+    async fn generate(
+        &self,
+        req: Request<GenerateRequest>,
+    ) -> Result<Response<Self::GenerateStream>, Status> {
         let arrived = Instant::now();
         let req = req.into_inner();
         let params = self.state.validate(&req)?;
@@ -199,7 +222,10 @@ impl Worker for WorkerService {
         Ok(Response::new(UnboundedReceiverStream::new(rx)))
     }
 
-    async fn get_model_info(&self, _: Request<GetModelInfoRequest>) -> Result<Response<ModelInfo>, Status> {
+    async fn get_model_info(
+        &self,
+        _: Request<GetModelInfoRequest>,
+    ) -> Result<Response<ModelInfo>, Status> {
         Ok(Response::new(self.state.info.clone()))
     }
 

@@ -101,8 +101,8 @@ impl WeightStore {
             };
             // SAFETY: the files are memory-mapped read-only; like every mmap
             // reader we rely on nobody truncating them while we serve.
-            let st = unsafe { MmapedSafetensors::multi(&files) }
-                .map_err(|e| load_err(&files[0], e))?;
+            let st =
+                unsafe { MmapedSafetensors::multi(&files) }.map_err(|e| load_err(&files[0], e))?;
             return Ok(Self::Safetensors(st));
         }
         if bin_index.exists() || bin_single.exists() {
@@ -130,9 +130,10 @@ impl WeightStore {
     }
 
     pub fn open_gguf(path: &Path) -> Result<Self> {
-        let mut file =
-            File::open(path).map_err(|e| WorkerError::io(format!("opening {}", path.display()), e))?;
-        let content = gguf_file::Content::read(&mut file).map_err(|e| WorkerError::load(path, e))?;
+        let mut file = File::open(path)
+            .map_err(|e| WorkerError::io(format!("opening {}", path.display()), e))?;
+        let content =
+            gguf_file::Content::read(&mut file).map_err(|e| WorkerError::load(path, e))?;
         Ok(Self::Gguf {
             path: path.to_path_buf(),
             content,
@@ -151,8 +152,9 @@ impl WeightStore {
         match self {
             Self::Safetensors(st) => st.get(name).is_ok(),
             Self::Pth { index, .. } => index.contains_key(name),
-            Self::Gguf { content, .. } => gguf_name(name)
-                .is_some_and(|g| content.tensor_infos.contains_key(&g)),
+            Self::Gguf { content, .. } => {
+                gguf_name(name).is_some_and(|g| content.tensor_infos.contains_key(&g))
+            }
         }
     }
 
@@ -173,7 +175,10 @@ impl WeightStore {
                 Ok(Weight::Dense(t))
             }
             Self::Gguf {
-                content, file, path, ..
+                content,
+                file,
+                path,
+                ..
             } => {
                 let g = gguf_name(name).ok_or_else(missing)?;
                 if !content.tensor_infos.contains_key(&g) {

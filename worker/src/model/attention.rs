@@ -8,7 +8,14 @@ use crate::kv_cache::SeqCache;
 
 /// `q` is `[n, heads·hd]` for positions `start..start+n`; the cache already
 /// holds positions `0..start+n` for `layer`. Returns `[n, heads·hd]`.
-pub fn attend(q: &[f32], n: usize, start: usize, cache: &SeqCache, layer: usize, heads: usize) -> Vec<f32> {
+pub fn attend(
+    q: &[f32],
+    n: usize,
+    start: usize,
+    cache: &SeqCache,
+    layer: usize,
+    heads: usize,
+) -> Vec<f32> {
     let hd = cache.head_dim();
     let cap = cache.capacity();
     let group = heads / cache.kv_heads();
@@ -56,7 +63,8 @@ pub fn attend(q: &[f32], n: usize, start: usize, cache: &SeqCache, layer: usize,
     let mut out = vec![0f32; n * heads * hd];
     for (h, ho) in per_head.iter().enumerate() {
         for t in 0..n {
-            out[(t * heads + h) * hd..(t * heads + h + 1) * hd].copy_from_slice(&ho[t * hd..(t + 1) * hd]);
+            out[(t * heads + h) * hd..(t * heads + h + 1) * hd]
+                .copy_from_slice(&ho[t * hd..(t + 1) * hd]);
         }
     }
     out

@@ -50,7 +50,13 @@ pub struct Linear {
 impl Linear {
     /// Takes a `[out, in]` weight, checking its shape against what the config
     /// says. Quantized weights stay quantized; float weights become `dtype`.
-    pub fn new(name: &str, w: Weight, out_dim: usize, in_dim: usize, dtype: WeightDtype) -> Result<Self> {
+    pub fn new(
+        name: &str,
+        w: Weight,
+        out_dim: usize,
+        in_dim: usize,
+        dtype: WeightDtype,
+    ) -> Result<Self> {
         if w.dims() != [out_dim, in_dim] {
             return Err(WorkerError::Config(format!(
                 "{name}: shape {:?}, the config implies [{out_dim}, {in_dim}]",
@@ -108,7 +114,9 @@ impl Linear {
                 let xt = Tensor::from_slice(x, (rows, self.in_dim), &Device::Cpu)?;
                 Ok(q.forward(&xt)?.flatten_all()?.to_vec1()?)
             }
-            Kind::Half { bits, bf16 } => Ok(half_matmul(x, rows, bits, self.out_dim, self.in_dim, *bf16)),
+            Kind::Half { bits, bf16 } => {
+                Ok(half_matmul(x, rows, bits, self.out_dim, self.in_dim, *bf16))
+            }
         }
     }
 
@@ -147,7 +155,14 @@ fn to_bits<T: HalfBits>(t: &Tensor, dtype: DType) -> candle_core::Result<Vec<u16
 /// `[rows, in] × [out, in]ᵀ` with 16-bit weights, f32 accumulation. Each task
 /// converts a band of weight rows once and uses it for every activation row,
 /// so a batch shares the weight read.
-fn half_matmul(x: &[f32], rows: usize, w: &[u16], out_dim: usize, in_dim: usize, bf16: bool) -> Vec<f32> {
+fn half_matmul(
+    x: &[f32],
+    rows: usize,
+    w: &[u16],
+    out_dim: usize,
+    in_dim: usize,
+    bf16: bool,
+) -> Vec<f32> {
     const BAND: usize = 16;
     let mut out_t = vec![0f32; out_dim * rows];
     out_t

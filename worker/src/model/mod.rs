@@ -123,7 +123,13 @@ impl Loader<'_> {
         })
     }
 
-    fn row(&mut self, name: &str, out: usize, inp: usize, comm: &Arc<dyn Communicator>) -> Result<RowParallelLinear> {
+    fn row(
+        &mut self,
+        name: &str,
+        out: usize,
+        inp: usize,
+        comm: &Arc<dyn Communicator>,
+    ) -> Result<RowParallelLinear> {
         Ok(RowParallelLinear {
             inner: self.linear(name, out, inp)?,
             comm: comm.clone(),
@@ -133,10 +139,13 @@ impl Loader<'_> {
     fn norm(&mut self, name: &str, dim: usize, eps: f64) -> Result<RmsNorm> {
         let w = match self.get(name)? {
             Weight::Dense(t) => t,
-            Weight::Quantized(q) => q.dequantize(&Device::Cpu).map_err(|source| WorkerError::Weight {
-                name: name.into(),
-                source,
-            })?,
+            Weight::Quantized(q) => {
+                q.dequantize(&Device::Cpu)
+                    .map_err(|source| WorkerError::Weight {
+                        name: name.into(),
+                        source,
+                    })?
+            }
         };
         RmsNorm::new(name, &w, dim, eps)
     }
@@ -156,8 +165,17 @@ impl Llama {
             world_size: comm.world_size(),
         };
         linear::check_shard("num_attention_heads", cfg.num_heads, shard)?;
-        let (h, q, kv, i) = (cfg.hidden_size, cfg.q_dim(), cfg.kv_dim(), cfg.intermediate_size);
-        let mut ld = Loader { store, dtype, progress };
+        let (h, q, kv, i) = (
+            cfg.hidden_size,
+            cfg.q_dim(),
+            cfg.kv_dim(),
+            cfg.intermediate_size,
+        );
+        let mut ld = Loader {
+            store,
+            dtype,
+            progress,
+        };
         let embed_name = "model.embed_tokens.weight";
         let embed_w = ld.get(embed_name)?;
         if embed_w.dims() != [cfg.vocab_size, h] {
@@ -179,7 +197,11 @@ impl Llama {
         for l in 0..cfg.num_layers {
             let p = format!("model.layers.{l}");
             layers.push(DecoderLayer {
-                input_layernorm: ld.norm(&format!("{p}.input_layernorm.weight"), h, cfg.rms_norm_eps)?,
+                input_layernorm: ld.norm(
+                    &format!("{p}.input_layernorm.weight"),
+                    h,
+                    cfg.rms_norm_eps,
+                )?,
                 self_attn: Attention {
                     q_proj: ld.column(&format!("{p}.self_attn.q_proj.weight"), q, h)?,
                     k_proj: ld.column(&format!("{p}.self_attn.k_proj.weight"), kv, h)?,
@@ -208,7 +230,12 @@ impl Llama {
                 inner: Linear::new(embed_name, embed_w, cfg.vocab_size, h, dtype)?,
             }
         };
-        let rope = Rope::new(cfg.head_dim, cfg.context_length, cfg.rope_theta, cfg.rope_style);
+        let rope = Rope::new(
+            cfg.head_dim,
+            cfg.context_length,
+            cfg.rope_theta,
+            cfg.rope_style,
+        );
         let mut weight_bytes = lm_head.inner.weight_bytes()
             + match &table {
                 Table::Dense(t) => t.elem_count() * t.dtype().size_in_bytes(),
@@ -217,11 +244,16 @@ impl Llama {
         for layer in &layers {
             let a = &layer.self_attn;
             let m = &layer.mlp;
-            weight_bytes += [&a.q_proj.inner, &a.k_proj.inner, &a.v_proj.inner, &a.o_proj.inner]
-                .iter()
-                .chain([&m.gate_proj.inner, &m.up_proj.inner, &m.down_proj.inner].iter())
-                .map(|l| l.weight_bytes())
-                .sum::<usize>();
+            weight_bytes += [
+                &a.q_proj.inner,
+                &a.k_proj.inner,
+                &a.v_proj.inner,
+                &a.o_proj.inner,
+            ]
+            .iter()
+            .chain([&m.gate_proj.inner, &m.up_proj.inner, &m.down_proj.inner].iter())
+            .map(|l| l.weight_bytes())
+            .sum::<usize>();
         }
         Ok(Self {
             embed_tokens: VocabParallelEmbedding {
@@ -250,7 +282,12 @@ impl Llama {
 
     /// A cache for one sequence of up to `capacity` tokens.
     pub fn new_cache(&self, capacity: usize) -> SeqCache {
-        SeqCache::new(self.cfg.num_layers, self.cfg.num_kv_heads, self.cfg.head_dim, capacity)
+        SeqCache::new(
+            self.cfg.num_layers,
+            self.cfg.num_kv_heads,
+            self.cfg.head_dim,
+            capacity,
+        )
     }
 
     /// Runs one step for a batch of sequences. Returns, per sequence, logits
@@ -262,7 +299,10 @@ impl Llama {
         let mut ids = Vec::new();
         let mut positions = Vec::new();
         for s in seqs.iter() {
-            if s.tokens.is_empty() || s.start + s.tokens.len() > s.cache.capacity() || s.start != s.cache.len() {
+            if s.tokens.is_empty()
+                || s.start + s.tokens.len() > s.cache.capacity()
+                || s.start != s.cache.len()
+            {
                 return Err(WorkerError::InvalidRequest(format!(
                     "step of {} tokens at position {} does not fit a cache of {} holding {}",
                     s.tokens.len(),
@@ -290,8 +330,20 @@ impl Llama {
             let mut row = 0;
             for s in seqs.iter_mut() {
                 let n = s.tokens.len();
-                s.cache.write(l, s.start, &k[row * kv_heads * hd..(row + n) * kv_heads * hd], &v[row * kv_heads * hd..(row + n) * kv_heads * hd]);
-                attn.extend(attention::attend(&q[row * heads * hd..(row + n) * heads * hd], n, s.start, s.cache, l, heads));
+                s.cache.write(
+                    l,
+                    s.start,
+                    &k[row * kv_heads * hd..(row + n) * kv_heads * hd],
+                    &v[row * kv_heads * hd..(row + n) * kv_heads * hd],
+                );
+                attn.extend(attention::attend(
+                    &q[row * heads * hd..(row + n) * heads * hd],
+                    n,
+                    s.start,
+                    s.cache,
+                    l,
+                    heads,
+                ));
                 row += n;
             }
             let o = a.o_proj.forward(&attn, total)?;

@@ -172,3 +172,96 @@ fn top_n(v: &[f32], n: usize) -> Vec<(u32, f32)> {
     idx.truncate(n);
     idx
 }
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn params(temperature: f32) -> SamplingParams {
+        SamplingParams {
+            max_new_tokens: 1,
+            temperature,
+            top_p: 1.0,
+            repetition_penalty: 1.0,
+            ..Default::default()
+        }
+    }
+
+    const LOGITS: [f32; 5] = [1.0, 3.0, 2.5, -1.0, 0.0];
+
+    #[test]
+    fn greedy_takes_the_largest_and_the_lowest_id_on_ties() {
+        let mut s = Sampler::new(params(0.0), &[]);
+        assert_eq!(s.sample(&mut LOGITS.clone()).id, 1);
+        assert_eq!(argmax(&[2.0, 5.0, 5.0]), 1);
+    }
+
+    #[test]
+    fn a_seed_fixes_the_draws() {
+        let mut p = params(1.0);
+        p.seed = Some(42);
+        let draw = |p: &SamplingParams| {
+            let mut s = Sampler::new(p.clone(), &[]);
+            (0..50)
+                .map(|_| s.sample(&mut LOGITS.clone()).id)
+                .collect::<Vec<_>>()
+        };
+        let a = draw(&p);
+        assert_eq!(a, draw(&p));
+        assert!(
+            a.iter().any(|&t| t != a[0]),
+            "temperature 1 never varied: {a:?}"
+        );
+    }
+
+    #[test]
+    fn top_k_top_p_and_min_p_truncate() {
+        let run = |f: fn(&mut SamplingParams)| {
+            let mut p = params(1.0);
+            p.seed = Some(7);
+            f(&mut p);
+            let mut s = Sampler::new(p, &[]);
+            let mut seen: Vec<u32> = (0..200).map(|_| s.sample(&mut LOGITS.clone()).id).collect();
+            seen.sort();
+            seen.dedup();
+            seen
+        };
+        assert_eq!(run(|p| p.top_k = 1), vec![1]);
+        assert_eq!(run(|p| p.top_k = 2), vec![1, 2]);
+        // p(1) ≈ 0.52, p(2) ≈ 0.31: the nucleus of 0.5 is token 1 alone.
+        assert_eq!(run(|p| p.top_p = 0.5), vec![1]);
+        // min_p 0.5: only tokens at least half as likely as the best.
+        assert_eq!(run(|p| p.min_p = 0.5), vec![1, 2]);
+    }
+
+    #[test]
+    fn penalties_push_seen_tokens_down() {
+        let mut p = params(0.0);
+        p.repetition_penalty = 2.0;
+        // Token 1 is in the prompt: 3.0 / 2 = 1.5 < 2.5, so token 2 wins.
+        let mut s = Sampler::new(p, &[1]);
+        assert_eq!(s.sample(&mut LOGITS.clone()).id, 2);
+
+        let mut p = params(0.0);
+        p.frequency_penalty = 2.0;
+        let mut s = Sampler::new(p, &[]);
+        assert_eq!(s.sample(&mut LOGITS.clone()).id, 1);
+        // Generated once: 3.0 − 2 = 1.0 < 2.5.
+        assert_eq!(s.sample(&mut LOGITS.clone()).id, 2);
+    }
+
+    #[test]
+    fn logprobs_are_of_the_raw_distribution() {
+        let mut p = params(0.0);
+        p.logprobs = true;
+        p.top_logprobs = 2;
+        p.repetition_penalty = 2.0;
+        let mut s = Sampler::new(p, &[1]);
+        let t = s.sample(&mut LOGITS.clone());
+        let lse = LOGITS.iter().map(|x| x.exp()).sum::<f32>().ln();
+        assert_eq!(t.id, 2);
+        assert!((t.logprob - (2.5 - lse)).abs() < 1e-5);
+        assert_eq!(t.top.iter().map(|x| x.id).collect::<Vec<_>>(), vec![1, 2]);
+        assert!((t.top[0].logprob - (3.0 - lse)).abs() < 1e-5);
+    }
+}

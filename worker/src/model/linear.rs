@@ -250,7 +250,7 @@ pub fn check_shard(what: &str, dim: usize, shard: Shard) -> Result<()> {
             shard.world_size
         )));
     }
-    if dim % shard.world_size != 0 {
+    if !dim.is_multiple_of(shard.world_size) {
         return Err(WorkerError::Config(format!(
             "{what} = {dim} is not divisible by the tensor-parallel size {}",
             shard.world_size

@@ -247,10 +247,15 @@ pub enum WeightFormat {
 pub enum GgufType {
     F32,
     F16,
+    #[value(name = "q8_0")]
     Q8_0,
+    #[value(name = "q4_0")]
     Q4_0,
+    #[value(name = "q4_1")]
     Q4_1,
+    #[value(name = "q4_k")]
     Q4k,
+    #[value(name = "q6_k")]
     Q6k,
 }
 

@@ -10,22 +10,9 @@ mod common;
 use aquila_proto::v1::generation_client::GenerationClient;
 use aquila_proto::v1::{ChatMessage, ChatRequest, FinishReason, GenerateRequest, SamplingParams};
 
-fn demo_model() -> Option<String> {
-    match std::env::var("AQUILA_DEMO_MODEL") {
-        Ok(p) => Some(p),
-        Err(_) if std::env::var_os("CI").is_some() => {
-            panic!("AQUILA_DEMO_MODEL must be set under CI")
-        }
-        Err(_) => {
-            eprintln!("skipped: AQUILA_DEMO_MODEL is not set (tests/run.sh sets it)");
-            None
-        }
-    }
-}
-
 #[tokio::test]
 async fn the_demo_model_answers_paris_and_streams() {
-    let Some(model) = demo_model() else {
+    let Some(model) = common::env_or_skip("AQUILA_DEMO_MODEL", "tests/run.sh") else {
         return;
     };
     let server = common::spawn(

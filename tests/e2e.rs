@@ -5,7 +5,6 @@
 
 mod common;
 
-use std::sync::Arc;
 use std::time::{Duration, Instant};
 
 use aquila_proto::v1::generation_client::GenerationClient;
@@ -15,9 +14,7 @@ use aquila_proto::v1::{
 };
 use aquila_proto::worker::v1::GetLoadRequest;
 use aquila_proto::worker::v1::worker_client::WorkerClient;
-use aquila_worker::comm::SingleRank;
-use aquila_worker::loader::{self, LoadOptions};
-use aquila_worker::model::{LogitsFor, SeqInput, WeightDtype};
+use aquila_worker::model::WeightDtype;
 use aquila_worker::presets::{GgufType, WeightFormat};
 use common::{Proc, spawn_gateway, spawn_worker, tiny_model, wait_serving};
 use tonic::Code;
@@ -61,43 +58,12 @@ fn ids_request(ids: &[u32], params: SamplingParams) -> GenerateRequest {
     }
 }
 
-/// Greedy tokens computed in this process, with no server in between.
-fn local_greedy(dir: &std::path::Path, prompt: &[u32], n: usize) -> Vec<u32> {
-    let opts = LoadOptions {
-        dtype: WeightDtype::F32,
-        name: None,
-    };
-    let m = loader::load(dir, &opts, Arc::new(SingleRank))
-        .unwrap()
-        .model;
-    let mut cache = m.new_cache(prompt.len() + n);
-    let mut out = Vec::new();
-    let mut tokens = prompt.to_vec();
-    for _ in 0..n {
-        let start = cache.len();
-        let l = m
-            .forward(
-                &mut [SeqInput {
-                    tokens: &tokens,
-                    start,
-                    cache: &mut cache,
-                }],
-                LogitsFor::Last,
-            )
-            .unwrap();
-        let next = aquila_worker::sampler::argmax(&l[0]);
-        out.push(next);
-        tokens = vec![next];
-    }
-    out
-}
-
 const PROMPT: &[u32] = &[84, 104, 101, 32, 113, 117, 105, 99, 107];
 
 #[tokio::test]
 async fn stream_and_unary_give_the_models_greedy_tokens() {
     let mut s = stack().await;
-    let want = local_greedy(s._dir.path(), PROMPT, 24);
+    let (_, want) = common::local_greedy(s._dir.path(), WeightDtype::F32, PROMPT, 24);
 
     let mut stream = s
         .client

@@ -6,11 +6,7 @@
 
 mod common;
 
-use std::sync::Arc;
-
-use aquila_worker::comm::SingleRank;
-use aquila_worker::loader::{self, LoadOptions};
-use aquila_worker::model::{LogitsFor, SeqInput, WeightDtype};
+use aquila_worker::model::WeightDtype;
 use aquila_worker::presets::{GgufType, WeightFormat};
 
 const PROMPT: &[u32] = &[
@@ -18,37 +14,15 @@ const PROMPT: &[u32] = &[
 ];
 const STEPS: usize = 24;
 
-/// First-step logits and `STEPS` greedy tokens.
+/// First-step logits and `STEPS` greedy tokens of the tiny model in `format`.
 fn run(format: WeightFormat, gguf: GgufType, dtype: WeightDtype) -> (Vec<f32>, Vec<u32>) {
     let dir = common::tiny_model(format, gguf);
-    let path = common::model_path(dir.path(), format);
-    let opts = LoadOptions { dtype, name: None };
-    let m = loader::load(&path, &opts, Arc::new(SingleRank))
-        .unwrap()
-        .model;
-    let mut cache = m.new_cache(PROMPT.len() + STEPS);
-    let mut tokens = PROMPT.to_vec();
-    let mut first = None;
-    let mut out = Vec::new();
-    for _ in 0..STEPS {
-        let start = cache.len();
-        let l = m
-            .forward(
-                &mut [SeqInput {
-                    tokens: &tokens,
-                    start,
-                    cache: &mut cache,
-                }],
-                LogitsFor::Last,
-            )
-            .unwrap()
-            .remove(0);
-        let next = aquila_worker::sampler::argmax(&l);
-        first.get_or_insert(l);
-        out.push(next);
-        tokens = vec![next];
-    }
-    (first.unwrap(), out)
+    common::local_greedy(
+        &common::model_path(dir.path(), format),
+        dtype,
+        PROMPT,
+        STEPS,
+    )
 }
 
 fn max_rel_diff(a: &[f32], b: &[f32]) -> f32 {

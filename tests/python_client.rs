@@ -11,13 +11,8 @@ use aquila_worker::presets::{GgufType, WeightFormat};
 
 #[tokio::test]
 async fn python_grpcio_client_generates_and_chats() {
-    let python = match std::env::var("AQUILA_PYTHON") {
-        Ok(p) => p,
-        Err(_) if std::env::var_os("CI").is_some() => panic!("AQUILA_PYTHON must be set under CI"),
-        Err(_) => {
-            eprintln!("skipped: AQUILA_PYTHON is not set (tests/run.sh sets it)");
-            return;
-        }
+    let Some(python) = common::env_or_skip("AQUILA_PYTHON", "tests/run.sh") else {
+        return;
     };
     let dir = common::tiny_model(WeightFormat::Safetensors, GgufType::F32);
     let worker = common::spawn_worker(dir.path(), &[]);

@@ -13,7 +13,9 @@ What is measured (single stream, batch 1, greedy):
                     max_new_tokens=G (t_g); decode rate = (G-1)/(t_g - t_p),
                     since the first new token comes out of the prefill pass.
 Each run is preceded by one warm-up; --repeats runs are made and the medians
-are printed as one JSON line (all runs are listed in *_runs).
+are printed as one JSON line (all runs are listed in *_runs, best in *_max).
+Threads spin-wait in both engines, so on a busy machine single runs can be
+10-20x slower: look at the spread, and rerun when the machine is quiet.
 
   peers.py llamacpp --gguf M.gguf --threads 2 --prompt-tokens 40 --gen-tokens 128
   peers.py transformers --model DIR_OR_GGUF [--gguf-file NAME] --threads 2 --gen-tokens 128
@@ -54,7 +56,8 @@ def report(args, engine, model, runs):
         "engine": engine, "model": model, "threads": args.threads,
         "prompt_tokens": args.prompt_tokens, "prompt_tok_per_s": statistics.median(pp),
         "decode_tokens": args.gen_tokens, "decode_tok_per_s": statistics.median(tg),
-        "prompt_runs": pp, "decode_runs": tg,
+        "prompt_runs": pp, "decode_runs": tg,   # spread; max ~ the least-disturbed run
+        "prompt_tok_per_s_max": max(pp), "decode_tok_per_s_max": max(tg),
     }), flush=True)
 
 

@@ -8,6 +8,11 @@ use std::path::Path;
 use std::process::{Child, Command, Stdio};
 use std::time::{Duration, Instant};
 
+use std::sync::Arc;
+
+use aquila_worker::comm::SingleRank;
+use aquila_worker::loader::{self, LoadOptions};
+use aquila_worker::model::{LogitsFor, SeqInput, WeightDtype};
 use aquila_worker::presets::{GgufType, Preset, WeightFormat};
 use tempfile::TempDir;
 use tonic_health::pb::HealthCheckRequest;
@@ -131,5 +136,56 @@ pub async fn wait_serving(url: &str) {
         }
         assert!(Instant::now() < deadline, "{url} not SERVING after 60 s");
         tokio::time::sleep(Duration::from_millis(25)).await;
+    }
+}
+
+/// Loads `path` in this process and decodes `n` greedy tokens after
+/// `prompt`, with no server in between. Returns the first step's logits and
+/// the tokens.
+pub fn local_greedy(
+    path: &Path,
+    dtype: WeightDtype,
+    prompt: &[u32],
+    n: usize,
+) -> (Vec<f32>, Vec<u32>) {
+    let opts = LoadOptions { dtype, name: None };
+    let m = loader::load(path, &opts, Arc::new(SingleRank))
+        .expect("load model")
+        .model;
+    let mut cache = m.new_cache(prompt.len() + n);
+    let mut tokens = prompt.to_vec();
+    let mut first = None;
+    let mut out = Vec::new();
+    for _ in 0..n {
+        let start = cache.len();
+        let mut seq = [SeqInput {
+            tokens: &tokens,
+            start,
+            cache: &mut cache,
+        }];
+        let logits = m
+            .forward(&mut seq, LogitsFor::Last)
+            .expect("forward")
+            .remove(0);
+        let next = aquila_worker::sampler::argmax(&logits);
+        first.get_or_insert(logits);
+        out.push(next);
+        tokens = vec![next];
+    }
+    (first.unwrap_or_default(), out)
+}
+
+/// The value of `var`, or None with a note that the test is skipped; under
+/// CI (`CI` set) a missing variable is a failure, never a silent skip.
+pub fn env_or_skip(var: &str, set_by: &str) -> Option<String> {
+    match std::env::var(var) {
+        Ok(v) => Some(v),
+        Err(_) if std::env::var_os("CI").is_some() => {
+            panic!("{var} must be set under CI ({set_by} sets it)")
+        }
+        Err(_) => {
+            eprintln!("skipped: {var} is not set ({set_by} sets it)");
+            None
+        }
     }
 }

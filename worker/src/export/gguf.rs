@@ -15,6 +15,7 @@ use serde_json::Value as Json;
 
 use super::{ExportError, ExportTensor, check_shapes};
 use crate::tokenizer::LoadedTokenizer;
+use crate::weights::gguf_name;
 
 /// Hyper-parameters written as `llama.*` metadata.
 #[derive(Debug, Clone, PartialEq)]
@@ -127,32 +128,6 @@ fn file_type(dtype: GgmlDType) -> Option<u32> {
         GgmlDType::BF16 => 32,
         GgmlDType::Q8_1 | GgmlDType::Q8K => return None,
     })
-}
-
-/// Hugging Face LLaMA tensor name → GGUF name.
-pub(crate) fn gguf_name(hf: &str) -> Option<String> {
-    match hf {
-        "model.embed_tokens.weight" => return Some("token_embd.weight".to_owned()),
-        "model.norm.weight" => return Some("output_norm.weight".to_owned()),
-        "lm_head.weight" => return Some("output.weight".to_owned()),
-        _ => {}
-    }
-    let rest = hf.strip_prefix("model.layers.")?;
-    let (layer, rest) = rest.split_once('.')?;
-    let layer: usize = layer.parse().ok()?;
-    let short = match rest {
-        "self_attn.q_proj.weight" => "attn_q",
-        "self_attn.k_proj.weight" => "attn_k",
-        "self_attn.v_proj.weight" => "attn_v",
-        "self_attn.o_proj.weight" => "attn_output",
-        "mlp.gate_proj.weight" => "ffn_gate",
-        "mlp.up_proj.weight" => "ffn_up",
-        "mlp.down_proj.weight" => "ffn_down",
-        "input_layernorm.weight" => "attn_norm",
-        "post_attention_layernorm.weight" => "ffn_norm",
-        _ => return None,
-    };
-    Some(format!("blk.{layer}.{short}.weight"))
 }
 
 /// `w.reshape(n_head, 2, out/n_head/2, in).swapaxes(1, 2).reshape(out, in)`: within each head,

@@ -248,7 +248,13 @@ impl Engine {
                 cache: &mut s.cache,
             })
             .collect();
-        let logits = match self.model.forward(&mut inputs, LogitsFor::Last) {
+        // A panic in model code fails this step's requests, not the engine.
+        let model = &self.model;
+        let result = std::panic::catch_unwind(std::panic::AssertUnwindSafe(|| {
+            model.forward(&mut inputs, LogitsFor::Last)
+        }))
+        .unwrap_or_else(|_| Err(WorkerError::EngineStopped));
+        let logits = match result {
             Ok(l) => l,
             Err(e) => {
                 tracing::error!(error = %e, "step failed; failing its requests");

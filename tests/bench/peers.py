@@ -113,10 +113,11 @@ def chat_llamacpp(args):
     vocab = llama_cpp.llama_model_get_vocab(llm.model)
     llm.reset()
     llm.eval(prompt_ids)
-    out = []
+    out, stop = [], None
     for _ in range(args.max_tokens):
         tok = int(np.argmax(last_logits(llm)))
         if llama_cpp.llama_vocab_is_eog(vocab, tok):
+            stop = tok
             break
         out.append(tok)
         llm.eval([tok])
@@ -126,7 +127,7 @@ def chat_llamacpp(args):
     print(json.dumps({
         "engine": "llama.cpp", "model": os.path.basename(args.gguf), "question": CHAT_QUESTION,
         "prompt": res.prompt, "prompt_token_ids": prompt_ids,
-        "answer": answer, "token_ids": out, "stopped_on_eog": len(out) < args.max_tokens,
+        "answer": answer, "token_ids": out, "stop_token_id": stop,
         "create_chat_completion_answer": cc["choices"][0]["message"]["content"],
     }, ensure_ascii=False), flush=True)
 

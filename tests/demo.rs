@@ -47,9 +47,13 @@ async fn the_demo_model_answers_paris_and_streams() {
         .unwrap()
         .into_inner();
     assert!(answer.text.contains("Paris"), "answer: {:?}", answer.text);
-    // The model ends its turn with <|im_end|> (id 2), which is not text.
+    // llama.cpp (llama-cpp-python 0.3.36) on the same file and template
+    // answers "The capital of France is Paris." with these ids, then
+    // <|im_end|> (2), which ends the turn and is not text.
+    assert_eq!(answer.text, "The capital of France is Paris.");
+    assert_eq!(answer.token_ids, [504, 3575, 282, 4649, 314, 7042, 30, 2]);
     assert_eq!(answer.finish_reason, FinishReason::Eos as i32, "{answer:?}");
-    assert_eq!(answer.token_ids.last(), Some(&2));
+    assert_eq!(answer.usage.unwrap().prompt_tokens, 42);
 
     let mut stream = client
         .generate_stream(GenerateRequest {

@@ -200,8 +200,20 @@ async fn chat_tokenize_and_list_models() {
         .await
         .unwrap()
         .into_inner();
-    // One token per byte: h, é (2 bytes), l, l, o.
+    // One token per byte: h, é (2 bytes), l, l, o...
     assert_eq!(tok.token_ids, vec![104, 195, 169, 108, 108, 111]);
+    // ...except the merges: " the" is one token, "Ġthe".
+    let the = s
+        .client
+        .tokenize(TokenizeRequest {
+            text: " the".into(),
+            ..Default::default()
+        })
+        .await
+        .unwrap()
+        .into_inner();
+    assert_eq!(the.token_ids, vec![258]);
+    assert_eq!(the.tokens, vec!["Ġthe".to_string()]);
 
     let r = s
         .client
@@ -216,10 +228,16 @@ async fn chat_tokenize_and_list_models() {
         .await
         .unwrap()
         .into_inner();
-    // The Aquila template, one token per byte.
+    // The Aquila template, tokenized as the preset tokenizer does.
     let rendered = "A chat between a curious human and an artificial intelligence assistant. \
 The assistant gives helpful, detailed, and polite answers to the human's questions.###Human: Hi###Assistant:";
-    assert_eq!(r.usage.unwrap().prompt_tokens as usize, rendered.len());
+    let want = aquila_worker::presets::tokenizer()
+        .unwrap()
+        .encode(rendered, false)
+        .unwrap()
+        .len();
+    assert!(want < rendered.len(), "the merges never fired");
+    assert_eq!(r.usage.unwrap().prompt_tokens as usize, want);
 }
 
 async fn expect_invalid(

@@ -60,9 +60,15 @@ impl Preset {
     }
 }
 
-/// Ids of the preset tokenizer's special tokens.
-pub const EOS_ID: u32 = 256;
-pub const BOS_ID: u32 = 257;
+/// Merges of the preset tokenizer, in priority order. Few, so that text is
+/// mostly one token per byte, but some: real byte-level BPE files have them,
+/// and llama.cpp refuses a GGUF whose merge list is empty.
+const MERGES: [(&str, &str); 3] = [("Ġ", "t"), ("h", "e"), ("Ġt", "he")];
+
+/// Ids of the preset tokenizer's special tokens (after the 256 bytes and the
+/// merged tokens).
+pub const EOS_ID: u32 = 256 + MERGES.len() as u32;
+pub const BOS_ID: u32 = EOS_ID + 1;
 
 /// GPT-2's reversible byte → printable character map.
 fn byte_chars() -> Vec<char> {
@@ -81,17 +87,25 @@ fn byte_chars() -> Vec<char> {
     out
 }
 
-/// The preset tokenizer: one token per byte, `<|endoftext|>` and `<s>`.
+/// The preset tokenizer: a token per byte, the merged tokens of [`MERGES`],
+/// `<|endoftext|>` and `<s>`.
 pub fn tokenizer() -> Result<Tokenizer> {
     let terr =
         |e: tokenizers::Error| WorkerError::Config(format!("building the preset tokenizer: {e}"));
-    let vocab: tokenizers::models::bpe::Vocab = byte_chars()
+    let mut vocab: tokenizers::models::bpe::Vocab = byte_chars()
         .into_iter()
         .enumerate()
         .map(|(i, c)| (c.to_string(), i as u32))
         .collect();
+    for (i, (a, b)) in MERGES.iter().enumerate() {
+        vocab.insert(format!("{a}{b}"), 256 + i as u32);
+    }
+    let merges = MERGES
+        .iter()
+        .map(|(a, b)| (a.to_string(), b.to_string()))
+        .collect();
     let bpe = BPE::builder()
-        .vocab_and_merges(vocab, vec![])
+        .vocab_and_merges(vocab, merges)
         .build()
         .map_err(terr)?;
     let mut tok = Tokenizer::new(bpe);

@@ -223,7 +223,8 @@ impl Llama {
         let norm = ld.norm("model.norm.weight", h, cfg.rms_norm_eps)?;
         // Tied checkpoints (and GGUF files without `output.weight`) reuse
         // the embedding as the output layer.
-        let lm_head = if !cfg.tie_word_embeddings && store.contains("lm_head.weight") {
+        let tied = cfg.tie_word_embeddings || !store.contains("lm_head.weight");
+        let lm_head = if !tied {
             ld.column("lm_head.weight", cfg.vocab_size, h)?
         } else {
             ColumnParallelLinear {
@@ -236,11 +237,14 @@ impl Llama {
             cfg.rope_theta,
             cfg.rope_style,
         );
-        let mut weight_bytes = lm_head.inner.weight_bytes()
-            + match &table {
+        // A tied embedding shares the output layer's tensor: count it once.
+        let mut weight_bytes = lm_head.inner.weight_bytes();
+        if !tied {
+            weight_bytes += match &table {
                 Table::Dense(t) => t.elem_count() * t.dtype().size_in_bytes(),
                 Table::Quantized(qt) => qt.storage_size_in_bytes(),
             };
+        }
         for layer in &layers {
             let a = &layer.self_attn;
             let m = &layer.mlp;
@@ -275,7 +279,8 @@ impl Llama {
         &self.cfg
     }
 
-    /// Bytes of weights held in memory (what one decode step reads).
+    /// Bytes of weights held in memory, a tied embedding counted once. One
+    /// decode step reads all of it but the embedding rows it does not use.
     pub fn weight_bytes(&self) -> usize {
         self.weight_bytes
     }

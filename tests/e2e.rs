@@ -262,6 +262,10 @@ async fn expect_invalid(
 #[tokio::test]
 async fn bad_input_gets_invalid_argument_naming_field_value_and_limit() {
     let mut s = stack().await;
+    // A long generation runs throughout and must come through whole.
+    let mut other = s.client.clone();
+    let long_run =
+        tokio::spawn(async move { other.generate(ids_request(PROMPT, greedy(200))).await });
     let c = &mut s.client;
     let empty = c.generate(GenerateRequest::default()).await.unwrap_err();
     assert_eq!(empty.code(), Code::InvalidArgument);
@@ -344,13 +348,16 @@ async fn bad_input_gets_invalid_argument_naming_field_value_and_limit() {
     assert_eq!(unknown.code(), Code::NotFound);
     assert!(unknown.message().contains("no-such-model"));
 
-    // After all that, the server still serves.
+    // After all that, the server still serves, and the long run finished.
     let ok = c
         .generate(ids_request(PROMPT, greedy(3)))
         .await
         .unwrap()
         .into_inner();
     assert_eq!(ok.token_ids.len(), 3);
+    let long = long_run.await.unwrap().unwrap().into_inner();
+    assert_eq!(long.token_ids.len(), 200);
+    assert_eq!(long.finish_reason, FinishReason::Length as i32);
 }
 
 #[tokio::test]

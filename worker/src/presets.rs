@@ -19,7 +19,7 @@ use crate::loader::AQUILA_CHAT_TEMPLATE;
 
 #[derive(Debug, Clone, Copy, PartialEq, Eq, clap::ValueEnum)]
 pub enum Preset {
-    /// 2 layers, hidden 64, grouped-query attention: for tests.
+    /// 2 layers, hidden 256, grouped-query attention: for tests.
     Tiny,
     /// About 100M parameters, Aquila-7B's shape scaled down: for benchmarks.
     Base,
@@ -39,8 +39,9 @@ impl Preset {
     pub fn shape(self) -> PresetShape {
         match self {
             Preset::Tiny => PresetShape {
-                hidden: 64,
-                intermediate: 192,
+                // 256-wide rows so every GGUF type, K-quants included, applies.
+                hidden: 256,
+                intermediate: 512,
                 layers: 2,
                 heads: 4,
                 kv_heads: 2,

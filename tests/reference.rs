@@ -11,8 +11,9 @@ use std::path::Path;
 use std::sync::Arc;
 
 use aquila_worker::comm::SingleRank;
+use aquila_worker::kv::BlockId;
 use aquila_worker::loader::{self, LoadOptions};
-use aquila_worker::model::{LogitsFor, SeqInput, WeightDtype};
+use aquila_worker::model::{LogitsFor, SeqInput, SingleSeq, WeightDtype};
 use aquila_worker::presets::{GgufType, WeightFormat};
 
 struct Ref {
@@ -204,20 +205,11 @@ fn logits_and_greedy_tokens_match_an_f64_reference() {
 
     // Prefill: every position's logits.
     let want = reference.forward(PROMPT);
-    let mut cache = model.new_cache(PROMPT.len() + 40);
-    let got = model
-        .forward(
-            &mut [SeqInput {
-                tokens: PROMPT,
-                start: 0,
-                cache: &mut cache,
-            }],
-            LogitsFor::All,
-        )
-        .unwrap();
+    let mut seq = SingleSeq::new(model, PROMPT.len() + 40);
+    let got = seq.step(model, PROMPT, LogitsFor::All).unwrap();
     let vocab = reference.vocab;
     for (pos, row) in want.iter().enumerate() {
-        let err = rel_err(&got[0][pos * vocab..(pos + 1) * vocab], row);
+        let err = rel_err(&got[pos * vocab..(pos + 1) * vocab], row);
         assert!(
             err <= 1e-4,
             "prefill position {pos}: relative error {err:e} > 1e-4"
@@ -229,39 +221,30 @@ fn logits_and_greedy_tokens_match_an_f64_reference() {
     let mut next = argmax64(want.last().unwrap());
     let mut ours = Vec::new();
     let mut theirs = Vec::new();
-    let mut our_next = aquila_worker::sampler::argmax(&got[0][(PROMPT.len() - 1) * vocab..]);
+    let mut our_next = aquila_worker::sampler::argmax(&got[(PROMPT.len() - 1) * vocab..]);
     for step in 0..32 {
         theirs.push(next);
         ours.push(our_next);
         tokens.push(next);
-        let start = cache.len();
-        let got = model
-            .forward(
-                &mut [SeqInput {
-                    tokens: &[our_next],
-                    start,
-                    cache: &mut cache,
-                }],
-                LogitsFor::Last,
-            )
-            .unwrap();
+        let got = seq.step(model, &[our_next], LogitsFor::Last).unwrap();
         let want = reference.forward(&tokens);
         let row = want.last().unwrap();
-        let err = rel_err(&got[0], row);
+        let err = rel_err(&got, row);
         assert!(
             err <= 1e-4,
             "decode step {step}: relative error {err:e} > 1e-4"
         );
         next = argmax64(row);
-        our_next = aquila_worker::sampler::argmax(&got[0]);
+        our_next = aquila_worker::sampler::argmax(&got);
     }
     assert_eq!(ours, theirs, "greedy tokens differ from the f64 reference");
 }
 
 #[test]
-fn a_batch_of_sequences_gives_each_its_own_logits() {
-    // Two sequences at different positions in one step must give what each
-    // gives alone: the batch shares weights, never state.
+fn batches_scattered_blocks_and_chunks_change_nothing() {
+    // Two sequences in one step, their blocks scattered through one pool,
+    // must give what each gives alone; so must a prompt run in chunks. The
+    // batch shares weights, never state.
     let dir = common::tiny_model(WeightFormat::Safetensors, GgufType::F32);
     let opts = LoadOptions {
         dtype: WeightDtype::F32,
@@ -272,43 +255,56 @@ fn a_batch_of_sequences_gives_each_its_own_logits() {
     let a: &[u32] = &PROMPT[..9];
     let b: &[u32] = &PROMPT[3..];
     let alone = |t: &[u32]| {
-        let mut c = model.new_cache(t.len());
-        model
-            .forward(
-                &mut [SeqInput {
-                    tokens: t,
-                    start: 0,
-                    cache: &mut c,
-                }],
-                LogitsFor::Last,
-            )
+        SingleSeq::new(model, t.len())
+            .step(model, t, LogitsFor::Last)
             .unwrap()
-            .remove(0)
+    };
+    let close = |x: &[f32], y: &[f32], what: &str| {
+        for (x, y) in x.iter().zip(y) {
+            assert!(
+                (x - y).abs() <= 1e-5 * y.abs().max(1.0),
+                "{what}: {x} vs alone {y}"
+            );
+        }
     };
     let (la, lb) = (alone(a), alone(b));
-    let mut ca = model.new_cache(a.len());
-    let mut cb = model.new_cache(b.len());
+    let mut kv = model.new_kv(8, 4);
+    let (ta, tb): (&[BlockId], &[BlockId]) = (&[5, 0, 2], &[7, 1, 3]);
     let both = model
         .forward(
-            &mut [
+            &mut kv,
+            &[
                 SeqInput {
                     tokens: a,
                     start: 0,
-                    cache: &mut ca,
+                    table: ta,
                 },
                 SeqInput {
                     tokens: b,
                     start: 0,
-                    cache: &mut cb,
+                    table: tb,
                 },
             ],
             LogitsFor::Last,
         )
         .unwrap();
-    for (x, y) in both[0].iter().zip(&la).chain(both[1].iter().zip(&lb)) {
-        assert!(
-            (x - y).abs() <= 1e-5 * y.abs().max(1.0),
-            "batched {x} vs alone {y}"
-        );
+    close(&both[0], &la, "batched a");
+    close(&both[1], &lb, "batched b");
+
+    // The same prompt in chunks of 5, 1 and the rest, into scattered blocks.
+    let mut kv = model.new_kv(8, 4);
+    let table: &[BlockId] = &[6, 4, 2, 0];
+    let mut last = Vec::new();
+    for (start, end) in [(0, 5), (5, 6), (6, PROMPT.len())] {
+        let input = SeqInput {
+            tokens: &PROMPT[start..end],
+            start,
+            table,
+        };
+        last = model
+            .forward(&mut kv, &[input], LogitsFor::Last)
+            .unwrap()
+            .remove(0);
     }
+    close(&last, &alone(PROMPT), "chunked prefill");
 }

@@ -12,7 +12,7 @@ use std::sync::Arc;
 
 use aquila_worker::comm::SingleRank;
 use aquila_worker::loader::{self, LoadOptions};
-use aquila_worker::model::{LogitsFor, SeqInput, WeightDtype};
+use aquila_worker::model::{LogitsFor, SingleSeq, WeightDtype};
 use aquila_worker::presets::{GgufType, Preset, WeightFormat};
 use tempfile::TempDir;
 use tonic_health::pb::HealthCheckRequest;
@@ -152,21 +152,12 @@ pub fn local_greedy(
     let m = loader::load(path, &opts, Arc::new(SingleRank))
         .expect("load model")
         .model;
-    let mut cache = m.new_cache(prompt.len() + n);
+    let mut seq = SingleSeq::new(&m, prompt.len() + n);
     let mut tokens = prompt.to_vec();
     let mut first = None;
     let mut out = Vec::new();
     for _ in 0..n {
-        let start = cache.len();
-        let mut seq = [SeqInput {
-            tokens: &tokens,
-            start,
-            cache: &mut cache,
-        }];
-        let logits = m
-            .forward(&mut seq, LogitsFor::Last)
-            .expect("forward")
-            .remove(0);
+        let logits = seq.step(&m, &tokens, LogitsFor::Last).expect("forward");
         let next = aquila_worker::sampler::argmax(&logits);
         first.get_or_insert(logits);
         out.push(next);

@@ -8,7 +8,7 @@ use std::time::Instant;
 use crate::comm::SingleRank;
 use crate::error::Result;
 use crate::loader::{self, LoadOptions};
-use crate::model::{LogitsFor, SeqInput};
+use crate::model::{LogitsFor, SingleSeq};
 use crate::sampler::argmax;
 
 pub struct BenchResult {
@@ -55,33 +55,17 @@ pub fn run(
         .unwrap_or_default();
     prompt.truncate(prompt_tokens);
     let model = &loaded.model;
-    let mut cache = model.new_cache(prompt.len() + gen_tokens + 1);
+    let mut seq = SingleSeq::new(model, prompt.len() + gen_tokens + 1);
     let t0 = Instant::now();
-    let logits = model.forward(
-        &mut [SeqInput {
-            tokens: &prompt,
-            start: 0,
-            cache: &mut cache,
-        }],
-        LogitsFor::Last,
-    )?;
+    let logits = seq.step(model, &prompt, LogitsFor::Last)?;
     let prefill = t0.elapsed().as_secs_f64();
-    let mut next = argmax(&logits[0]);
+    let mut next = argmax(&logits);
     let mut timed = Instant::now();
     for i in 0..=gen_tokens {
         if i == 1 {
             timed = Instant::now();
         }
-        let start = cache.len();
-        let logits = model.forward(
-            &mut [SeqInput {
-                tokens: &[next],
-                start,
-                cache: &mut cache,
-            }],
-            LogitsFor::Last,
-        )?;
-        next = argmax(&logits[0]);
+        next = argmax(&seq.step(model, &[next], LogitsFor::Last)?);
     }
     let decode = timed.elapsed().as_secs_f64();
     Ok(BenchResult {

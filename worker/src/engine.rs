@@ -1,16 +1,14 @@
-//! The engine: one OS thread that owns the model and runs steps. Requests
-//! arrive over a channel; every step runs the prefills of newly admitted
-//! sequences and one decode token for every running sequence in a single
-//! batched forward, then samples and sends each sequence its token.
+//! The engine: one OS thread that owns the model, the KV pool and the
+//! scheduler, and runs steps. Requests arrive over a channel; each step runs
+//! the scheduler's plan (decodes and prefill chunks of many sequences) in one
+//! batched forward, samples, and sends each sequence its token.
 //!
-//! Admission is bounded: at most `max_waiting` requests wait (more are
-//! refused at once), at most `max_running` run, and a sequence is admitted
-//! only when the KV budget (in blocks of `block_size` tokens) holds its whole
-//! prompt + max_new_tokens. A sequence whose client went away is dropped at
-//! the next step and its cache freed. Paged blocks, chunked prefill and
-//! preemption belong to the serving-engine work; this loop is their frame.
+//! Admission control happens before any work: at most `max_waiting` requests
+//! (and `max_waiting_tokens` prompt tokens) may wait; more are refused at
+//! once with RESOURCE_EXHAUSTED. A sequence whose client went away is dropped
+//! at the next step and its blocks freed.
 
-use std::collections::VecDeque;
+use std::collections::HashMap;
 use std::sync::Arc;
 use std::sync::atomic::{AtomicU32, AtomicU64, Ordering::Relaxed};
 use std::sync::mpsc;
@@ -21,14 +19,17 @@ use tokio::sync::mpsc::UnboundedSender;
 use tonic::Status;
 
 use crate::error::{Result, WorkerError};
-use crate::kv_cache::SeqCache;
+use crate::kv::PagedKv;
 use crate::model::{Llama, LogitsFor, SeqInput};
 use crate::sampler::Sampler;
+use crate::scheduler::{Scheduler, SchedulerConfig, SeqId, Sequence, StepPlan};
 
 #[derive(Debug, Clone)]
 pub struct EngineConfig {
     pub max_running: usize,
+    pub max_batch_tokens: usize,
     pub max_waiting: usize,
+    pub max_waiting_tokens: usize,
     pub block_size: usize,
     pub kv_blocks: usize,
 }
@@ -45,14 +46,21 @@ pub struct Request {
 
 /// Figures shared between the engine thread and the gRPC side.
 #[derive(Default)]
-pub struct Stats {
+struct Stats {
     running: AtomicU32,
-    waiting: AtomicU32,
+    /// Requests submitted and not yet admitted (or dropped), and their
+    /// prompt tokens: what admission control bounds.
+    queued: AtomicU32,
+    queued_tokens: AtomicU64,
     kv_blocks_free: AtomicU32,
     finished_total: AtomicU64,
     cancelled_total: AtomicU64,
     tokens_total: AtomicU64,
     prompt_tokens_total: AtomicU64,
+    prefix_query_tokens: AtomicU64,
+    prefix_hit_tokens: AtomicU64,
+    preemptions: AtomicU64,
+    computed_tokens: AtomicU64,
 }
 
 #[derive(Clone)]
@@ -68,15 +76,22 @@ impl EngineHandle {
         let (tx, rx) = mpsc::channel();
         let stats = Arc::new(Stats::default());
         stats.kv_blocks_free.store(cfg.kv_blocks as u32, Relaxed);
+        let kv = model.new_kv(cfg.kv_blocks, cfg.block_size);
+        let scheduler = Scheduler::new(SchedulerConfig {
+            max_running: cfg.max_running,
+            max_batch_tokens: cfg.max_batch_tokens,
+            num_blocks: cfg.kv_blocks,
+            block_size: cfg.block_size,
+        });
         let engine = Engine {
             model,
+            kv,
             eos_ids,
-            cfg: cfg.clone(),
             stats: stats.clone(),
             rx,
-            waiting: VecDeque::new(),
-            running: Vec::new(),
-            free_blocks: cfg.kv_blocks,
+            scheduler,
+            active: HashMap::new(),
+            next_id: 0,
         };
         std::thread::Builder::new()
             .name("aquila-engine".into())
@@ -86,12 +101,10 @@ impl EngineHandle {
     }
 
     /// Queues a request, or refuses it at once when the queue is full or the
-    /// request could never fit the KV budget.
+    /// request could never fit the KV pool.
     pub fn submit(&self, req: Request) -> Result<()> {
-        let need = blocks_for(
-            req.prompt.len() + req.params.max_new_tokens as usize,
-            self.cfg.block_size,
-        );
+        let tokens = req.prompt.len() + req.params.max_new_tokens as usize;
+        let need = tokens.div_ceil(self.cfg.block_size);
         if need > self.cfg.kv_blocks {
             return Err(WorkerError::InvalidRequest(format!(
                 "prompt ({}) + max_new_tokens ({}) needs {need} KV blocks of {} tokens; the cache has {} in all",
@@ -101,20 +114,27 @@ impl EngineHandle {
                 self.cfg.kv_blocks
             )));
         }
-        let waiting = self.stats.waiting.fetch_add(1, Relaxed);
-        if waiting as usize >= self.cfg.max_waiting {
-            self.stats.waiting.fetch_sub(1, Relaxed);
+        let s = &self.stats;
+        let n = req.prompt.len() as u64;
+        let queued = s.queued.fetch_add(1, Relaxed) as usize;
+        let queued_tokens = s.queued_tokens.fetch_add(n, Relaxed) as usize;
+        if queued >= self.cfg.max_waiting
+            || queued_tokens + n as usize > self.cfg.max_waiting_tokens
+        {
+            s.queued.fetch_sub(1, Relaxed);
+            s.queued_tokens.fetch_sub(n, Relaxed);
             return Err(WorkerError::Overloaded(format!(
-                "waiting queue is full: {waiting} of {} requests waiting, {} running",
+                "waiting queue is full: {queued} of {} requests and {queued_tokens} of {} prompt tokens waiting \
+                 ({} running); retry later",
                 self.cfg.max_waiting,
-                self.stats.running.load(Relaxed)
+                self.cfg.max_waiting_tokens,
+                s.running.load(Relaxed)
             )));
         }
-        self.stats
-            .prompt_tokens_total
-            .fetch_add(req.prompt.len() as u64, Relaxed);
+        s.prompt_tokens_total.fetch_add(n, Relaxed);
         self.tx.send(req).map_err(|_| {
-            self.stats.waiting.fetch_sub(1, Relaxed);
+            s.queued.fetch_sub(1, Relaxed);
+            s.queued_tokens.fetch_sub(n, Relaxed);
             WorkerError::EngineStopped
         })
     }
@@ -123,7 +143,7 @@ impl EngineHandle {
         let s = &self.stats;
         Load {
             running: s.running.load(Relaxed),
-            waiting: s.waiting.load(Relaxed),
+            waiting: s.queued.load(Relaxed),
             kv_blocks_total: self.cfg.kv_blocks as u32,
             kv_blocks_free: s.kv_blocks_free.load(Relaxed),
             kv_block_size: self.cfg.block_size as u32,
@@ -131,201 +151,223 @@ impl EngineHandle {
             requests_cancelled_total: s.cancelled_total.load(Relaxed),
             tokens_generated_total: s.tokens_total.load(Relaxed),
             prompt_tokens_total: s.prompt_tokens_total.load(Relaxed),
+            prefix_cache_query_tokens_total: s.prefix_query_tokens.load(Relaxed),
+            prefix_cache_hit_tokens_total: s.prefix_hit_tokens.load(Relaxed),
+            preemptions_total: s.preemptions.load(Relaxed),
+            computed_tokens_total: s.computed_tokens.load(Relaxed),
         }
     }
 }
 
-pub fn blocks_for(tokens: usize, block_size: usize) -> usize {
-    tokens.div_ceil(block_size)
-}
-
-struct Seq {
+/// What the engine keeps of a request beside the scheduler's sequence.
+struct Active {
     req: Request,
     sampler: Sampler,
-    cache: SeqCache,
-    blocks: usize,
-    generated: Vec<u32>,
-    admitted: Instant,
+    admitted: Option<Instant>,
     first_token: Option<Instant>,
 }
 
 struct Engine {
     model: Llama,
+    kv: PagedKv,
     eos_ids: Vec<u32>,
-    cfg: EngineConfig,
     stats: Arc<Stats>,
     rx: mpsc::Receiver<Request>,
-    waiting: VecDeque<Request>,
-    running: Vec<Seq>,
-    free_blocks: usize,
+    scheduler: Scheduler,
+    active: HashMap<SeqId, Active>,
+    next_id: SeqId,
 }
 
 impl Engine {
     fn run(mut self) {
         loop {
-            if self.waiting.is_empty() && self.running.is_empty() {
+            if self.scheduler.is_idle() {
                 match self.rx.recv() {
-                    Ok(r) => self.waiting.push_back(r),
+                    Ok(r) => self.add(r),
                     Err(_) => return,
                 }
             }
             while let Ok(r) = self.rx.try_recv() {
-                self.waiting.push_back(r);
+                self.add(r);
             }
             self.drop_cancelled();
-            self.admit();
-            if !self.running.is_empty() {
-                self.step();
+            let plan = self.scheduler.schedule();
+            self.mark_admitted(&plan);
+            if !plan.seqs.is_empty() {
+                self.step(&plan);
             }
             self.publish();
         }
     }
 
-    fn drop_cancelled(&mut self) {
-        let before = self.waiting.len();
-        self.waiting.retain(|r| !r.events.is_closed());
-        let gone = before - self.waiting.len();
-        if gone > 0 {
-            self.stats.waiting.fetch_sub(gone as u32, Relaxed);
-            self.stats.cancelled_total.fetch_add(gone as u64, Relaxed);
-        }
-        let mut i = 0;
-        while i < self.running.len() {
-            if self.running[i].req.events.is_closed() {
-                let seq = self.running.swap_remove(i);
-                tracing::debug!(request_id = %seq.req.id, "client went away; generation cancelled");
-                self.release(seq);
-                self.stats.cancelled_total.fetch_add(1, Relaxed);
-            } else {
-                i += 1;
+    fn add(&mut self, req: Request) {
+        let id = self.next_id;
+        self.next_id += 1;
+        let sampler = Sampler::new(req.params.clone(), &req.prompt);
+        self.scheduler.add(id, Sequence::new(req.prompt.clone()));
+        self.active.insert(
+            id,
+            Active {
+                req,
+                sampler,
+                admitted: None,
+                first_token: None,
+            },
+        );
+    }
+
+    /// Admitted requests leave the admission-control queue.
+    fn mark_admitted(&mut self, plan: &StepPlan) {
+        let now = Instant::now();
+        for id in &plan.newly_admitted {
+            if let Some(a) = self.active.get_mut(id) {
+                a.admitted = Some(now);
+                self.stats.queued.fetch_sub(1, Relaxed);
+                self.stats
+                    .queued_tokens
+                    .fetch_sub(a.req.prompt.len() as u64, Relaxed);
             }
         }
     }
 
-    fn admit(&mut self) {
-        while self.running.len() < self.cfg.max_running {
-            let Some(front) = self.waiting.front() else {
-                break;
+    fn remove(&mut self, id: SeqId) {
+        self.scheduler.finish(id);
+        if let Some(a) = self.active.remove(&id)
+            && a.admitted.is_none()
+        {
+            self.stats.queued.fetch_sub(1, Relaxed);
+            self.stats
+                .queued_tokens
+                .fetch_sub(a.req.prompt.len() as u64, Relaxed);
+        }
+    }
+
+    fn drop_cancelled(&mut self) {
+        let gone: Vec<SeqId> = self
+            .active
+            .iter()
+            .filter(|(_, a)| a.req.events.is_closed())
+            .map(|(&id, _)| id)
+            .collect();
+        for id in gone {
+            tracing::debug!(request_id = %self.active[&id].req.id, "client went away; generation cancelled");
+            self.remove(id);
+            self.stats.cancelled_total.fetch_add(1, Relaxed);
+        }
+    }
+
+    fn step(&mut self, plan: &StepPlan) {
+        let mut inputs = Vec::with_capacity(plan.seqs.len());
+        for s in &plan.seqs {
+            let Some(seq) = self.scheduler.seq(s.id) else {
+                continue;
             };
-            let capacity = front.prompt.len() + front.params.max_new_tokens as usize;
-            let blocks = blocks_for(capacity, self.cfg.block_size);
-            if blocks > self.free_blocks {
-                break;
-            }
-            let Some(req) = self.waiting.pop_front() else {
-                break;
-            };
-            self.stats.waiting.fetch_sub(1, Relaxed);
-            self.free_blocks -= blocks;
-            let sampler = Sampler::new(req.params.clone(), &req.prompt);
-            self.running.push(Seq {
-                cache: self.model.new_cache(capacity),
-                sampler,
-                blocks,
-                generated: Vec::new(),
-                admitted: Instant::now(),
-                first_token: None,
-                req,
+            inputs.push(SeqInput {
+                tokens: &seq.tokens[s.start..s.start + s.len],
+                start: s.start,
+                table: &seq.table,
             });
         }
-    }
-
-    fn step(&mut self) {
-        let mut last = Vec::with_capacity(self.running.len());
-        for s in &self.running {
-            last.push(s.generated.last().copied());
-        }
-        let mut inputs: Vec<SeqInput<'_>> = self
-            .running
-            .iter_mut()
-            .zip(&last)
-            .map(|(s, last)| SeqInput {
-                tokens: match last {
-                    Some(t) => std::slice::from_ref(t),
-                    None => &s.req.prompt,
-                },
-                start: s.cache.len(),
-                cache: &mut s.cache,
-            })
-            .collect();
         // A panic in model code fails this step's requests, not the engine.
-        let model = &self.model;
+        let (model, kv) = (&self.model, &mut self.kv);
         let result = std::panic::catch_unwind(std::panic::AssertUnwindSafe(|| {
-            model.forward(&mut inputs, LogitsFor::Last)
+            model.forward(kv, &inputs, LogitsFor::Last)
         }))
         .unwrap_or_else(|_| Err(WorkerError::EngineStopped));
+        drop(inputs);
         let logits = match result {
             Ok(l) => l,
             Err(e) => {
                 tracing::error!(error = %e, "step failed; failing its requests");
-                for seq in std::mem::take(&mut self.running) {
-                    let _ = seq
-                        .req
-                        .events
-                        .send(Err(Status::internal(format!("step failed: {e}"))));
-                    self.release(seq);
+                for s in &plan.seqs {
+                    if let Some(a) = self.active.get(&s.id) {
+                        let _ = a
+                            .req
+                            .events
+                            .send(Err(Status::internal(format!("step failed: {e}"))));
+                    }
+                    self.remove(s.id);
                 }
                 return;
             }
         };
-        drop(inputs);
         let now = Instant::now();
-        let mut finished = Vec::new();
-        for (i, (seq, mut l)) in self.running.iter_mut().zip(logits).enumerate() {
-            let token = seq.sampler.sample(&mut l);
-            seq.first_token.get_or_insert(now);
-            seq.generated.push(token.id);
-            self.stats.tokens_total.fetch_add(1, Relaxed);
-            let reason = finish_reason(seq, &token, &self.eos_ids);
-            let finish = reason.map(|r| Finish {
-                reason: r as i32,
-                prompt_tokens: seq.req.prompt.len() as u32,
-                completion_tokens: seq.generated.len() as u32,
-                queue_seconds: (seq.admitted - seq.req.arrived).as_secs_f64(),
-                time_to_first_token_seconds: seq
-                    .first_token
-                    .map_or(0.0, |t| (t - seq.req.arrived).as_secs_f64()),
-            });
-            let done = finish.is_some();
-            let event = GenerateEvent {
-                tokens: vec![token],
-                finish,
-            };
-            if seq.req.events.send(Ok(event)).is_err() {
-                self.stats.cancelled_total.fetch_add(1, Relaxed);
-                finished.push(i);
-            } else if done {
-                self.stats.finished_total.fetch_add(1, Relaxed);
-                finished.push(i);
+        let mut sampled = Vec::new();
+        for (s, mut l) in plan.seqs.iter().zip(logits) {
+            if !s.sample {
+                continue;
+            }
+            if let Some(a) = self.active.get_mut(&s.id) {
+                let token = a.sampler.sample(&mut l);
+                a.first_token.get_or_insert(now);
+                sampled.push((s.id, token));
             }
         }
-        for i in finished.into_iter().rev() {
-            let seq = self.running.swap_remove(i);
-            self.release(seq);
+        let ids: Vec<(SeqId, u32)> = sampled.iter().map(|(id, t)| (*id, t.id)).collect();
+        self.scheduler.complete(plan, &ids);
+        for (id, token) in sampled {
+            self.deliver(id, token);
         }
     }
 
-    fn release(&mut self, seq: Seq) {
-        self.free_blocks += seq.blocks;
+    /// Sends a sampled token to its client and ends the sequence if done.
+    fn deliver(&mut self, id: SeqId, token: Token) {
+        let (Some(a), Some(seq)) = (self.active.get(&id), self.scheduler.seq(id)) else {
+            return;
+        };
+        self.stats.tokens_total.fetch_add(1, Relaxed);
+        let generated = seq.generated().len();
+        let reason = finish_reason(&a.req.params, &token, generated, &self.eos_ids);
+        let finish = reason.map(|r| Finish {
+            reason: r as i32,
+            prompt_tokens: seq.prompt_len as u32,
+            completion_tokens: generated as u32,
+            queue_seconds: a
+                .admitted
+                .map_or(0.0, |t| (t - a.req.arrived).as_secs_f64()),
+            time_to_first_token_seconds: a
+                .first_token
+                .map_or(0.0, |t| (t - a.req.arrived).as_secs_f64()),
+        });
+        let done = finish.is_some();
+        let event = GenerateEvent {
+            tokens: vec![token],
+            finish,
+        };
+        if a.req.events.send(Ok(event)).is_err() {
+            self.stats.cancelled_total.fetch_add(1, Relaxed);
+            self.remove(id);
+        } else if done {
+            self.stats.finished_total.fetch_add(1, Relaxed);
+            self.remove(id);
+        }
     }
 
     fn publish(&self) {
-        self.stats.running.store(self.running.len() as u32, Relaxed);
-        self.stats
-            .kv_blocks_free
-            .store(self.free_blocks as u32, Relaxed);
+        let s = &self.stats;
+        let c = &self.scheduler.counters;
+        s.running
+            .store(self.scheduler.num_running() as u32, Relaxed);
+        s.kv_blocks_free
+            .store(self.scheduler.blocks().num_available() as u32, Relaxed);
+        s.prefix_query_tokens.store(c.prefix_query_tokens, Relaxed);
+        s.prefix_hit_tokens.store(c.prefix_hit_tokens, Relaxed);
+        s.preemptions.store(c.preemptions, Relaxed);
+        s.computed_tokens.store(c.computed_tokens, Relaxed);
     }
 }
 
-fn finish_reason(seq: &Seq, token: &Token, eos_ids: &[u32]) -> Option<FinishReason> {
-    let p = seq.sampler.params();
+fn finish_reason(
+    p: &SamplingParams,
+    token: &Token,
+    generated: usize,
+    eos_ids: &[u32],
+) -> Option<FinishReason> {
     if p.stop_token_ids.contains(&token.id) {
         Some(FinishReason::StopToken)
     } else if !p.ignore_eos && eos_ids.contains(&token.id) {
         Some(FinishReason::Eos)
-    } else if seq.generated.len() >= p.max_new_tokens as usize
-        || seq.cache.len() + 1 > seq.cache.capacity()
-    {
+    } else if generated >= p.max_new_tokens as usize {
         Some(FinishReason::Length)
     } else {
         None

@@ -35,9 +35,16 @@ pub struct WorkerArgs {
     /// Sequences decoded together in one step at most.
     #[arg(long, env = "AQUILA_MAX_RUNNING", default_value_t = 16)]
     pub max_running: usize,
+    /// Tokens in one step at most (decodes plus prefill chunks); longer
+    /// prompts are prefilled in chunks.
+    #[arg(long, env = "AQUILA_MAX_BATCH_TOKENS", default_value_t = 512)]
+    pub max_batch_tokens: usize,
     /// Requests that may wait for a slot; more are refused with RESOURCE_EXHAUSTED.
     #[arg(long, env = "AQUILA_MAX_WAITING", default_value_t = 256)]
     pub max_waiting: usize,
+    /// Prompt tokens that may wait in all; more are refused with RESOURCE_EXHAUSTED.
+    #[arg(long, env = "AQUILA_MAX_WAITING_TOKENS", default_value_t = 262_144)]
+    pub max_waiting_tokens: usize,
     /// Memory for the KV cache, in MiB.
     #[arg(long, env = "AQUILA_KV_CACHE_MIB", default_value_t = 1024)]
     pub kv_cache_mib: usize,
@@ -70,11 +77,14 @@ impl WorkerState {
     /// Loads the model and starts the engine thread. Blocking.
     pub fn start(model: PathBuf, args: &WorkerArgs) -> Result<Self> {
         init_threads(args.threads);
-        if args.kv_block_size == 0 || args.max_running == 0 {
-            return Err(WorkerError::Config(format!(
-                "--kv-block-size = {} and --max-running = {} must be positive",
-                args.kv_block_size, args.max_running
-            )));
+        for (flag, value) in [
+            ("--kv-block-size", args.kv_block_size),
+            ("--max-running", args.max_running),
+            ("--max-batch-tokens", args.max_batch_tokens),
+        ] {
+            if value == 0 {
+                return Err(WorkerError::Config(format!("{flag} = 0 must be positive")));
+            }
         }
         let opts = LoadOptions {
             dtype: args.dtype,
@@ -113,7 +123,9 @@ impl WorkerState {
             tok.eos_ids.clone(),
             EngineConfig {
                 max_running: args.max_running,
+                max_batch_tokens: args.max_batch_tokens,
                 max_waiting: args.max_waiting,
+                max_waiting_tokens: args.max_waiting_tokens,
                 block_size: args.kv_block_size,
                 kv_blocks,
             },

@@ -1,8 +1,9 @@
 //! The LLaMA-architecture model (LLaMA, Aquila, SmolLM...), written so the
 //! names match the checkpoint and tensor parallelism is visible in the types.
 //! `forward` takes a batch of sequences, each with its new tokens, its start
-//! position and its cache, so decodes and prefills of different lengths can
-//! share one step. It computes; it does not schedule or sample.
+//! position and its block table in the paged KV pool, so decodes and prefill
+//! chunks of different lengths share one step. It computes; it does not
+//! schedule or sample.
 
 mod attention;
 pub mod linear;
@@ -16,18 +17,20 @@ use candle_core::{DType, Device, Tensor};
 use crate::comm::Communicator;
 use crate::config::ModelConfig;
 use crate::error::{Result, WorkerError};
-use crate::kv_cache::SeqCache;
+use crate::kv::{BlockId, PagedKv};
 use crate::weights::{Weight, WeightStore};
+use attention::AttnSeq;
 pub use linear::{ColumnParallelLinear, Linear, RowParallelLinear, Shard, WeightDtype};
 use norm::{RmsNorm, Rope};
 
 /// One sequence's part of a step.
 pub struct SeqInput<'a> {
-    /// Tokens to run: the (rest of the) prompt, or the last sampled token.
+    /// Tokens to run: (a chunk of) the prompt, or the last sampled token.
     pub tokens: &'a [u32],
     /// Position of `tokens[0]`; the cache holds positions `0..start`.
     pub start: usize,
-    pub cache: &'a mut SeqCache,
+    /// Block table covering positions `0..start + tokens.len()`.
+    pub table: &'a [BlockId],
 }
 
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -285,39 +288,47 @@ impl Llama {
         self.weight_bytes
     }
 
-    /// A cache for one sequence of up to `capacity` tokens.
-    pub fn new_cache(&self, capacity: usize) -> SeqCache {
-        SeqCache::new(
+    /// A KV pool of `num_blocks` blocks of `block_size` tokens for this model.
+    pub fn new_kv(&self, num_blocks: usize, block_size: usize) -> PagedKv {
+        PagedKv::new(
             self.cfg.num_layers,
+            num_blocks,
+            block_size,
             self.cfg.num_kv_heads,
             self.cfg.head_dim,
-            capacity,
         )
     }
 
-    /// Runs one step for a batch of sequences. Returns, per sequence, logits
-    /// `[n, vocab]` row-major, where n is 1 for [`LogitsFor::Last`] and the
-    /// sequence's token count for [`LogitsFor::All`]. Advances each cache.
-    pub fn forward(&self, seqs: &mut [SeqInput<'_>], which: LogitsFor) -> Result<Vec<Vec<f32>>> {
+    /// Runs one step for a batch of sequences, writing their new keys and
+    /// values into `kv`. Returns, per sequence, logits `[n, vocab]`
+    /// row-major, where n is 1 for [`LogitsFor::Last`] and the sequence's
+    /// token count for [`LogitsFor::All`].
+    pub fn forward(
+        &self,
+        kv: &mut PagedKv,
+        seqs: &[SeqInput<'_>],
+        which: LogitsFor,
+    ) -> Result<Vec<Vec<f32>>> {
         let cfg = &self.cfg;
         let (h, hd) = (cfg.hidden_size, cfg.head_dim);
         let mut ids = Vec::new();
         let mut positions = Vec::new();
-        for s in seqs.iter() {
-            if s.tokens.is_empty()
-                || s.start + s.tokens.len() > s.cache.capacity()
-                || s.start != s.cache.len()
-            {
+        for s in seqs {
+            let end = s.start + s.tokens.len();
+            let fits = s.table.len() * kv.block_size() >= end
+                && s.table.iter().all(|&b| (b as usize) < kv.num_blocks());
+            if s.tokens.is_empty() || !fits || end > cfg.context_length {
                 return Err(WorkerError::InvalidRequest(format!(
-                    "step of {} tokens at position {} does not fit a cache of {} holding {}",
+                    "step of {} tokens at position {} with {} blocks of {} does not fit (context {})",
                     s.tokens.len(),
                     s.start,
-                    s.cache.capacity(),
-                    s.cache.len()
+                    s.table.len(),
+                    kv.block_size(),
+                    cfg.context_length
                 )));
             }
             ids.extend_from_slice(s.tokens);
-            positions.extend(s.start..s.start + s.tokens.len());
+            positions.extend(s.start..end);
         }
         let total = ids.len();
         let mut x = self.embed_tokens.forward(&ids)?;
@@ -331,26 +342,21 @@ impl Llama {
             let kv_heads = k.len() / (total * hd);
             self.rope.apply(&mut q, &positions, heads);
             self.rope.apply(&mut k, &positions, kv_heads);
-            let mut attn = Vec::with_capacity(q.len());
             let mut row = 0;
-            for s in seqs.iter_mut() {
+            let mut queries = Vec::with_capacity(seqs.len());
+            for s in seqs {
                 let n = s.tokens.len();
-                s.cache.write(
-                    l,
-                    s.start,
-                    &k[row * kv_heads * hd..(row + n) * kv_heads * hd],
-                    &v[row * kv_heads * hd..(row + n) * kv_heads * hd],
-                );
-                attn.extend(attention::attend(
-                    &q[row * heads * hd..(row + n) * heads * hd],
+                let (a, b) = (row * kv_heads * hd, (row + n) * kv_heads * hd);
+                kv.write(l, s.table, s.start, &k[a..b], &v[a..b]);
+                queries.push(AttnSeq {
+                    q: &q[row * heads * hd..(row + n) * heads * hd],
                     n,
-                    s.start,
-                    s.cache,
-                    l,
-                    heads,
-                ));
+                    start: s.start,
+                    table: s.table,
+                });
                 row += n;
             }
+            let attn = attention::attend(kv, l, heads, &queries);
             let o = a.o_proj.forward(&attn, total)?;
             x.iter_mut().zip(&o).for_each(|(x, o)| *x += o);
             let xn = layer.post_attention_layernorm.forward(&x, total);
@@ -360,9 +366,6 @@ impl Llama {
             g.iter_mut().zip(&u).for_each(|(g, u)| *g = silu(*g) * u);
             let d = m.down_proj.forward(&g, total)?;
             x.iter_mut().zip(&d).for_each(|(x, d)| *x += d);
-        }
-        for s in seqs.iter_mut() {
-            s.cache.set_len(s.start + s.tokens.len());
         }
         // Rows whose logits are wanted, in batch order.
         let mut rows = Vec::new();
@@ -420,4 +423,45 @@ impl Llama {
 
 fn silu(x: f32) -> f32 {
     x / (1.0 + (-x).exp())
+}
+
+/// One sequence with a pool of its own: for tests, benchmarks and scoring,
+/// where no scheduler hands out blocks.
+pub struct SingleSeq {
+    kv: PagedKv,
+    table: Vec<BlockId>,
+    len: usize,
+}
+
+impl SingleSeq {
+    pub fn new(model: &Llama, capacity: usize) -> Self {
+        const BLOCK: usize = 16;
+        let blocks = capacity.div_ceil(BLOCK).max(1);
+        Self {
+            kv: model.new_kv(blocks, BLOCK),
+            table: (0..blocks as BlockId).collect(),
+            len: 0,
+        }
+    }
+
+    /// Tokens in the cache.
+    pub fn len(&self) -> usize {
+        self.len
+    }
+
+    pub fn is_empty(&self) -> bool {
+        self.len == 0
+    }
+
+    /// Runs `tokens` after what the cache holds.
+    pub fn step(&mut self, model: &Llama, tokens: &[u32], which: LogitsFor) -> Result<Vec<f32>> {
+        let input = SeqInput {
+            tokens,
+            start: self.len,
+            table: &self.table,
+        };
+        let mut out = model.forward(&mut self.kv, &[input], which)?;
+        self.len += tokens.len();
+        Ok(out.remove(0))
+    }
 }

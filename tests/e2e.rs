@@ -186,7 +186,7 @@ async fn chat_tokenize_and_list_models() {
     let m = &models[0];
     assert_eq!(
         (m.context_length, m.vocab_size, m.tensor_parallel_size),
-        (256, 320, 1)
+        (1024, 320, 1)
     );
     assert_eq!(m.architecture, "AquilaForCausalLM");
     assert!(m.has_chat_template);
@@ -276,12 +276,12 @@ async fn bad_input_gets_invalid_argument_naming_field_value_and_limit() {
     );
 
     let long = c
-        .generate(ids_request(&[65; 300], greedy(1)))
+        .generate(ids_request(&[65; 1100], greedy(1)))
         .await
         .unwrap_err();
     assert_eq!(long.code(), Code::InvalidArgument);
     assert!(
-        long.message().contains("300") && long.message().contains("256"),
+        long.message().contains("1100") && long.message().contains("1024"),
         "{}",
         long.message()
     );
@@ -299,8 +299,8 @@ async fn bad_input_gets_invalid_argument_naming_field_value_and_limit() {
     .await;
     expect_invalid(
         c,
-        p(|p| p.max_new_tokens = Some(500)),
-        &["max_new_tokens", "500", "256"],
+        p(|p| p.max_new_tokens = Some(1500)),
+        &["max_new_tokens", "1500", "1024"],
     )
     .await;
     expect_invalid(

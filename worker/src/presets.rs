@@ -46,7 +46,7 @@ impl Preset {
                 heads: 4,
                 kv_heads: 2,
                 vocab: 320,
-                context: 256,
+                context: 1024,
             },
             Preset::Base => PresetShape {
                 hidden: 768,

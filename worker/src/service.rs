@@ -48,6 +48,9 @@ pub struct WorkerArgs {
     /// Memory for the KV cache, in MiB.
     #[arg(long, env = "AQUILA_KV_CACHE_MIB", default_value_t = 1024)]
     pub kv_cache_mib: usize,
+    /// KV cache size in blocks; overrides --kv-cache-mib when set.
+    #[arg(long, env = "AQUILA_KV_CACHE_BLOCKS")]
+    pub kv_cache_blocks: Option<usize>,
     /// Tokens per KV block (the unit of cache accounting).
     #[arg(long, env = "AQUILA_KV_BLOCK_SIZE", default_value_t = 16)]
     pub kv_block_size: usize,
@@ -93,11 +96,19 @@ impl WorkerState {
         let loaded = loader::load(&model, &opts, Arc::new(SingleRank))?;
         let cfg = loaded.model.config().clone();
         let block_bytes = cfg.kv_bytes_per_token() * args.kv_block_size;
-        let kv_blocks = args.kv_cache_mib * 1024 * 1024 / block_bytes;
+        let kv_blocks = args
+            .kv_cache_blocks
+            .unwrap_or(args.kv_cache_mib * 1024 * 1024 / block_bytes);
+        if kv_blocks == 0 {
+            return Err(WorkerError::Config(format!(
+                "the KV cache holds no block: --kv-cache-mib {} is less than one block of {} tokens ({block_bytes} bytes)",
+                args.kv_cache_mib, args.kv_block_size
+            )));
+        }
         tracing::info!(
-            "KV cache: {kv_blocks} blocks of {} tokens ({} MiB)",
+            "KV cache: {kv_blocks} blocks of {} tokens ({:.1} MiB)",
             args.kv_block_size,
-            args.kv_cache_mib
+            (kv_blocks * block_bytes) as f64 / (1024.0 * 1024.0)
         );
         let tok = &loaded.tokenizer;
         let info = ModelInfo {

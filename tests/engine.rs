@@ -1,0 +1,234 @@
+//! The serving engine under load, through real worker and gateway processes
+//! on the tiny model: batched greedy and seeded results equal the results of
+//! each request alone; a shared prefix is computed once; a KV pool too small
+//! for everything preempts and still answers everything correctly; no block
+//! leaks after cancellations; a full queue refuses at once.
+
+mod common;
+
+use std::time::{Duration, Instant};
+
+use aquila_proto::v1::generation_client::GenerationClient;
+use aquila_proto::v1::{FinishReason, GenerateRequest, SamplingParams};
+use aquila_proto::worker::v1::worker_client::WorkerClient;
+use aquila_proto::worker::v1::{GetLoadRequest, Load};
+use aquila_worker::presets::{GgufType, WeightFormat};
+use common::{Proc, spawn_gateway, spawn_worker, tiny_model, wait_serving};
+use futures::future::join_all;
+use tonic::transport::Channel;
+use tonic::{Code, Status};
+
+struct Stack {
+    _dir: tempfile::TempDir,
+    worker: Proc,
+    _gateway: Proc,
+    client: GenerationClient<Channel>,
+}
+
+async fn stack(worker_flags: &[&str]) -> Stack {
+    let dir = tiny_model(WeightFormat::Safetensors, GgufType::F32);
+    let worker = spawn_worker(dir.path(), worker_flags);
+    let gateway = spawn_gateway(&[&worker], &[]);
+    wait_serving(&gateway.url()).await;
+    let client = GenerationClient::connect(gateway.url()).await.unwrap();
+    Stack {
+        _dir: dir,
+        worker,
+        _gateway: gateway,
+        client,
+    }
+}
+
+async fn load(s: &Stack) -> Load {
+    let mut w = WorkerClient::connect(s.worker.url()).await.unwrap();
+    w.get_load(GetLoadRequest {}).await.unwrap().into_inner()
+}
+
+/// Prompt `i` of a mixed set: lengths 3..=93, distinct contents.
+fn prompt(i: usize) -> Vec<u32> {
+    let len = 3 + (i * 37) % 91;
+    (0..len)
+        .map(|j| 32 + ((i * 7 + j * 13) % 90) as u32)
+        .collect()
+}
+
+fn request(prompt: Vec<u32>, max_new_tokens: u32, seed: Option<u64>) -> GenerateRequest {
+    GenerateRequest {
+        prompt_token_ids: prompt,
+        params: Some(SamplingParams {
+            max_new_tokens: Some(max_new_tokens),
+            temperature: Some(if seed.is_some() { 0.9 } else { 0.0 }),
+            top_k: seed.map(|_| 40),
+            seed,
+            ignore_eos: true,
+            ..Default::default()
+        }),
+        ..Default::default()
+    }
+}
+
+async fn run_all(
+    client: &GenerationClient<Channel>,
+    reqs: Vec<GenerateRequest>,
+) -> Vec<Result<Vec<u32>, Status>> {
+    join_all(reqs.into_iter().map(|r| {
+        let mut c = client.clone();
+        async move { c.generate(r).await.map(|r| r.into_inner().token_ids) }
+    }))
+    .await
+}
+
+/// Alone, one at a time; then all at once: the same tokens.
+async fn alone_equals_batched(s: &mut Stack, reqs: Vec<GenerateRequest>) {
+    let mut alone = Vec::new();
+    for r in reqs.clone() {
+        alone.push(s.client.generate(r).await.unwrap().into_inner().token_ids);
+    }
+    let batched = run_all(&s.client, reqs).await;
+    for (i, (a, b)) in alone.iter().zip(batched).enumerate() {
+        assert_eq!(&b.unwrap(), a, "request {i} differs when batched");
+    }
+}
+
+#[tokio::test]
+async fn sixty_four_concurrent_requests_return_what_they_return_alone() {
+    // Small steps so that prefills are chunked and mixed with decodes.
+    let mut s = stack(&["--max-running", "16", "--max-batch-tokens", "48"]).await;
+    let greedy: Vec<_> = (0..64).map(|i| request(prompt(i), 12, None)).collect();
+    alone_equals_batched(&mut s, greedy).await;
+    let seeded: Vec<_> = (0..24)
+        .map(|i| request(prompt(i), 12, Some(i as u64)))
+        .collect();
+    alone_equals_batched(&mut s, seeded).await;
+    let l = load(&s).await;
+    assert_eq!(l.kv_blocks_free, l.kv_blocks_total);
+}
+
+#[tokio::test]
+async fn a_shared_prefix_is_computed_once() {
+    let mut s = stack(&[]).await;
+    let shared: Vec<u32> = (0..512).map(|j| 32 + (j * 11 % 90) as u32).collect();
+    let with = |tail: &[u32]| [shared.as_slice(), tail].concat();
+    s.client
+        .generate(request(with(&[1; 10]), 1, None))
+        .await
+        .unwrap();
+    let before = load(&s).await;
+    let second = s
+        .client
+        .generate(request(with(&[2; 20]), 1, None))
+        .await
+        .unwrap()
+        .into_inner();
+    let after = load(&s).await;
+    // All 512 shared tokens (32 full blocks of 16) came from the cache;
+    // only the 20 new ones ran.
+    assert_eq!(
+        after.prefix_cache_hit_tokens_total - before.prefix_cache_hit_tokens_total,
+        512
+    );
+    assert_eq!(
+        after.computed_tokens_total - before.computed_tokens_total,
+        20
+    );
+    // And the answer is what a cold worker gives.
+    let mut cold = stack(&[]).await;
+    let want = cold
+        .client
+        .generate(request(with(&[2; 20]), 1, None))
+        .await
+        .unwrap()
+        .into_inner();
+    assert_eq!(second.token_ids, want.token_ids);
+}
+
+#[tokio::test]
+async fn a_small_kv_pool_preempts_and_still_answers_correctly() {
+    // 24 blocks of 16 tokens; 12 requests of up to 93 + 30 tokens cannot all
+    // run at once.
+    let mut s = stack(&["--kv-cache-blocks", "24", "--max-running", "12"]).await;
+    let reqs: Vec<_> = (0..12).map(|i| request(prompt(i), 30, None)).collect();
+    alone_equals_batched(&mut s, reqs).await;
+    let l = load(&s).await;
+    assert!(l.preemptions_total > 0, "nothing was preempted: {l:?}");
+    assert_eq!(l.kv_blocks_free, l.kv_blocks_total, "blocks leaked: {l:?}");
+}
+
+#[tokio::test]
+async fn cancellations_under_load_leak_no_blocks() {
+    let s = stack(&["--max-batch-tokens", "64"]).await;
+    let mut streams = Vec::new();
+    for i in 0..16 {
+        let mut c = s.client.clone();
+        streams.push(
+            c.generate_stream(request(prompt(i), 200, None))
+                .await
+                .unwrap()
+                .into_inner(),
+        );
+    }
+    // Read a little of each, then drop every other one mid-generation.
+    for st in streams.iter_mut() {
+        st.message().await.unwrap().unwrap();
+    }
+    let mut kept = Vec::new();
+    for (i, st) in streams.into_iter().enumerate() {
+        if i % 2 == 0 {
+            kept.push(st);
+        }
+    }
+    for mut st in kept {
+        let mut tokens = 0;
+        while let Some(m) = st.message().await.unwrap() {
+            tokens += m.token_ids.len();
+        }
+        assert!(tokens >= 199);
+    }
+    let deadline = Instant::now() + Duration::from_secs(30);
+    loop {
+        let l = load(&s).await;
+        if l.running == 0 && l.kv_blocks_free == l.kv_blocks_total {
+            assert_eq!(l.requests_cancelled_total, 8);
+            break;
+        }
+        assert!(Instant::now() < deadline, "blocks not returned: {l:?}");
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    }
+}
+
+#[tokio::test]
+async fn a_full_queue_refuses_at_once_and_the_rest_complete() {
+    let s = stack(&["--max-waiting", "8", "--max-running", "4"]).await;
+    let reqs: Vec<_> = (0..100).map(|i| request(prompt(i), 8, None)).collect();
+    let started = Instant::now();
+    let results = tokio::time::timeout(Duration::from_secs(120), run_all(&s.client, reqs))
+        .await
+        .expect("requests hung");
+    let mut ok = 0;
+    let mut refused = 0;
+    for r in results {
+        match r {
+            Ok(ids) => {
+                assert_eq!(ids.len(), 8);
+                ok += 1;
+            }
+            Err(e) => {
+                assert_eq!(e.code(), Code::ResourceExhausted, "{e:?}");
+                assert!(
+                    e.message().contains("waiting queue is full"),
+                    "{}",
+                    e.message()
+                );
+                refused += 1;
+            }
+        }
+    }
+    assert_eq!(ok + refused, 100);
+    assert!(ok >= 8, "only {ok} served");
+    assert!(refused >= 50, "only {refused} refused");
+    eprintln!("{ok} served, {refused} refused in {:?}", started.elapsed());
+    let l = load(&s).await;
+    assert_eq!((l.running, l.waiting), (0, 0));
+    assert_eq!(l.requests_finished_total, ok);
+    let _ = FinishReason::Length;
+}

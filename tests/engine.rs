@@ -9,7 +9,7 @@ mod common;
 use std::time::{Duration, Instant};
 
 use aquila_proto::v1::generation_client::GenerationClient;
-use aquila_proto::v1::{FinishReason, GenerateRequest, SamplingParams};
+use aquila_proto::v1::{GenerateRequest, SamplingParams};
 use aquila_proto::worker::v1::worker_client::WorkerClient;
 use aquila_proto::worker::v1::{GetLoadRequest, Load};
 use aquila_worker::presets::{GgufType, WeightFormat};
@@ -230,5 +230,4 @@ async fn a_full_queue_refuses_at_once_and_the_rest_complete() {
     let l = load(&s).await;
     assert_eq!((l.running, l.waiting), (0, 0));
     assert_eq!(l.requests_finished_total, ok);
-    let _ = FinishReason::Length;
 }

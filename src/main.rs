@@ -93,7 +93,7 @@ enum Command {
     /// Fetch the demo model into the cache (if needed) and print its path.
     FetchDemo,
     /// Measure single-stream prefill and decode speed of a model (no network).
-    Bench {
+    BenchModel {
         /// Model to measure. Default: the demo model.
         #[arg(long, env = "AQUILA_MODEL")]
         model: Option<PathBuf>,
@@ -165,7 +165,7 @@ async fn dispatch(cmd: Command) -> Result<()> {
             println!("{}", path.display());
             Ok(())
         }
-        Command::Bench {
+        Command::BenchModel {
             model,
             prompt_tokens,
             gen_tokens,

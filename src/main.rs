@@ -92,8 +92,11 @@ enum Command {
     },
     /// Fetch the demo model into the cache (if needed) and print its path.
     FetchDemo,
+    /// Load-test a running gateway: closed loop (--concurrency) or Poisson
+    /// arrivals (--request-rate); prints throughput and latency percentiles.
+    Bench(Box<aquila_loadgen::LoadgenArgs>),
     /// Measure single-stream prefill and decode speed of a model (no network).
-    Bench {
+    BenchModel {
         /// Model to measure. Default: the demo model.
         #[arg(long, env = "AQUILA_MODEL")]
         model: Option<PathBuf>,
@@ -165,7 +168,8 @@ async fn dispatch(cmd: Command) -> Result<()> {
             println!("{}", path.display());
             Ok(())
         }
-        Command::Bench {
+        Command::Bench(args) => bench(*args).await,
+        Command::BenchModel {
             model,
             prompt_tokens,
             gen_tokens,
@@ -185,6 +189,20 @@ async fn dispatch(cmd: Command) -> Result<()> {
             Ok(())
         }
     }
+}
+
+async fn bench(args: aquila_loadgen::LoadgenArgs) -> Result<()> {
+    let config = args.into_config()?;
+    let json = config.json_path().map(PathBuf::from);
+    let report = aquila_loadgen::run(config).await?;
+    report.print_table();
+    if let Some(path) = json {
+        std::fs::write(&path, report.to_json())
+            .with_context(|| format!("writing the report to {}", path.display()))?;
+    }
+    // A run where nothing got through is not a measurement: say so in the exit status.
+    anyhow::ensure!(report.succeeded > 0, "no request succeeded");
+    Ok(())
 }
 
 /// Binds and prints the bound address on stdout (tests and scripts read

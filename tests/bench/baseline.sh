@@ -22,9 +22,9 @@ base="${AQUILA_CACHE_DIR:-$HOME/.cache/aquila}/bench/base"
 [ -f "$base/gguf/model.gguf" ] || $aq make-model --preset base --seed 1 --format gguf --gguf-type f32 --out "$base/gguf"
 
 out=$(mktemp)
-aquila() { # model, label: median of 3 runs of `aquila bench`
+aquila() { # model, label: median of 3 runs of `aquila bench-model`
   for _ in 1 2 3; do
-    RUST_LOG=warn $aq bench --model "$1" --threads "$THREADS" --prompt-tokens "$PT" --gen-tokens "$GEN"
+    RUST_LOG=warn $aq bench-model --model "$1" --threads "$THREADS" --prompt-tokens "$PT" --gen-tokens "$GEN"
   done | "$py" -c '
 import json, statistics, sys
 runs = [json.loads(l) for l in sys.stdin]

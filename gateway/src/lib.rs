@@ -25,7 +25,7 @@ use std::sync::Arc;
 use aquila_proto::v1::generation_server::GenerationServer;
 use tokio::net::TcpListener;
 use tokio::task::JoinHandle;
-use tokio_stream::wrappers::TcpListenerStream;
+use tonic::transport::server::TcpIncoming;
 
 pub use config::{GatewayArgs, GatewayConfig};
 pub use error::GatewayError;
@@ -66,7 +66,12 @@ pub async fn run(
         .add_service(reflection_v1)
         .add_service(reflection_v1alpha)
         .add_service(GenerationServer::new(generation))
-        .serve_with_incoming_shutdown(TcpListenerStream::new(listener), shutdown)
+        // Tokens are small writes: without TCP_NODELAY, Nagle and delayed ACKs
+        // hold them back ~40 ms.
+        .serve_with_incoming_shutdown(
+            TcpIncoming::from(listener).with_nodelay(Some(true)),
+            shutdown,
+        )
         .await?;
     tracing::info!("gateway stopped");
     Ok(())

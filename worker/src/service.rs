@@ -14,7 +14,8 @@ use aquila_proto::worker::v1::{
     SamplingParams,
 };
 use tokio::net::TcpListener;
-use tokio_stream::wrappers::{TcpListenerStream, UnboundedReceiverStream};
+use tokio_stream::wrappers::UnboundedReceiverStream;
+use tonic::transport::server::TcpIncoming;
 use tonic::{Request, Response, Status};
 
 use crate::comm::SingleRank;
@@ -283,7 +284,12 @@ pub async fn run(
         .add_service(reflection_v1)
         .add_service(reflection_v1alpha)
         .add_service(WorkerServer::new(WorkerService { state }))
-        .serve_with_incoming_shutdown(TcpListenerStream::new(listener), shutdown)
+        // Tokens are small writes: without TCP_NODELAY, Nagle and delayed ACKs
+        // hold them back ~40 ms.
+        .serve_with_incoming_shutdown(
+            TcpIncoming::from(listener).with_nodelay(Some(true)),
+            shutdown,
+        )
         .await?;
     Ok(())
 }

@@ -9,6 +9,7 @@ use candle_core::{DType, Device, Module, Tensor};
 use half::{bf16, f16};
 use rayon::prelude::*;
 
+use super::kernels;
 use crate::comm::Communicator;
 use crate::error::{Result, WorkerError};
 use crate::weights::Weight;
@@ -30,6 +31,10 @@ impl WeightDtype {
         }
     }
 }
+
+/// Up to this many rows (decode batches) f32 products use our unpacked
+/// kernel; above it (prefill) candle's gemm, whose packing then pays off.
+const SMALL_BATCH: usize = 32;
 
 enum Kind {
     /// f32 weights: candle's gemm.
@@ -106,6 +111,25 @@ impl Linear {
     pub fn forward(&self, x: &[f32], rows: usize) -> Result<Vec<f32>> {
         debug_assert_eq!(x.len(), rows * self.in_dim);
         match &self.kind {
+            Kind::F32(w) if rows <= SMALL_BATCH => {
+                let (storage, layout) = w.storage_and_layout();
+                match &*storage {
+                    candle_core::Storage::Cpu(cpu) if layout.is_contiguous() => {
+                        let data = &cpu.as_slice::<f32>()?[layout.start_offset()..];
+                        Ok(kernels::matmul_t(
+                            x,
+                            rows,
+                            &data[..self.out_dim * self.in_dim],
+                            self.out_dim,
+                            self.in_dim,
+                        ))
+                    }
+                    _ => Err(candle_core::Error::Msg(
+                        "f32 weights must be contiguous on the CPU".into(),
+                    )
+                    .into()),
+                }
+            }
             Kind::F32(w) => {
                 let xt = Tensor::from_slice(x, (rows, self.in_dim), &Device::Cpu)?;
                 Ok(xt.matmul(&w.t()?)?.flatten_all()?.to_vec1()?)

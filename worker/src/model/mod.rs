@@ -6,6 +6,7 @@
 //! schedule or sample.
 
 mod attention;
+mod kernels;
 pub mod linear;
 mod norm;
 

@@ -18,6 +18,8 @@ pub fn matmul_t(x: &[f32], rows: usize, w: &[f32], out_dim: usize, in_dim: usize
     debug_assert_eq!(x.len(), rows * in_dim);
     debug_assert_eq!(w.len(), out_dim * in_dim);
     let simd = simd_available();
+    let xr = |r: usize| &x[r * in_dim..(r + 1) * in_dim];
+    let wr = |j: usize| &w[j * in_dim..(j + 1) * in_dim];
     // Computed as [out, rows] so each task owns a contiguous band.
     let mut out_t = vec![0f32; out_dim * rows];
     out_t
@@ -27,23 +29,29 @@ pub fn matmul_t(x: &[f32], rows: usize, w: &[f32], out_dim: usize, in_dim: usize
             let j0 = band * BAND;
             let n = chunk.len() / rows;
             let mut j = 0;
-            while j + 4 <= n {
-                let ws: [&[f32]; 4] =
-                    std::array::from_fn(|i| &w[(j0 + j + i) * in_dim..(j0 + j + i + 1) * in_dim]);
-                for r in 0..rows {
-                    let d = dot4(&x[r * in_dim..(r + 1) * in_dim], ws, simd);
-                    for (i, v) in d.into_iter().enumerate() {
+            while j < n {
+                // Four weight rows at a time (the last group may repeat a row).
+                let ws: [&[f32]; 4] = std::array::from_fn(|i| wr(j0 + (j + i).min(n - 1)));
+                let width = (n - j).min(4);
+                let mut put = |r: usize, d: [f32; 4]| {
+                    for (i, v) in d.into_iter().take(width).enumerate() {
                         chunk[(j + i) * rows + r] = v;
                     }
+                };
+                let mut r = 0;
+                // Three activation rows at a time share each weight load.
+                while r + 3 <= rows {
+                    let d = dot_rows::<3>([xr(r), xr(r + 1), xr(r + 2)], ws, simd);
+                    for (k, dk) in d.into_iter().enumerate() {
+                        put(r + k, dk);
+                    }
+                    r += 3;
+                }
+                while r < rows {
+                    put(r, dot_rows::<1>([xr(r)], ws, simd)[0]);
+                    r += 1;
                 }
                 j += 4;
-            }
-            while j < n {
-                let wr = &w[(j0 + j) * in_dim..(j0 + j + 1) * in_dim];
-                for r in 0..rows {
-                    chunk[j * rows + r] = dot4(&x[r * in_dim..(r + 1) * in_dim], [wr; 4], simd)[0];
-                }
-                j += 1;
             }
         });
     let mut out = vec![0f32; rows * out_dim];
@@ -69,21 +77,21 @@ fn simd_available() -> bool {
     false
 }
 
-/// Dot products of `x` with four weight rows, sharing each load of `x`.
-/// The same lane-wise order as the scalar fallback is not promised, but for
-/// one machine and path it is fixed.
-fn dot4(x: &[f32], w: [&[f32]; 4], simd: bool) -> [f32; 4] {
+/// Dot products of `R` activation rows with four weight rows, each weight
+/// load shared by the `R` rows. Every result is accumulated in the same
+/// order whatever `R` is.
+fn dot_rows<const R: usize>(x: [&[f32]; R], w: [&[f32]; 4], simd: bool) -> [[f32; 4]; R] {
     #[cfg(target_arch = "x86_64")]
     if simd {
         // SAFETY: simd is true only when AVX2 and FMA were detected.
-        return unsafe { avx2::dot4(x, w) };
+        return unsafe { avx2::dot_rows(x, w) };
     }
     let _ = simd;
-    scalar_dot4(x, w)
+    x.map(|xr| scalar_dot4(xr, w))
 }
 
-/// Eight lanes per row, summed pairwise at the end: the shape of the AVX2
-/// code, written so the compiler can vectorize it anywhere.
+/// Eight lanes per row, summed at the end: the shape of the AVX2 code,
+/// written so the compiler can vectorize it anywhere.
 fn scalar_dot4(x: &[f32], w: [&[f32]; 4]) -> [f32; 4] {
     let mut acc = [[0f32; 8]; 4];
     let chunks = x.len() / 8;
@@ -96,16 +104,14 @@ fn scalar_dot4(x: &[f32], w: [&[f32]; 4]) -> [f32; 4] {
             }
         }
     }
-    let mut out = [0f32; 4];
-    for (o, (a, wr)) in out.iter_mut().zip(acc.iter().zip(&w)) {
-        *o = a.iter().sum::<f32>()
-            + x[chunks * 8..]
-                .iter()
-                .zip(&wr[chunks * 8..])
-                .map(|(p, q)| p * q)
-                .sum::<f32>();
-    }
-    out
+    std::array::from_fn(|i| {
+        let tail: f32 = x[chunks * 8..]
+            .iter()
+            .zip(&w[i][chunks * 8..])
+            .map(|(p, q)| p * q)
+            .sum();
+        acc[i].iter().sum::<f32>() + tail
+    })
 }
 
 #[cfg(target_arch = "x86_64")]
@@ -113,34 +119,37 @@ mod avx2 {
     use std::arch::x86_64::*;
 
     #[target_feature(enable = "avx2,fma")]
-    pub unsafe fn dot4(x: &[f32], w: [&[f32]; 4]) -> [f32; 4] {
-        let n = x.len();
+    pub unsafe fn dot_rows<const R: usize>(x: [&[f32]; R], w: [&[f32]; 4]) -> [[f32; 4]; R] {
+        let n = w[0].len();
         let chunks = n / 8;
-        let mut acc = [_mm256_setzero_ps(); 4];
-        let xp = x.as_ptr();
+        let mut acc = [[_mm256_setzero_ps(); 4]; R];
+        let xp = x.map(|r| r.as_ptr());
         let wp = w.map(|r| r.as_ptr());
         for c in 0..chunks {
             // SAFETY: c*8+8 <= n, and every row has n elements.
             unsafe {
-                let xv = _mm256_loadu_ps(xp.add(c * 8));
+                let xv: [__m256; R] = std::array::from_fn(|k| _mm256_loadu_ps(xp[k].add(c * 8)));
                 for i in 0..4 {
-                    acc[i] = _mm256_fmadd_ps(xv, _mm256_loadu_ps(wp[i].add(c * 8)), acc[i]);
+                    let wv = _mm256_loadu_ps(wp[i].add(c * 8));
+                    for k in 0..R {
+                        acc[k][i] = _mm256_fmadd_ps(xv[k], wv, acc[k][i]);
+                    }
                 }
             }
         }
-        let mut out = [0f32; 4];
-        for i in 0..4 {
-            let mut lanes = [0f32; 8];
-            // SAFETY: lanes has 8 f32.
-            unsafe { _mm256_storeu_ps(lanes.as_mut_ptr(), acc[i]) };
-            let tail: f32 = x[chunks * 8..]
-                .iter()
-                .zip(&w[i][chunks * 8..])
-                .map(|(p, q)| p * q)
-                .sum();
-            out[i] = lanes.iter().sum::<f32>() + tail;
-        }
-        out
+        std::array::from_fn(|k| {
+            std::array::from_fn(|i| {
+                let mut lanes = [0f32; 8];
+                // SAFETY: lanes has 8 f32.
+                unsafe { _mm256_storeu_ps(lanes.as_mut_ptr(), acc[k][i]) };
+                let tail: f32 = x[k][chunks * 8..]
+                    .iter()
+                    .zip(&w[i][chunks * 8..])
+                    .map(|(p, q)| p * q)
+                    .sum();
+                lanes.iter().sum::<f32>() + tail
+            })
+        })
     }
 }
 
@@ -192,7 +201,7 @@ mod tests {
         let (inp, x, w) = (77, data(77, 3), data(4 * 77, 4));
         let rows: [&[f32]; 4] = std::array::from_fn(|i| &w[i * inp..(i + 1) * inp]);
         let s = scalar_dot4(&x, rows);
-        let v = dot4(&x, rows, simd_available());
+        let v = dot_rows::<1>([&x], rows, simd_available())[0];
         for (a, b) in s.iter().zip(v) {
             assert!((a - b).abs() <= 1e-5 * a.abs().max(1.0), "{a} vs {b}");
         }

@@ -97,6 +97,56 @@ def bench_llamacpp(args):
     report(args, "llama.cpp", os.path.basename(args.gguf), runs)
 
 
+def bench_llamacpp_parallel(args):
+    """--parallel sequences decoded together, as llama.cpp's server does with
+    that many slots: one llama_batch per step holding every sequence's token
+    (low-level API; prompts are distinct id runs, greedy decode)."""
+    import numpy as np
+    import llama_cpp as L
+    L.llama_backend_init()
+    model = L.llama_model_load_from_file(args.gguf.encode(), L.llama_model_default_params())
+    n_vocab = L.llama_vocab_n_tokens(L.llama_model_get_vocab(model))
+    P, T, G = args.parallel, args.prompt_tokens, args.gen_tokens
+    cp = L.llama_context_default_params()
+    cp.n_ctx = P * (T + G + 8)
+    cp.n_batch = cp.n_ubatch = max(512, P * T)
+    cp.n_seq_max = P
+    cp.n_threads = cp.n_threads_batch = args.threads
+    ctx = L.llama_init_from_model(model, cp)
+    batch = L.llama_batch_init(max(512, P * T), 0, P)
+
+    def decode(entries):
+        batch.n_tokens = len(entries)
+        for i, (tok, pos, seq, want) in enumerate(entries):
+            batch.token[i], batch.pos[i], batch.n_seq_id[i] = tok, pos, 1
+            batch.seq_id[i][0], batch.logits[i] = seq, want
+        if L.llama_decode(ctx, batch) != 0:
+            raise SystemExit("llama_decode failed")
+
+    def next_tokens(rows):
+        return [int(np.argmax(np.ctypeslib.as_array(L.llama_get_logits_ith(ctx, r), shape=(n_vocab,))))
+                for r in rows]
+
+    def once(gen):
+        L.llama_memory_clear(L.llama_get_memory(ctx), True)
+        prompts = [[1000 + 37 * s + j for j in range(T)] for s in range(P)]
+        t0 = time.perf_counter()
+        decode([(tok, j, s, j == T - 1) for s in range(P) for j, tok in enumerate(prompts[s])])
+        last = next_tokens([s * T + T - 1 for s in range(P)])
+        t1 = time.perf_counter()
+        for step in range(gen):
+            decode([(last[s], T + step, s, True) for s in range(P)])
+            last = next_tokens(range(P))
+        t2 = time.perf_counter()
+        return P * T / (t1 - t0), P * gen / (t2 - t1)
+
+    runs = []
+    for _ in range(args.repeats):
+        once(min(8, G))                  # warm-up
+        runs.append(once(G))
+    report(args, f"llama.cpp x{P}", os.path.basename(args.gguf), runs)
+
+
 def chat_llamacpp(args):
     import numpy as np
     import llama_cpp
@@ -174,7 +224,7 @@ def bench_transformers(args):
 def main():
     ap = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     sub = ap.add_subparsers(dest="cmd", required=True)
-    for name in ("llamacpp", "transformers", "chat-llamacpp"):
+    for name in ("llamacpp", "llamacpp-parallel", "transformers", "chat-llamacpp"):
         p = sub.add_parser(name)
         p.add_argument("--threads", type=int, default=2)
         if name == "transformers":
@@ -182,6 +232,8 @@ def main():
             p.add_argument("--gguf-file", help="GGUF file name inside --model folder")
         else:
             p.add_argument("--gguf", required=True)
+        if name == "llamacpp-parallel":
+            p.add_argument("--parallel", type=int, default=16, help="sequences decoded together")
         if name == "chat-llamacpp":
             p.add_argument("--max-tokens", type=int, default=32)
         else:
@@ -189,7 +241,8 @@ def main():
             p.add_argument("--gen-tokens", type=int, default=128)
             p.add_argument("--repeats", type=int, default=3, help="runs; medians are reported")
     args = ap.parse_args()
-    {"llamacpp": bench_llamacpp, "transformers": bench_transformers,
+    {"llamacpp": bench_llamacpp, "llamacpp-parallel": bench_llamacpp_parallel,
+     "transformers": bench_transformers,
      "chat-llamacpp": chat_llamacpp}[args.cmd](args)
 
 

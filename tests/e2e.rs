@@ -15,31 +15,9 @@ use aquila_proto::v1::{
 use aquila_proto::worker::v1::GetLoadRequest;
 use aquila_proto::worker::v1::worker_client::WorkerClient;
 use aquila_worker::model::WeightDtype;
-use aquila_worker::presets::{GgufType, WeightFormat};
-use common::{Proc, spawn_gateway, spawn_worker, tiny_model, wait_serving};
+use common::{tiny_stack, wait_serving};
 use tonic::Code;
 use tonic::transport::Channel;
-
-struct Stack {
-    _dir: tempfile::TempDir,
-    worker: Proc,
-    gateway: Proc,
-    client: GenerationClient<Channel>,
-}
-
-async fn stack() -> Stack {
-    let dir = tiny_model(WeightFormat::Safetensors, GgufType::F32);
-    let worker = spawn_worker(dir.path(), &[]);
-    let gateway = spawn_gateway(&[&worker], &[]);
-    wait_serving(&gateway.url()).await;
-    let client = GenerationClient::connect(gateway.url()).await.unwrap();
-    Stack {
-        _dir: dir,
-        worker,
-        gateway,
-        client,
-    }
-}
 
 fn greedy(max_new_tokens: u32) -> SamplingParams {
     SamplingParams {
@@ -62,8 +40,8 @@ const PROMPT: &[u32] = &[84, 104, 101, 32, 113, 117, 105, 99, 107];
 
 #[tokio::test]
 async fn stream_and_unary_give_the_models_greedy_tokens() {
-    let mut s = stack().await;
-    let (_, want) = common::local_greedy(s._dir.path(), WeightDtype::F32, PROMPT, 24);
+    let mut s = tiny_stack(&[]).await;
+    let (_, want) = common::local_greedy(s.dir.path(), WeightDtype::F32, PROMPT, 24);
 
     let mut stream = s
         .client
@@ -107,7 +85,7 @@ async fn stream_and_unary_give_the_models_greedy_tokens() {
 
 #[tokio::test]
 async fn seeded_sampling_repeats_and_logprobs_are_distributions() {
-    let mut s = stack().await;
+    let mut s = tiny_stack(&[]).await;
     let params = SamplingParams {
         max_new_tokens: Some(16),
         temperature: Some(0.8),
@@ -146,7 +124,7 @@ async fn seeded_sampling_repeats_and_logprobs_are_distributions() {
 
 #[tokio::test]
 async fn stop_strings_trim_the_text_and_end_the_generation() {
-    let mut s = stack().await;
+    let mut s = tiny_stack(&[]).await;
     let full = s
         .client
         .generate(ids_request(PROMPT, greedy(40)))
@@ -174,7 +152,7 @@ async fn stop_strings_trim_the_text_and_end_the_generation() {
 
 #[tokio::test]
 async fn chat_tokenize_and_list_models() {
-    let mut s = stack().await;
+    let mut s = tiny_stack(&[]).await;
     let models = s
         .client
         .list_models(ListModelsRequest {})
@@ -261,7 +239,7 @@ async fn expect_invalid(
 
 #[tokio::test]
 async fn bad_input_gets_invalid_argument_naming_field_value_and_limit() {
-    let mut s = stack().await;
+    let mut s = tiny_stack(&[]).await;
     // A long generation runs throughout and must come through whole.
     let mut other = s.client.clone();
     let long_run =
@@ -362,7 +340,7 @@ async fn bad_input_gets_invalid_argument_naming_field_value_and_limit() {
 
 #[tokio::test]
 async fn a_cancelled_stream_stops_the_generation_on_the_worker() {
-    let mut s = stack().await;
+    let mut s = tiny_stack(&[]).await;
     let mut worker = WorkerClient::connect(s.worker.url()).await.unwrap();
     let mut stream = s
         .client
@@ -408,7 +386,7 @@ async fn a_cancelled_stream_stops_the_generation_on_the_worker() {
 
 #[tokio::test]
 async fn a_dead_worker_gives_unavailable() {
-    let mut s = stack().await;
+    let mut s = tiny_stack(&[]).await;
     s.client
         .generate(ids_request(PROMPT, greedy(2)))
         .await
@@ -429,7 +407,7 @@ async fn health_and_reflection_on_both_servers() {
     use tonic_reflection::pb::v1::server_reflection_client::ServerReflectionClient;
     use tonic_reflection::pb::v1::server_reflection_request::MessageRequest;
     use tonic_reflection::pb::v1::server_reflection_response::MessageResponse;
-    let s = stack().await;
+    let s = tiny_stack(&[]).await;
     wait_serving(&s.worker.url()).await;
     for (url, service) in [
         (s.gateway.url(), "aquila.v1.Generation"),

@@ -12,32 +12,10 @@ use aquila_proto::v1::generation_client::GenerationClient;
 use aquila_proto::v1::{GenerateRequest, SamplingParams};
 use aquila_proto::worker::v1::worker_client::WorkerClient;
 use aquila_proto::worker::v1::{GetLoadRequest, Load};
-use aquila_worker::presets::{GgufType, WeightFormat};
-use common::{Proc, spawn_gateway, spawn_worker, tiny_model, wait_serving};
+use common::{Stack, tiny_stack};
 use futures::future::join_all;
 use tonic::transport::Channel;
 use tonic::{Code, Status};
-
-struct Stack {
-    _dir: tempfile::TempDir,
-    worker: Proc,
-    _gateway: Proc,
-    client: GenerationClient<Channel>,
-}
-
-async fn stack(worker_flags: &[&str]) -> Stack {
-    let dir = tiny_model(WeightFormat::Safetensors, GgufType::F32);
-    let worker = spawn_worker(dir.path(), worker_flags);
-    let gateway = spawn_gateway(&[&worker], &[]);
-    wait_serving(&gateway.url()).await;
-    let client = GenerationClient::connect(gateway.url()).await.unwrap();
-    Stack {
-        _dir: dir,
-        worker,
-        _gateway: gateway,
-        client,
-    }
-}
 
 async fn load(s: &Stack) -> Load {
     let mut w = WorkerClient::connect(s.worker.url()).await.unwrap();
@@ -93,7 +71,7 @@ async fn alone_equals_batched(s: &mut Stack, reqs: Vec<GenerateRequest>) {
 #[tokio::test]
 async fn sixty_four_concurrent_requests_return_what_they_return_alone() {
     // Small steps so that prefills are chunked and mixed with decodes.
-    let mut s = stack(&["--max-running", "16", "--max-batch-tokens", "48"]).await;
+    let mut s = tiny_stack(&["--max-running", "16", "--max-batch-tokens", "48"]).await;
     let greedy: Vec<_> = (0..64).map(|i| request(prompt(i), 12, None)).collect();
     alone_equals_batched(&mut s, greedy).await;
     let seeded: Vec<_> = (0..24)
@@ -106,7 +84,7 @@ async fn sixty_four_concurrent_requests_return_what_they_return_alone() {
 
 #[tokio::test]
 async fn a_shared_prefix_is_computed_once() {
-    let mut s = stack(&[]).await;
+    let mut s = tiny_stack(&[]).await;
     let shared: Vec<u32> = (0..512).map(|j| 32 + (j * 11 % 90) as u32).collect();
     let with = |tail: &[u32]| [shared.as_slice(), tail].concat();
     s.client
@@ -132,7 +110,7 @@ async fn a_shared_prefix_is_computed_once() {
         20
     );
     // And the answer is what a cold worker gives.
-    let mut cold = stack(&[]).await;
+    let mut cold = tiny_stack(&[]).await;
     let want = cold
         .client
         .generate(request(with(&[2; 20]), 1, None))
@@ -146,7 +124,7 @@ async fn a_shared_prefix_is_computed_once() {
 async fn a_small_kv_pool_preempts_and_still_answers_correctly() {
     // 24 blocks of 16 tokens; 12 requests of up to 93 + 30 tokens cannot all
     // run at once.
-    let mut s = stack(&["--kv-cache-blocks", "24", "--max-running", "12"]).await;
+    let mut s = tiny_stack(&["--kv-cache-blocks", "24", "--max-running", "12"]).await;
     let reqs: Vec<_> = (0..12).map(|i| request(prompt(i), 30, None)).collect();
     alone_equals_batched(&mut s, reqs).await;
     let l = load(&s).await;
@@ -156,7 +134,7 @@ async fn a_small_kv_pool_preempts_and_still_answers_correctly() {
 
 #[tokio::test]
 async fn cancellations_under_load_leak_no_blocks() {
-    let s = stack(&["--max-batch-tokens", "64"]).await;
+    let s = tiny_stack(&["--max-batch-tokens", "64"]).await;
     let mut streams = Vec::new();
     for i in 0..16 {
         let mut c = s.client.clone();
@@ -198,7 +176,7 @@ async fn cancellations_under_load_leak_no_blocks() {
 
 #[tokio::test]
 async fn a_full_queue_refuses_at_once_and_the_rest_complete() {
-    let s = stack(&["--max-waiting", "8", "--max-running", "4"]).await;
+    let s = tiny_stack(&["--max-waiting", "8", "--max-running", "4"]).await;
     let reqs: Vec<_> = (0..100).map(|i| request(prompt(i), 8, None)).collect();
     let started = Instant::now();
     let results = tokio::time::timeout(Duration::from_secs(120), run_all(&s.client, reqs))

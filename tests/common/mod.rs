@@ -10,11 +10,13 @@ use std::time::{Duration, Instant};
 
 use std::sync::Arc;
 
+use aquila_proto::v1::generation_client::GenerationClient;
 use aquila_worker::comm::SingleRank;
 use aquila_worker::loader::{self, LoadOptions};
 use aquila_worker::model::{LogitsFor, SingleSeq, WeightDtype};
 use aquila_worker::presets::{GgufType, Preset, WeightFormat};
 use tempfile::TempDir;
+use tonic::transport::Channel;
 use tonic_health::pb::HealthCheckRequest;
 use tonic_health::pb::health_check_response::ServingStatus;
 use tonic_health::pb::health_client::HealthClient;
@@ -178,5 +180,30 @@ pub fn env_or_skip(var: &str, set_by: &str) -> Option<String> {
             eprintln!("skipped: {var} is not set ({set_by} sets it)");
             None
         }
+    }
+}
+
+/// The tiny model served by a worker process behind a gateway process, and
+/// a client of the gateway, ready (SERVING).
+pub struct Stack {
+    pub dir: TempDir,
+    pub worker: Proc,
+    pub gateway: Proc,
+    pub client: GenerationClient<Channel>,
+}
+
+pub async fn tiny_stack(worker_flags: &[&str]) -> Stack {
+    let dir = tiny_model(WeightFormat::Safetensors, GgufType::F32);
+    let worker = spawn_worker(dir.path(), worker_flags);
+    let gateway = spawn_gateway(&[&worker], &[]);
+    wait_serving(&gateway.url()).await;
+    let client = GenerationClient::connect(gateway.url())
+        .await
+        .expect("connect to the gateway");
+    Stack {
+        dir,
+        worker,
+        gateway,
+        client,
     }
 }

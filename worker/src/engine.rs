@@ -257,10 +257,13 @@ impl Engine {
     }
 
     fn step(&mut self, plan: &StepPlan) {
+        // The plan comes straight from the scheduler, so every sequence in
+        // it exists; inputs stay index-aligned with `plan.seqs`.
         let mut inputs = Vec::with_capacity(plan.seqs.len());
         for s in &plan.seqs {
             let Some(seq) = self.scheduler.seq(s.id) else {
-                continue;
+                tracing::error!(seq = s.id, "scheduled sequence is gone; skipping the step");
+                return;
             };
             inputs.push(SeqInput {
                 tokens: &seq.tokens[s.start..s.start + s.len],

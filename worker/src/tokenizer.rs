@@ -93,7 +93,7 @@ pub fn from_hf_folder(dir: &Path) -> Result<LoadedTokenizer, TokenizerError> {
     let configs: Vec<&Json> = [&config, &special_map].into_iter().flatten().collect();
 
     let tokenizer_json = dir.join("tokenizer.json");
-    let (mut tokenizer, sentencepiece_style, post_bos) = if tokenizer_json.exists() {
+    let (tokenizer, sentencepiece_style, post_bos) = if tokenizer_json.exists() {
         let text = read_string(&tokenizer_json)?;
         let tokenizer: Tokenizer = text.parse().map_err(|e| TokenizerError::Parse {
             path: tokenizer_json.clone(),
@@ -115,13 +115,8 @@ pub fn from_hf_folder(dir: &Path) -> Result<LoadedTokenizer, TokenizerError> {
     let is_aquila = is_aquila_vocab(|t| model_vocab.get(t).copied(), model_vocab.len());
     let origin = dir.display().to_string();
     if is_aquila {
-        add_specials(
-            &mut tokenizer,
-            AQUILA_SPECIALS.iter().map(|(t, _)| *t),
-            &origin,
-        )?;
         let chat_template = chat_template_of(dir, config.as_ref())?;
-        return Ok(aquila(tokenizer, chat_template));
+        return aquila(tokenizer, chat_template, &origin);
     }
 
     let bos = first_token(&configs, "bos_token")
@@ -236,12 +231,7 @@ pub fn from_gguf(content: &Content) -> Result<LoadedTokenizer, TokenizerError> {
         None => None,
     };
     if is_aquila {
-        add_specials(
-            &mut tokenizer,
-            AQUILA_SPECIALS.iter().map(|(t, _)| *t),
-            &origin,
-        )?;
-        return Ok(aquila(tokenizer, chat_template));
+        return aquila(tokenizer, chat_template, &origin);
     }
 
     let id_of = |key: &str| {
@@ -284,16 +274,27 @@ pub fn from_gguf(content: &Content) -> Result<LoadedTokenizer, TokenizerError> {
     })
 }
 
-fn aquila(tokenizer: Tokenizer, chat_template: Option<String>) -> LoadedTokenizer {
+/// The Aquila vocabulary with its special tokens registered, and its real
+/// end-of-sequence tokens.
+fn aquila(
+    mut tokenizer: Tokenizer,
+    chat_template: Option<String>,
+    origin: &str,
+) -> Result<LoadedTokenizer, TokenizerError> {
+    add_specials(
+        &mut tokenizer,
+        AQUILA_SPECIALS.iter().map(|(t, _)| *t),
+        origin,
+    )?;
     // Chat prompts go without bos; config.json's bos 1 / eos 2 are `!` and `"` here.
-    LoadedTokenizer {
+    Ok(LoadedTokenizer {
         tokenizer,
         bos: None,
         eos_ids: vec![AQUILA_EOS, AQUILA_ENDOFTEXT],
         eos_token: "</s>".to_owned(),
         chat_template,
         is_aquila: true,
-    }
+    })
 }
 
 /// GPT-2 style byte-level BPE from `vocab.json` + `merges.txt`, with the special tokens the

@@ -72,10 +72,9 @@ pub fn load(path: &Path, opts: &LoadOptions, comm: Arc<dyn Communicator>) -> Res
         )));
     }
     let architecture = cfg.architecture.clone();
-    let dtype = match &store {
-        WeightStore::Gguf { .. } => store.storage_label(),
-        _ => opts.dtype.label().to_string(),
-    };
+    let dtype = store
+        .gguf_weight_type()
+        .unwrap_or_else(|| opts.dtype.label().to_string());
     let total = 2 + cfg.num_layers * 9 + usize::from(!cfg.tie_word_embeddings);
     let mut done = 0;
     let mut last_report = Instant::now();

@@ -193,19 +193,18 @@ impl WeightStore {
         }
     }
 
-    /// What the 2-D weights are stored as: "f32", "bf16", "q4_1"...
-    pub fn storage_label(&self) -> String {
+    /// For a GGUF file, what its 2-D weights are stored as ("q4_1",
+    /// "f16"...); float checkpoints are held in `--dtype`, so None.
+    pub fn gguf_weight_type(&self) -> Option<String> {
         match self {
-            Self::Safetensors(st) => st
-                .get("model.layers.0.self_attn.q_proj.weight")
-                .map(|v| format!("{:?}", v.dtype()).to_lowercase())
-                .unwrap_or_else(|_| "unknown".into()),
-            Self::Pth { .. } => "pytorch".into(),
-            Self::Gguf { content, .. } => content
-                .tensor_infos
-                .get("blk.0.attn_q.weight")
-                .map(|t| ggml_label(t.ggml_dtype))
-                .unwrap_or_else(|| "unknown".into()),
+            Self::Gguf { content, .. } => Some(
+                content
+                    .tensor_infos
+                    .get("blk.0.attn_q.weight")
+                    .map(|t| ggml_label(t.ggml_dtype))
+                    .unwrap_or_else(|| "unknown".into()),
+            ),
+            Self::Safetensors(_) | Self::Pth { .. } => None,
         }
     }
 }

@@ -25,3 +25,6 @@ echo "    $AQUILA_DEMO_MODEL"
 
 echo "==> tests"
 cargo test --release --locked --workspace "$@"
+
+echo "==> kernel bench (smoke: every path this machine runs, briefly)"
+AQUILA_BENCH_QUICK=1 cargo bench --locked -p aquila-worker --bench kernels > /dev/null

@@ -1,155 +1,285 @@
-//! f32 matrix products for small batches (decode steps): `[rows, in] ×
-//! [out, in]ᵀ` without packing the weights. Each task takes a band of weight
-//! rows and uses every weight row for all activation rows while it is in L1,
-//! so a batch of 16 reads the weights once, like a single stream. (candle's
-//! gemm packs the whole weight matrix on every call, which at 16 rows costs
-//! more than the arithmetic.)
+//! Float matrix products, `[rows, in] × [out, in]ᵀ`, for f32, bf16 and f16
+//! weights, with f32 activations and accumulation; one kernel for decode
+//! batches and prefill alike.
 //!
-//! Each output element is accumulated in the same order whatever the number
-//! of rows, so a sequence's result does not depend on what it is batched with.
+//! At load time the weights are repacked into *panels* of 16 output rows
+//! stored column by column (`[in][16]`), so one step of the inner loop loads
+//! two vectors of weights and, for each of up to six activation rows,
+//! broadcasts one activation and does two fused multiply-adds: twelve
+//! accumulators in registers, a weight load shared by six rows (the shape of
+//! BLIS's 6×16 micro-kernel). The `in` dimension is cut into chunks of 256 so
+//! that a panel's chunk stays in L1 while every row tile passes over it, and
+//! a batch of 16 reads each weight from memory once. 16-bit weights are
+//! widened in registers, so they cost half the memory traffic of f32.
+//!
+//! Each output is accumulated over `in` in order in one lane, whatever the
+//! number of rows or the tiling, so a sequence's result does not depend on
+//! what it is batched with.
 
+use half::{bf16, f16};
 use rayon::prelude::*;
 
-/// Weight rows per parallel task.
-const BAND: usize = 32;
+use super::quant::Isa;
 
-/// `x` is `[rows, in]`, `w` is `[out, in]`; returns `[rows, out]`.
-pub fn matmul_t(x: &[f32], rows: usize, w: &[f32], out_dim: usize, in_dim: usize) -> Vec<f32> {
-    debug_assert_eq!(x.len(), rows * in_dim);
-    debug_assert_eq!(w.len(), out_dim * in_dim);
-    let simd = simd_available();
-    let xr = |r: usize| &x[r * in_dim..(r + 1) * in_dim];
-    let wr = |j: usize| &w[j * in_dim..(j + 1) * in_dim];
-    // Computed as [out, rows] so each task owns a contiguous band.
-    let mut out_t = vec![0f32; out_dim * rows];
-    out_t
-        .par_chunks_mut(BAND * rows)
-        .enumerate()
-        .for_each(|(band, chunk)| {
-            let j0 = band * BAND;
-            let n = chunk.len() / rows;
-            let mut j = 0;
-            while j < n {
-                // Four weight rows at a time (the last group may repeat a row).
-                let ws: [&[f32]; 4] = std::array::from_fn(|i| wr(j0 + (j + i).min(n - 1)));
-                let width = (n - j).min(4);
-                let mut put = |r: usize, d: [f32; 4]| {
-                    for (i, v) in d.into_iter().take(width).enumerate() {
-                        chunk[(j + i) * rows + r] = v;
-                    }
-                };
-                let mut r = 0;
-                // Three activation rows at a time share each weight load.
-                while r + 3 <= rows {
-                    let d = dot_rows::<3>([xr(r), xr(r + 1), xr(r + 2)], ws, simd);
-                    for (k, dk) in d.into_iter().enumerate() {
-                        put(r + k, dk);
-                    }
-                    r += 3;
-                }
-                while r < rows {
-                    put(r, dot_rows::<1>([xr(r)], ws, simd)[0]);
-                    r += 1;
-                }
-                j += 4;
-            }
-        });
-    let mut out = vec![0f32; rows * out_dim];
-    for j in 0..out_dim {
-        for r in 0..rows {
-            out[r * out_dim + j] = out_t[j * rows + r];
+/// Output rows per panel.
+const PANEL: usize = 16;
+/// Activation rows per micro-kernel call.
+const TILE: usize = 6;
+/// Columns of `in` per pass over the row tiles.
+const KC: usize = 256;
+
+/// A weight element the kernels can widen to f32.
+pub trait Elem: Copy + Default + Send + Sync + 'static {
+    fn to_f32(self) -> f32;
+    /// Sixteen consecutive elements as two vectors of eight f32.
+    ///
+    /// # Safety
+    /// `p` must point to 16 readable elements; AVX2 and F16C must exist.
+    #[cfg(target_arch = "x86_64")]
+    unsafe fn load16(p: *const Self) -> [std::arch::x86_64::__m256; 2];
+}
+
+impl Elem for f32 {
+    fn to_f32(self) -> f32 {
+        self
+    }
+    #[cfg(target_arch = "x86_64")]
+    #[inline(always)]
+    unsafe fn load16(p: *const f32) -> [std::arch::x86_64::__m256; 2] {
+        use std::arch::x86_64::*;
+        // SAFETY: the caller's contract.
+        unsafe { [_mm256_loadu_ps(p), _mm256_loadu_ps(p.add(8))] }
+    }
+}
+
+impl Elem for f16 {
+    fn to_f32(self) -> f32 {
+        f16::to_f32(self)
+    }
+    #[cfg(target_arch = "x86_64")]
+    #[inline(always)]
+    unsafe fn load16(p: *const f16) -> [std::arch::x86_64::__m256; 2] {
+        use std::arch::x86_64::*;
+        // SAFETY: the caller's contract.
+        unsafe {
+            let p = p as *const __m128i;
+            [
+                _mm256_cvtph_ps(_mm_loadu_si128(p)),
+                _mm256_cvtph_ps(_mm_loadu_si128(p.add(1))),
+            ]
         }
     }
-    out
 }
 
-fn simd_available() -> bool {
-    #[cfg(target_arch = "x86_64")]
-    {
-        static AVX2_FMA: std::sync::OnceLock<bool> = std::sync::OnceLock::new();
-        *AVX2_FMA.get_or_init(|| {
-            std::env::var("AQUILA_KERNELS").map_or(true, |v| v != "scalar")
-                && is_x86_feature_detected!("avx2")
-                && is_x86_feature_detected!("fma")
-        })
+impl Elem for bf16 {
+    fn to_f32(self) -> f32 {
+        bf16::to_f32(self)
     }
-    #[cfg(not(target_arch = "x86_64"))]
-    false
-}
-
-/// Dot products of `R` activation rows with four weight rows, each weight
-/// load shared by the `R` rows. Every result is accumulated in the same
-/// order whatever `R` is.
-fn dot_rows<const R: usize>(x: [&[f32]; R], w: [&[f32]; 4], simd: bool) -> [[f32; 4]; R] {
     #[cfg(target_arch = "x86_64")]
-    if simd {
-        // SAFETY: simd is true only when AVX2 and FMA were detected.
-        return unsafe { avx2::dot_rows(x, w) };
+    #[inline(always)]
+    unsafe fn load16(p: *const bf16) -> [std::arch::x86_64::__m256; 2] {
+        use std::arch::x86_64::*;
+        // SAFETY: the caller's contract. bf16 is the top half of an f32.
+        unsafe {
+            let p = p as *const __m128i;
+            let widen =
+                |h: __m128i| _mm256_castsi256_ps(_mm256_slli_epi32(_mm256_cvtepu16_epi32(h), 16));
+            [widen(_mm_loadu_si128(p)), widen(_mm_loadu_si128(p.add(1)))]
+        }
     }
-    let _ = simd;
-    x.map(|xr| scalar_dot4(xr, w))
 }
 
-/// Eight lanes per row, summed at the end: the shape of the AVX2 code,
-/// written so the compiler can vectorize it anywhere.
-fn scalar_dot4(x: &[f32], w: [&[f32]; 4]) -> [f32; 4] {
-    let mut acc = [[0f32; 8]; 4];
-    let chunks = x.len() / 8;
-    for c in 0..chunks {
-        let xs = &x[c * 8..c * 8 + 8];
-        for (a, wr) in acc.iter_mut().zip(&w) {
-            let ws = &wr[c * 8..c * 8 + 8];
-            for l in 0..8 {
-                a[l] += xs[l] * ws[l];
+/// A `[out, in]` float weight matrix in panels.
+pub struct PackedFloat<T: Elem> {
+    out_dim: usize,
+    in_dim: usize,
+    data: Vec<T>,
+}
+
+impl<T: Elem> PackedFloat<T> {
+    /// Packs row-major `[out, in]` weights.
+    pub fn from_rows(w: &[T], out_dim: usize, in_dim: usize) -> Self {
+        assert_eq!(w.len(), out_dim * in_dim);
+        let panels = out_dim.div_ceil(PANEL);
+        // Rows past out_dim stay zero.
+        let mut data = vec![T::default(); panels * PANEL * in_dim];
+        for (o, row) in w.chunks_exact(in_dim).enumerate() {
+            let panel = &mut data[o / PANEL * PANEL * in_dim..][..PANEL * in_dim];
+            for (k, &v) in row.iter().enumerate() {
+                panel[k * PANEL + o % PANEL] = v;
+            }
+        }
+        Self {
+            out_dim,
+            in_dim,
+            data,
+        }
+    }
+
+    pub fn bytes(&self) -> usize {
+        self.data.len() * std::mem::size_of::<T>()
+    }
+
+    /// `x` is `[rows, in]`; returns `[rows, out]`.
+    pub fn matmul(&self, x: &[f32], rows: usize) -> Vec<f32> {
+        self.matmul_with(Isa::selected() >= Isa::Avx2, x, rows)
+    }
+
+    /// [`matmul`](Self::matmul) with or without the AVX2 kernel (which the
+    /// machine must have).
+    pub fn matmul_with(&self, simd: bool, x: &[f32], rows: usize) -> Vec<f32> {
+        assert_eq!(x.len(), rows * self.in_dim);
+        assert!(!simd || Isa::available().contains(&Isa::Avx2));
+        let panels = self.out_dim.div_ceil(PANEL);
+        let per_task = panels.div_ceil(rayon::current_num_threads() * 4).max(1);
+        // [panel][rows][16]: each task owns a contiguous range of panels.
+        let mut out_t = vec![0f32; panels * rows * PANEL];
+        out_t
+            .par_chunks_mut(per_task * rows * PANEL)
+            .enumerate()
+            .for_each(|(t, chunk)| {
+                for (i, c) in chunk.chunks_mut(rows * PANEL).enumerate() {
+                    let p = t * per_task + i;
+                    let panel = &self.data[p * PANEL * self.in_dim..][..PANEL * self.in_dim];
+                    self.panel(simd, panel, x, rows, c);
+                }
+            });
+        let mut out = vec![0f32; rows * self.out_dim];
+        for (p, block) in out_t.chunks_exact(rows * PANEL).enumerate() {
+            let cols = (self.out_dim - p * PANEL).min(PANEL);
+            for (r, lanes) in block.chunks_exact(PANEL).enumerate() {
+                out[r * self.out_dim + p * PANEL..][..cols].copy_from_slice(&lanes[..cols]);
+            }
+        }
+        out
+    }
+
+    /// One panel against every row: `c` is `[rows][16]`.
+    fn panel(&self, simd: bool, panel: &[T], x: &[f32], rows: usize, c: &mut [f32]) {
+        let n = self.in_dim;
+        for k0 in (0..n).step_by(KC) {
+            let kc = KC.min(n - k0);
+            let w = &panel[k0 * PANEL..(k0 + kc) * PANEL];
+            let mut r = 0;
+            while r < rows {
+                let tile = TILE.min(rows - r);
+                let xs = &x[r * n + k0..];
+                let cs = &mut c[r * PANEL..(r + tile) * PANEL];
+                macro_rules! call {
+                    ($($t:literal)*) => {
+                        match tile {
+                            $($t => {
+                                #[cfg(target_arch = "x86_64")]
+                                if simd {
+                                    // SAFETY: simd only where AVX2/FMA/F16C exist;
+                                    // the slices cover what the kernel reads.
+                                    unsafe {
+                                        avx2::tile::<T, $t>(xs, n, w, kc, cs, k0 == 0, r == 0 && rows > 1)
+                                    };
+                                    r += $t;
+                                    continue;
+                                }
+                                scalar_tile::<T, $t>(xs, n, w, kc, cs, k0 == 0);
+                            })*
+                            _ => unreachable!(),
+                        }
+                    };
+                }
+                call!(1 2 3 4 5 6);
+                r += tile;
             }
         }
     }
-    std::array::from_fn(|i| {
-        let tail: f32 = x[chunks * 8..]
-            .iter()
-            .zip(&w[i][chunks * 8..])
-            .map(|(p, q)| p * q)
-            .sum();
-        acc[i].iter().sum::<f32>() + tail
-    })
+}
+
+/// The portable micro-kernel: `c[r][j] (+)= Σ_k x[r][k]·w[k][j]`.
+fn scalar_tile<T: Elem, const R: usize>(
+    x: &[f32],
+    stride: usize,
+    w: &[T],
+    kc: usize,
+    c: &mut [f32],
+    first: bool,
+) {
+    let mut acc = [[0f32; PANEL]; R];
+    if !first {
+        for (a, c) in acc.iter_mut().zip(c.chunks_exact(PANEL)) {
+            a.copy_from_slice(c);
+        }
+    }
+    for k in 0..kc {
+        let wk: [f32; PANEL] = std::array::from_fn(|j| w[k * PANEL + j].to_f32());
+        for (r, a) in acc.iter_mut().enumerate() {
+            let xv = x[r * stride + k];
+            for j in 0..PANEL {
+                a[j] += xv * wk[j];
+            }
+        }
+    }
+    for (a, c) in acc.iter().zip(c.chunks_exact_mut(PANEL)) {
+        c.copy_from_slice(a);
+    }
 }
 
 #[cfg(target_arch = "x86_64")]
 mod avx2 {
     use std::arch::x86_64::*;
 
-    #[target_feature(enable = "avx2,fma")]
-    pub unsafe fn dot_rows<const R: usize>(x: [&[f32]; R], w: [&[f32]; 4]) -> [[f32; 4]; R] {
-        let n = w[0].len();
-        let chunks = n / 8;
-        let mut acc = [[_mm256_setzero_ps(); 4]; R];
-        let xp = x.map(|r| r.as_ptr());
-        let wp = w.map(|r| r.as_ptr());
-        for c in 0..chunks {
-            // SAFETY: c*8+8 <= n, and every row has n elements.
-            unsafe {
-                let xv: [__m256; R] = std::array::from_fn(|k| _mm256_loadu_ps(xp[k].add(c * 8)));
-                for i in 0..4 {
-                    let wv = _mm256_loadu_ps(wp[i].add(c * 8));
-                    for k in 0..R {
-                        acc[k][i] = _mm256_fmadd_ps(xv[k], wv, acc[k][i]);
-                    }
+    use super::{Elem, PANEL};
+
+    /// As `scalar_tile`, with fused multiply-adds. With `prefetch`, also
+    /// asks for the next `kc·16` weights (the next chunk of this panel, or
+    /// the start of the next panel) to be brought into cache, so that the
+    /// memory traffic of the next chunk overlaps this chunk's arithmetic
+    /// instead of following it.
+    ///
+    /// # Safety
+    /// AVX2, FMA and F16C must exist. `x` holds `R` rows `stride` apart of
+    /// at least `kc` elements, `w` holds `kc·16`, `c` holds `R·16`.
+    #[target_feature(enable = "avx2,fma,f16c")]
+    pub unsafe fn tile<T: Elem, const R: usize>(
+        x: &[f32],
+        stride: usize,
+        w: &[T],
+        kc: usize,
+        c: &mut [f32],
+        first: bool,
+        prefetch: bool,
+    ) {
+        assert!(w.len() >= kc * PANEL && c.len() >= R * PANEL);
+        assert!(x.len() >= (R - 1) * stride + kc);
+        let (xp, wp, cp) = (x.as_ptr(), w.as_ptr(), c.as_mut_ptr());
+        // SAFETY: the asserts above bound every access.
+        unsafe {
+            let mut acc = [[_mm256_setzero_ps(); 2]; R];
+            if !first {
+                for (r, a) in acc.iter_mut().enumerate() {
+                    *a = [
+                        _mm256_loadu_ps(cp.add(r * PANEL)),
+                        _mm256_loadu_ps(cp.add(r * PANEL + 8)),
+                    ];
                 }
             }
+            // Cache lines in a chunk; prefetching never faults, so reading
+            // past the end of the matrix is harmless.
+            let lines = kc * PANEL * std::mem::size_of::<T>() / 64;
+            let ahead = wp.add(kc * PANEL) as *const i8;
+            for k in 0..kc {
+                if prefetch && k < lines {
+                    _mm_prefetch::<_MM_HINT_T0>(ahead.wrapping_add(k * 64));
+                }
+                let [w0, w1] = T::load16(wp.add(k * PANEL));
+                for (r, a) in acc.iter_mut().enumerate() {
+                    let xv = _mm256_broadcast_ss(&*xp.add(r * stride + k));
+                    a[0] = _mm256_fmadd_ps(xv, w0, a[0]);
+                    a[1] = _mm256_fmadd_ps(xv, w1, a[1]);
+                }
+            }
+            for (r, a) in acc.iter().enumerate() {
+                _mm256_storeu_ps(cp.add(r * PANEL), a[0]);
+                _mm256_storeu_ps(cp.add(r * PANEL + 8), a[1]);
+            }
         }
-        std::array::from_fn(|k| {
-            std::array::from_fn(|i| {
-                let mut lanes = [0f32; 8];
-                // SAFETY: lanes has 8 f32.
-                unsafe { _mm256_storeu_ps(lanes.as_mut_ptr(), acc[k][i]) };
-                let tail: f32 = x[k][chunks * 8..]
-                    .iter()
-                    .zip(&w[i][chunks * 8..])
-                    .map(|(p, q)| p * q)
-                    .sum();
-                lanes.iter().sum::<f32>() + tail
-            })
-        })
     }
 }
 
@@ -166,44 +296,49 @@ mod tests {
             .collect()
     }
 
-    #[test]
-    fn matches_an_f64_reference_and_does_not_depend_on_batch_size() {
+    fn check<T: Elem>(convert: impl Fn(f32) -> T, tol: f64) {
+        let paths: Vec<bool> = Isa::available().iter().map(|&i| i >= Isa::Avx2).collect();
         for (rows, inp, out) in [
             (1, 8, 4),
             (3, 13, 7),
-            (5, 64, 33),
+            (7, 300, 33),
             (16, 100, 70),
             (2, 768, 129),
         ] {
             let x = data(rows * inp, 1);
-            let w = data(out * inp, 2);
-            let got = matmul_t(&x, rows, &w, out, inp);
-            for r in 0..rows {
-                for j in 0..out {
-                    let want: f64 = (0..inp)
-                        .map(|k| x[r * inp + k] as f64 * w[j * inp + k] as f64)
-                        .sum();
-                    let g = got[r * out + j] as f64;
-                    assert!(
-                        (g - want).abs() <= 1e-5 * (inp as f64).sqrt() * want.abs().max(1.0),
-                        "{rows}x{inp}x{out} [{r},{j}]: {g} vs {want}"
-                    );
+            let w: Vec<T> = data(out * inp, 2).into_iter().map(&convert).collect();
+            let packed = PackedFloat::from_rows(&w, out, inp);
+            for &simd in &paths {
+                let got = packed.matmul_with(simd, &x, rows);
+                for r in 0..rows {
+                    for j in 0..out {
+                        let want: f64 = (0..inp)
+                            .map(|k| x[r * inp + k] as f64 * w[j * inp + k].to_f32() as f64)
+                            .sum();
+                        let g = got[r * out + j] as f64;
+                        assert!(
+                            (g - want).abs() <= tol * (inp as f64).sqrt() * want.abs().max(1.0),
+                            "simd {simd} {rows}x{inp}x{out} [{r},{j}]: {g} vs {want}"
+                        );
+                    }
+                    // Row r alone gives bit-identical results.
+                    let alone = packed.matmul_with(simd, &x[r * inp..(r + 1) * inp], 1);
+                    assert_eq!(alone, got[r * out..(r + 1) * out]);
                 }
-                // Row r alone gives bit-identical results.
-                let alone = matmul_t(&x[r * inp..(r + 1) * inp], 1, &w, out, inp);
-                assert_eq!(alone, got[r * out..(r + 1) * out]);
             }
         }
     }
 
     #[test]
-    fn simd_and_scalar_paths_agree() {
-        let (inp, x, w) = (77, data(77, 3), data(4 * 77, 4));
-        let rows: [&[f32]; 4] = std::array::from_fn(|i| &w[i * inp..(i + 1) * inp]);
-        let s = scalar_dot4(&x, rows);
-        let v = dot_rows::<1>([&x], rows, simd_available())[0];
-        for (a, b) in s.iter().zip(v) {
-            assert!((a - b).abs() <= 1e-5 * a.abs().max(1.0), "{a} vs {b}");
-        }
+    fn f32_weights_match_an_f64_reference_and_do_not_depend_on_batch_size() {
+        check(|v| v, 1e-5);
+    }
+
+    #[test]
+    fn half_weights_match_an_f64_reference_of_the_same_weights() {
+        // The reference uses the 16-bit weights themselves, so only f32
+        // accumulation separates the two.
+        check(bf16::from_f32, 1e-5);
+        check(f16::from_f32, 1e-5);
     }
 }

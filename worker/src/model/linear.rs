@@ -7,9 +7,8 @@ use std::sync::Arc;
 use candle_core::quantized::QMatMul;
 use candle_core::{DType, Device, Module, Tensor};
 use half::{bf16, f16};
-use rayon::prelude::*;
 
-use super::kernels;
+use super::{kernels, quant};
 use crate::comm::Communicator;
 use crate::error::{Result, WorkerError};
 use crate::weights::Weight;
@@ -32,17 +31,14 @@ impl WeightDtype {
     }
 }
 
-/// Up to this many rows (decode batches) f32 products use our unpacked
-/// kernel; above it (prefill) candle's gemm, whose packing then pays off.
-const SMALL_BATCH: usize = 32;
-
 enum Kind {
-    /// f32 weights: candle's gemm.
-    F32(Tensor),
-    /// 16-bit float weights as raw bits, `[out, in]`; multiplied by our own
-    /// kernel with f32 accumulation (candle's CPU matmul has no bf16).
-    Half { bits: Vec<u16>, bf16: bool },
-    /// GGML-quantized weights: candle's quantized matmul.
+    /// Float weights in panels for our kernel, kept in the `--dtype` chosen.
+    F32(kernels::PackedFloat<f32>),
+    Bf16(kernels::PackedFloat<bf16>),
+    F16(kernels::PackedFloat<f16>),
+    /// Q4_0, Q4_1 and Q8_0 weights, repacked for our kernels.
+    Packed(quant::PackedMatrix),
+    /// Other GGML-quantized weights (K-quants): candle's quantized matmul.
     Quantized(QMatMul),
 }
 
@@ -73,6 +69,17 @@ impl Linear {
             source,
         };
         let dense = match w {
+            Weight::Quantized(q) if quant::Format::from_ggml(q.dtype()).is_some() => {
+                let format = quant::Format::from_ggml(q.dtype()).expect("checked");
+                let raw = q.data().map_err(werr)?;
+                return Ok(Self {
+                    kind: Kind::Packed(quant::PackedMatrix::from_ggml(
+                        format, &raw, out_dim, in_dim,
+                    )),
+                    in_dim,
+                    out_dim,
+                });
+            }
             Weight::Quantized(q) => match QMatMul::from_arc(q).map_err(werr)? {
                 QMatMul::QTensor(q) => {
                     return Ok(Self {
@@ -86,15 +93,11 @@ impl Linear {
             Weight::Dense(t) => t,
         };
         let kind = match dtype {
-            WeightDtype::F32 => Kind::F32(dense.to_dtype(DType::F32).map_err(werr)?),
-            WeightDtype::Bf16 => Kind::Half {
-                bits: to_bits::<bf16>(&dense, DType::BF16).map_err(werr)?,
-                bf16: true,
-            },
-            WeightDtype::F16 => Kind::Half {
-                bits: to_bits::<f16>(&dense, DType::F16).map_err(werr)?,
-                bf16: false,
-            },
+            WeightDtype::F32 => Kind::F32(pack(&dense, DType::F32, out_dim, in_dim).map_err(werr)?),
+            WeightDtype::Bf16 => {
+                Kind::Bf16(pack(&dense, DType::BF16, out_dim, in_dim).map_err(werr)?)
+            }
+            WeightDtype::F16 => Kind::F16(pack(&dense, DType::F16, out_dim, in_dim).map_err(werr)?),
         };
         Ok(Self {
             kind,
@@ -111,35 +114,13 @@ impl Linear {
     pub fn forward(&self, x: &[f32], rows: usize) -> Result<Vec<f32>> {
         debug_assert_eq!(x.len(), rows * self.in_dim);
         match &self.kind {
-            Kind::F32(w) if rows <= SMALL_BATCH => {
-                let (storage, layout) = w.storage_and_layout();
-                match &*storage {
-                    candle_core::Storage::Cpu(cpu) if layout.is_contiguous() => {
-                        let data = &cpu.as_slice::<f32>()?[layout.start_offset()..];
-                        Ok(kernels::matmul_t(
-                            x,
-                            rows,
-                            &data[..self.out_dim * self.in_dim],
-                            self.out_dim,
-                            self.in_dim,
-                        ))
-                    }
-                    _ => Err(candle_core::Error::Msg(
-                        "f32 weights must be contiguous on the CPU".into(),
-                    )
-                    .into()),
-                }
-            }
-            Kind::F32(w) => {
-                let xt = Tensor::from_slice(x, (rows, self.in_dim), &Device::Cpu)?;
-                Ok(xt.matmul(&w.t()?)?.flatten_all()?.to_vec1()?)
-            }
+            Kind::F32(w) => Ok(w.matmul(x, rows)),
+            Kind::Bf16(w) => Ok(w.matmul(x, rows)),
+            Kind::F16(w) => Ok(w.matmul(x, rows)),
+            Kind::Packed(p) => Ok(p.matmul(x, rows)),
             Kind::Quantized(q) => {
                 let xt = Tensor::from_slice(x, (rows, self.in_dim), &Device::Cpu)?;
                 Ok(q.forward(&xt)?.flatten_all()?.to_vec1()?)
-            }
-            Kind::Half { bits, bf16 } => {
-                Ok(half_matmul(x, rows, bits, self.out_dim, self.in_dim, *bf16))
             }
         }
     }
@@ -147,8 +128,10 @@ impl Linear {
     /// Bytes the weights occupy in memory.
     pub fn weight_bytes(&self) -> usize {
         match &self.kind {
-            Kind::F32(w) => w.elem_count() * 4,
-            Kind::Half { bits, .. } => bits.len() * 2,
+            Kind::F32(w) => w.bytes(),
+            Kind::Bf16(w) => w.bytes(),
+            Kind::F16(w) => w.bytes(),
+            Kind::Packed(p) => p.bytes(),
             Kind::Quantized(QMatMul::QTensor(q)) => q.storage_size_in_bytes(),
             Kind::Quantized(QMatMul::Tensor(t) | QMatMul::TensorF16(t)) => {
                 t.elem_count() * t.dtype().size_in_bytes()
@@ -157,69 +140,15 @@ impl Linear {
     }
 }
 
-trait HalfBits: candle_core::WithDType {
-    fn bits(self) -> u16;
-}
-impl HalfBits for bf16 {
-    fn bits(self) -> u16 {
-        self.to_bits()
-    }
-}
-impl HalfBits for f16 {
-    fn bits(self) -> u16 {
-        self.to_bits()
-    }
-}
-
-fn to_bits<T: HalfBits>(t: &Tensor, dtype: DType) -> candle_core::Result<Vec<u16>> {
-    let v = t.to_dtype(dtype)?.flatten_all()?.to_vec1::<T>()?;
-    Ok(v.into_iter().map(HalfBits::bits).collect())
-}
-
-/// `[rows, in] × [out, in]ᵀ` with 16-bit weights, f32 accumulation. Each task
-/// converts a band of weight rows once and uses it for every activation row,
-/// so a batch shares the weight read.
-fn half_matmul(
-    x: &[f32],
-    rows: usize,
-    w: &[u16],
+/// Float weights `[out, in]` as `T`, packed for the kernel.
+fn pack<T: kernels::Elem + candle_core::WithDType>(
+    t: &Tensor,
+    dtype: DType,
     out_dim: usize,
     in_dim: usize,
-    bf16: bool,
-) -> Vec<f32> {
-    const BAND: usize = 16;
-    let mut out_t = vec![0f32; out_dim * rows];
-    out_t
-        .par_chunks_mut(BAND * rows)
-        .enumerate()
-        .for_each(|(band, chunk)| {
-            let mut wrow = vec![0f32; in_dim];
-            for (j, dst) in chunk.chunks_mut(rows).enumerate() {
-                let o = band * BAND + j;
-                let src = &w[o * in_dim..(o + 1) * in_dim];
-                if bf16 {
-                    for (d, &b) in wrow.iter_mut().zip(src) {
-                        *d = f32::from_bits((b as u32) << 16);
-                    }
-                } else {
-                    for (d, &b) in wrow.iter_mut().zip(src) {
-                        *d = f16::from_bits(b).to_f32();
-                    }
-                }
-                for (r, d) in dst.iter_mut().enumerate() {
-                    let xr = &x[r * in_dim..(r + 1) * in_dim];
-                    *d = xr.iter().zip(&wrow).map(|(a, b)| a * b).sum();
-                }
-            }
-        });
-    // out_t is [out, rows]; the caller wants [rows, out].
-    let mut out = vec![0f32; rows * out_dim];
-    for o in 0..out_dim {
-        for r in 0..rows {
-            out[r * out_dim + o] = out_t[o * rows + r];
-        }
-    }
-    out
+) -> candle_core::Result<kernels::PackedFloat<T>> {
+    let v = t.to_dtype(dtype)?.flatten_all()?.to_vec1::<T>()?;
+    Ok(kernels::PackedFloat::from_rows(&v, out_dim, in_dim))
 }
 
 /// Which slice of a sharded dimension a rank holds.

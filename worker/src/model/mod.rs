@@ -9,6 +9,7 @@ mod attention;
 mod kernels;
 pub mod linear;
 mod norm;
+pub mod quant;
 
 use std::sync::Arc;
 
@@ -305,6 +306,18 @@ impl Llama {
     /// row-major, where n is 1 for [`LogitsFor::Last`] and the sequence's
     /// token count for [`LogitsFor::All`].
     pub fn forward(
+        &self,
+        kv: &mut PagedKv,
+        seqs: &[SeqInput<'_>],
+        which: LogitsFor,
+    ) -> Result<Vec<Vec<f32>>> {
+        // On a pool thread, each parallel operation of the step starts on
+        // this thread's own queue instead of waking the pool from outside
+        // (hundreds of times a step).
+        rayon::scope(|_| self.forward_on_pool(kv, seqs, which))
+    }
+
+    fn forward_on_pool(
         &self,
         kv: &mut PagedKv,
         seqs: &[SeqInput<'_>],

@@ -1,0 +1,164 @@
+//! `cargo bench -p aquila-worker --bench kernels`: each quantized kernel on
+//! the demo model's shapes, on every path this machine runs, as GB/s of
+//! weights and GMAC/s, next to the machine's measured read bandwidth and
+//! f32 FMA peak. Prints one JSON line per measurement.
+//!
+//! `AQUILA_BENCH_QUICK=1` runs each measurement briefly (a smoke test).
+
+use std::hint::black_box;
+use std::time::{Duration, Instant};
+
+use aquila_worker::model::quant::{Format, Isa, PackedMatrix};
+use half::f16;
+
+fn main() {
+    let quick = std::env::var_os("AQUILA_BENCH_QUICK").is_some();
+    let budget = Duration::from_millis(if quick { 20 } else { 400 });
+    let threads = rayon::current_num_threads();
+    let bandwidth = read_bandwidth(budget);
+    let peak = fma_peak(budget);
+    println!(
+        "{}",
+        serde_json::json!({"machine": {"threads": threads, "read_gb_per_s": bandwidth,
+            "f32_fma_gflop_per_s": peak}})
+    );
+    // SmolLM2-135M: ffn up/gate, ffn down, q/o, k/v, and the tied lm_head.
+    let shapes = [
+        ("ffn_up", Format::Q4_1, 1536, 576),
+        ("ffn_down", Format::Q4_1, 576, 1536),
+        ("attn_q", Format::Q4_1, 576, 576),
+        ("attn_k", Format::Q4_1, 192, 576),
+        ("lm_head", Format::Q8_0, 49152, 576),
+        ("ffn_up_q4_0", Format::Q4_0, 1536, 576),
+    ];
+    for (name, format, out, inp) in shapes {
+        let packed =
+            PackedMatrix::from_ggml(format, &random_blocks(format, out * inp / 32), out, inp);
+        for isa in Isa::available() {
+            for rows in [1, 4, 16, 64] {
+                if isa == Isa::Scalar && rows > 4 {
+                    continue;
+                }
+                let x: Vec<f32> = (0..rows * inp)
+                    .map(|i| ((i * 7919) % 201) as f32 / 100.0 - 1.0)
+                    .collect();
+                let secs = time(budget, || {
+                    black_box(packed.matmul_with(isa, black_box(&x), rows));
+                });
+                let macs = (rows * out * inp) as f64;
+                println!(
+                    "{}",
+                    serde_json::json!({"kernel": name, "format": format!("{format:?}"),
+                        "isa": isa.label(), "rows": rows, "out": out, "in": inp,
+                        "us": secs * 1e6,
+                        "weight_gb_per_s": packed.bytes() as f64 / secs / 1e9,
+                        "gmac_per_s": macs / secs / 1e9})
+                );
+            }
+        }
+    }
+}
+
+/// GGML blocks with random quants and small random f16 scales.
+fn random_blocks(format: Format, blocks: usize) -> Vec<u8> {
+    let mut state = 0x2545F4914F6CDD1Du64;
+    let mut next = move || {
+        state ^= state << 13;
+        state ^= state >> 7;
+        state ^= state << 17;
+        state
+    };
+    let (scales, quants) = match format {
+        Format::Q4_0 => (1, 16),
+        Format::Q4_1 => (2, 16),
+        Format::Q8_0 => (1, 32),
+    };
+    let mut raw = Vec::with_capacity(blocks * (2 * scales + quants));
+    for _ in 0..blocks {
+        for _ in 0..scales {
+            let s = (next() % 1000) as f32 / 1e5;
+            raw.extend_from_slice(&f16::from_f32(s).to_le_bytes());
+        }
+        raw.extend((0..quants).map(|_| next() as u8));
+    }
+    raw
+}
+
+/// Median seconds per call of `f`, run for about `budget`.
+fn time(budget: Duration, mut f: impl FnMut()) -> f64 {
+    f();
+    let mut samples = Vec::new();
+    let start = Instant::now();
+    while start.elapsed() < budget || samples.len() < 5 {
+        let t = Instant::now();
+        f();
+        samples.push(t.elapsed().as_secs_f64());
+    }
+    samples.sort_by(f64::total_cmp);
+    samples[samples.len() / 2]
+}
+
+/// GB/s reading a 512 MiB buffer with every thread (far past any cache).
+fn read_bandwidth(budget: Duration) -> f64 {
+    use rayon::prelude::*;
+    let buf = vec![1u64; 64 << 20];
+    let secs = time(budget, || {
+        let s: u64 = buf
+            .par_chunks(1 << 16)
+            .map(|c| c.iter().fold(0u64, |a, &v| a.wrapping_add(v)))
+            .sum();
+        black_box(s);
+    });
+    (buf.len() * 8) as f64 / secs / 1e9
+}
+
+/// GFLOP/s of independent f32 FMAs on every thread (AVX2 if available).
+fn fma_peak(budget: Duration) -> f64 {
+    use rayon::prelude::*;
+    const N: usize = 1 << 22;
+    let threads = rayon::current_num_threads();
+    let secs = time(budget, || {
+        let s: f32 = (0..threads)
+            .into_par_iter()
+            .map(|t| fma_loop(N, t as f32))
+            .sum();
+        black_box(s);
+    });
+    // 8 lanes × 12 chains × 2 flops per iteration.
+    (threads * N * 8 * 12 * 2) as f64 / secs / 1e9
+}
+
+fn fma_loop(n: usize, seed: f32) -> f32 {
+    #[cfg(target_arch = "x86_64")]
+    if is_x86_feature_detected!("avx2") && is_x86_feature_detected!("fma") {
+        // SAFETY: checked above.
+        return unsafe { fma_loop_avx2(n, seed) };
+    }
+    let mut acc = [seed; 96];
+    for _ in 0..n {
+        for a in acc.iter_mut() {
+            *a = a.mul_add(0.999_999, 1e-7);
+        }
+    }
+    black_box(acc.iter().sum())
+}
+
+#[cfg(target_arch = "x86_64")]
+#[target_feature(enable = "avx2,fma")]
+unsafe fn fma_loop_avx2(n: usize, seed: f32) -> f32 {
+    use std::arch::x86_64::*;
+    let mut acc = [_mm256_set1_ps(seed); 12];
+    let (m, a) = (_mm256_set1_ps(0.999_999), _mm256_set1_ps(1e-7));
+    for _ in 0..n {
+        for v in acc.iter_mut() {
+            *v = _mm256_fmadd_ps(*v, m, a);
+        }
+    }
+    let mut out = [0f32; 8];
+    let sum = acc
+        .iter()
+        .fold(_mm256_setzero_ps(), |s, &v| _mm256_add_ps(s, v));
+    // SAFETY: out has 8 lanes.
+    unsafe { _mm256_storeu_ps(out.as_mut_ptr(), sum) };
+    out.iter().sum()
+}

@@ -1,0 +1,353 @@
+//! Matrix products with GGML-quantized weights (Q4_0, Q4_1, Q8_0) against
+//! activations quantized to 8 bits, written for this project.
+//!
+//! At load time each weight matrix is repacked: rows are taken eight at a
+//! time (a *group*), and for every 32-weight block the eight rows' quants are
+//! interleaved four bytes at a time, followed by their eight f16 scales (and
+//! mins). One 32-byte load then holds the same four columns of all eight
+//! rows, so a broadcast of four activation bytes and one integer
+//! multiply-add (`vpdpbusd`, or `vpmaddubsw` on plain AVX2) advance eight dot
+//! products at once, and the scales apply to eight rows with one vector
+//! multiply. Each group is used for every activation row while it sits in
+//! L1, so a batch of 16 reads the weights from memory once, like one stream.
+//! The repacked bytes per weight equal GGML's (Q4_0 gains a 2-byte min of
+//! zero it does not use: `m = -8·d` is folded into integer sums instead).
+//!
+//! Every path (scalar, AVX2, AVX-512 VNNI) computes the same integer block
+//! sums and applies the scales in the same order with fused multiply-adds,
+//! so all paths give bit-identical results, and a row's result never depends
+//! on what it is batched with.
+
+#[cfg(target_arch = "x86_64")]
+mod x86;
+
+use candle_core::quantized::GgmlDType;
+use half::f16;
+use rayon::prelude::*;
+
+/// Weights per block, as in GGML's Q4_0/Q4_1/Q8_0.
+pub const BLOCK: usize = 32;
+/// Weight rows interleaved in one group.
+pub const GROUP: usize = 8;
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Format {
+    /// 4-bit quants `q`, value `d·(q - 8)`.
+    Q4_0,
+    /// 4-bit quants `q`, value `d·q + m`.
+    Q4_1,
+    /// 8-bit signed quants `q`, value `d·q`.
+    Q8_0,
+}
+
+impl Format {
+    pub fn from_ggml(dtype: GgmlDType) -> Option<Self> {
+        match dtype {
+            GgmlDType::Q4_0 => Some(Self::Q4_0),
+            GgmlDType::Q4_1 => Some(Self::Q4_1),
+            GgmlDType::Q8_0 => Some(Self::Q8_0),
+            _ => None,
+        }
+    }
+
+    /// Bytes of one block in a GGUF file.
+    fn ggml_block_bytes(self) -> usize {
+        match self {
+            Self::Q4_0 => 18,
+            Self::Q4_1 => 20,
+            Self::Q8_0 => 34,
+        }
+    }
+
+    /// Bytes of quants for one block of one row.
+    const fn quant_bytes(self) -> usize {
+        match self {
+            Self::Q4_0 | Self::Q4_1 => BLOCK / 2,
+            Self::Q8_0 => BLOCK,
+        }
+    }
+
+    /// Bytes of one block of one group: quants, then f16 scales, then (Q4_1)
+    /// f16 mins.
+    const fn group_block_bytes(self) -> usize {
+        let scales = match self {
+            Self::Q4_1 => 2 * GROUP * 2,
+            Self::Q4_0 | Self::Q8_0 => GROUP * 2,
+        };
+        GROUP * self.quant_bytes() + scales
+    }
+
+    /// What the integer sum of `q·x` is corrected by, per unit of `Σx`, to
+    /// make it the sum of the signed values' products: Q4_0's quants are
+    /// stored offset by 8; Q8_0's are offset by 128 on the VNNI path only,
+    /// which handles that itself.
+    const fn offset(self) -> i32 {
+        match self {
+            Self::Q4_0 => 8,
+            Self::Q4_1 | Self::Q8_0 => 0,
+        }
+    }
+}
+
+/// Which instructions the kernels use.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, PartialOrd, Ord)]
+pub enum Isa {
+    Scalar,
+    Avx2,
+    Avx512Vnni,
+}
+
+impl Isa {
+    /// Every path this machine can run, slowest first.
+    pub fn available() -> Vec<Isa> {
+        let mut v = vec![Isa::Scalar];
+        #[cfg(target_arch = "x86_64")]
+        {
+            if is_x86_feature_detected!("avx2")
+                && is_x86_feature_detected!("fma")
+                && is_x86_feature_detected!("f16c")
+            {
+                v.push(Isa::Avx2);
+                if is_x86_feature_detected!("avx512f")
+                    && is_x86_feature_detected!("avx512vl")
+                    && is_x86_feature_detected!("avx512vnni")
+                {
+                    v.push(Isa::Avx512Vnni);
+                }
+            }
+        }
+        v
+    }
+
+    /// The fastest available path, or the one `AQUILA_KERNELS` names
+    /// (`scalar`, `avx2`, `vnni`) if this machine can run it.
+    pub fn selected() -> Isa {
+        static CHOICE: std::sync::OnceLock<Isa> = std::sync::OnceLock::new();
+        *CHOICE.get_or_init(|| {
+            let available = Isa::available();
+            let best = *available.last().expect("scalar is always available");
+            match std::env::var("AQUILA_KERNELS").ok().as_deref() {
+                Some("scalar") => Isa::Scalar,
+                Some("avx2") if available.contains(&Isa::Avx2) => Isa::Avx2,
+                _ => best,
+            }
+        })
+    }
+
+    pub fn label(self) -> &'static str {
+        match self {
+            Isa::Scalar => "scalar",
+            Isa::Avx2 => "avx2",
+            Isa::Avx512Vnni => "avx512-vnni",
+        }
+    }
+}
+
+/// A `[out, in]` quantized weight matrix in the grouped layout.
+pub struct PackedMatrix {
+    format: Format,
+    out_dim: usize,
+    in_dim: usize,
+    blocks: usize,
+    data: Vec<u8>,
+}
+
+impl PackedMatrix {
+    /// Repacks GGML blocks of a row-major `[out, in]` matrix. `in_dim` must
+    /// be a multiple of 32 (GGUF guarantees it for these formats).
+    pub fn from_ggml(format: Format, raw: &[u8], out_dim: usize, in_dim: usize) -> Self {
+        assert_eq!(
+            in_dim % BLOCK,
+            0,
+            "in_dim {in_dim} is not a multiple of {BLOCK}"
+        );
+        let blocks = in_dim / BLOCK;
+        let src_block = format.ggml_block_bytes();
+        assert_eq!(raw.len(), out_dim * blocks * src_block, "GGML data size");
+        let groups = out_dim.div_ceil(GROUP);
+        let gb = format.group_block_bytes();
+        let qb = format.quant_bytes();
+        // Rows past out_dim stay zero: scale 0, so they contribute nothing.
+        let mut data = vec![0u8; groups * blocks * gb];
+        for (o, row) in raw.chunks_exact(blocks * src_block).enumerate() {
+            let (g, r) = (o / GROUP, o % GROUP);
+            for (b, src) in row.chunks_exact(src_block).enumerate() {
+                let dst = &mut data[(g * blocks + b) * gb..][..gb];
+                let (scales, quants) = match format {
+                    Format::Q4_1 => src.split_at(4),
+                    Format::Q4_0 | Format::Q8_0 => src.split_at(2),
+                };
+                for (k, four) in quants.chunks_exact(4).enumerate() {
+                    dst[(k * GROUP + r) * 4..][..4].copy_from_slice(four);
+                }
+                let sc = GROUP * qb;
+                dst[sc + 2 * r..][..2].copy_from_slice(&scales[..2]);
+                if format == Format::Q4_1 {
+                    dst[sc + 2 * GROUP + 2 * r..][..2].copy_from_slice(&scales[2..4]);
+                }
+            }
+        }
+        Self {
+            format,
+            out_dim,
+            in_dim,
+            blocks,
+            data,
+        }
+    }
+
+    pub fn format(&self) -> Format {
+        self.format
+    }
+
+    pub fn bytes(&self) -> usize {
+        self.data.len()
+    }
+
+    fn groups(&self) -> usize {
+        self.out_dim.div_ceil(GROUP)
+    }
+
+    fn group(&self, g: usize) -> &[u8] {
+        let n = self.blocks * self.format.group_block_bytes();
+        &self.data[g * n..(g + 1) * n]
+    }
+
+    /// `x` is `[rows, in]` f32; returns `[rows, out]`.
+    pub fn matmul(&self, x: &[f32], rows: usize) -> Vec<f32> {
+        self.matmul_with(Isa::selected(), x, rows)
+    }
+
+    /// [`matmul`](Self::matmul) on a given path; panics if this machine
+    /// cannot run it.
+    pub fn matmul_with(&self, isa: Isa, x: &[f32], rows: usize) -> Vec<f32> {
+        assert!(Isa::available().contains(&isa), "{isa:?} is not available");
+        assert_eq!(x.len(), rows * self.in_dim);
+        let qx = QuantizedRows::new(x, rows, self.in_dim);
+        let groups = self.groups();
+        // A few tasks per thread, so a slow thread does not hold up the step.
+        let tasks = rayon::current_num_threads() * 4;
+        let per_task = groups.div_ceil(tasks).max(1);
+        let mut out_t = vec![0f32; groups * rows * GROUP];
+        out_t
+            .par_chunks_mut(per_task * rows * GROUP)
+            .enumerate()
+            .for_each(|(t, chunk)| {
+                for (i, out) in chunk.chunks_mut(rows * GROUP).enumerate() {
+                    self.group_rows(isa, self.group(t * per_task + i), &qx, out);
+                }
+            });
+        let mut out = vec![0f32; rows * self.out_dim];
+        for (g, block) in out_t.chunks_exact(rows * GROUP).enumerate() {
+            let cols = (self.out_dim - g * GROUP).min(GROUP);
+            for (r, lanes) in block.chunks_exact(GROUP).enumerate() {
+                out[r * self.out_dim + g * GROUP..][..cols].copy_from_slice(&lanes[..cols]);
+            }
+        }
+        out
+    }
+
+    /// One group against every activation row; `out` is `[rows, 8]`.
+    fn group_rows(&self, isa: Isa, w: &[u8], x: &QuantizedRows, out: &mut [f32]) {
+        match isa {
+            Isa::Scalar => {
+                for r in 0..x.rows {
+                    scalar_group(self.format, w, x, r, &mut out[r * GROUP..][..GROUP]);
+                }
+            }
+            #[cfg(target_arch = "x86_64")]
+            // SAFETY: matmul_with checked that the machine runs this path.
+            Isa::Avx2 | Isa::Avx512Vnni => unsafe { x86::group_rows(isa, self.format, w, x, out) },
+            #[cfg(not(target_arch = "x86_64"))]
+            _ => unreachable!(),
+        }
+    }
+}
+
+/// Activation rows quantized like GGML's Q8_0/Q8_1: per 32 values a scale
+/// `d = max|x|/127` and quants `round(x/d)`, plus the quants' sum (for
+/// offsets) and `d·Σq` (for Q4_1's mins).
+pub struct QuantizedRows {
+    rows: usize,
+    blocks: usize,
+    qs: Vec<i8>,
+    d: Vec<f32>,
+    sum: Vec<i32>,
+    s: Vec<f32>,
+}
+
+impl QuantizedRows {
+    pub fn new(x: &[f32], rows: usize, in_dim: usize) -> Self {
+        let blocks = in_dim / BLOCK;
+        let n = rows * blocks;
+        let mut q = Self {
+            rows,
+            blocks,
+            qs: vec![0; n * BLOCK],
+            d: vec![0.0; n],
+            sum: vec![0; n],
+            s: vec![0.0; n],
+        };
+        for (i, (src, dst)) in x
+            .chunks_exact(BLOCK)
+            .zip(q.qs.chunks_exact_mut(BLOCK))
+            .enumerate()
+        {
+            let amax = src.iter().fold(0f32, |m, v| m.max(v.abs()));
+            let d = amax / 127.0;
+            let id = if d > 0.0 { 1.0 / d } else { 0.0 };
+            let mut sum = 0i32;
+            for (o, v) in dst.iter_mut().zip(src) {
+                *o = (v * id).round() as i8;
+                sum += *o as i32;
+            }
+            q.d[i] = d;
+            q.sum[i] = sum;
+            q.s[i] = d * sum as f32;
+        }
+        q
+    }
+
+    fn index(&self, row: usize, block: usize) -> usize {
+        row * self.blocks + block
+    }
+}
+
+fn f16_at(bytes: &[u8], i: usize) -> f32 {
+    f16::from_le_bytes([bytes[2 * i], bytes[2 * i + 1]]).to_f32()
+}
+
+/// The reference: one group against activation row `r`, one lane at a time.
+fn scalar_group(format: Format, w: &[u8], x: &QuantizedRows, r: usize, out: &mut [f32]) {
+    let gb = format.group_block_bytes();
+    let qb = format.quant_bytes();
+    for (lane, acc) in out.iter_mut().enumerate() {
+        *acc = 0.0;
+        for b in 0..x.blocks {
+            let wb = &w[b * gb..][..gb];
+            let xi = x.index(r, b);
+            let xq = &x.qs[xi * BLOCK..][..BLOCK];
+            // Weight quant j of this lane's row.
+            let quant = |j: usize| -> i32 {
+                match format {
+                    Format::Q4_0 | Format::Q4_1 => {
+                        let byte = wb[((j % 16) / 4 * GROUP + lane) * 4 + j % 4];
+                        i32::from(if j < 16 { byte & 0x0F } else { byte >> 4 })
+                    }
+                    Format::Q8_0 => i32::from(wb[(j / 4 * GROUP + lane) * 4 + j % 4] as i8),
+                }
+            };
+            let isum = (0..BLOCK).map(|j| quant(j) * i32::from(xq[j])).sum::<i32>()
+                - format.offset() * x.sum[xi];
+            let scales = &wb[GROUP * qb..];
+            let scale = f16_at(scales, lane) * x.d[xi];
+            *acc = (isum as f32).mul_add(scale, *acc);
+            if format == Format::Q4_1 {
+                *acc = f16_at(scales, GROUP + lane).mul_add(x.s[xi], *acc);
+            }
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests;

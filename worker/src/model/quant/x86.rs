@@ -1,0 +1,225 @@
+//! The AVX2 and AVX-512 VNNI kernels. Both take one group (eight weight rows)
+//! and `R` activation rows at a time; per block they form the eight rows'
+//! integer sums for each activation row, then apply the scales exactly as
+//! the scalar reference does.
+//!
+//! - AVX2: `vpmaddubsw` (unsigned 4-bit quants × signed activations) into
+//!   16-bit sums, which cannot overflow within a block (8 × 2 × 15 × 128),
+//!   then `vpmaddwd` to 32 bits. Q8_0 weights are signed, so the sign moves
+//!   onto the activations (`vpsignb`) and each product pair widens at once.
+//! - VNNI: `vpdpbusd` does the multiply and the widening in one instruction,
+//!   on 256-bit registers (AVX-512VL), with 32 of them to hold eight rows'
+//!   accumulators. Q8_0 weights are flipped to unsigned (`q + 128`), and
+//!   `128·Σx` taken off afterwards.
+
+use std::arch::x86_64::*;
+
+use super::{BLOCK, Format, GROUP, Isa, QuantizedRows};
+
+/// Runs one group against every activation row, `R` rows at a time.
+///
+/// # Safety
+/// The machine must support `isa` (AVX2, FMA and F16C; plus AVX-512F/VL/VNNI
+/// for `Avx512Vnni`).
+pub(super) unsafe fn group_rows(
+    isa: Isa,
+    format: Format,
+    w: &[u8],
+    x: &QuantizedRows,
+    out: &mut [f32],
+) {
+    macro_rules! run {
+        ($kernel:ident, $widest:literal) => {{
+            let mut r = 0;
+            while r < x.rows {
+                let o = &mut out[r * GROUP..];
+                // SAFETY: the caller guarantees the features.
+                r += unsafe {
+                    match (x.rows - r, format) {
+                        (n, Format::Q4_0) if n >= $widest => $kernel::<0, $widest>(w, x, r, o),
+                        (n, Format::Q4_1) if n >= $widest => $kernel::<1, $widest>(w, x, r, o),
+                        (n, Format::Q8_0) if n >= $widest => $kernel::<2, $widest>(w, x, r, o),
+                        (n, Format::Q4_0) if n >= 2 => $kernel::<0, 2>(w, x, r, o),
+                        (n, Format::Q4_1) if n >= 2 => $kernel::<1, 2>(w, x, r, o),
+                        (n, Format::Q8_0) if n >= 2 => $kernel::<2, 2>(w, x, r, o),
+                        (_, Format::Q4_0) => $kernel::<0, 1>(w, x, r, o),
+                        (_, Format::Q4_1) => $kernel::<1, 1>(w, x, r, o),
+                        (_, Format::Q8_0) => $kernel::<2, 1>(w, x, r, o),
+                    }
+                };
+            }
+        }};
+    }
+    match isa {
+        Isa::Avx2 => run!(avx2, 4),
+        Isa::Avx512Vnni => run!(vnni, 8),
+        Isa::Scalar => unreachable!("the scalar path is not here"),
+    }
+}
+
+const Q4_1: u8 = 1;
+const Q8_0: u8 = 2;
+
+fn format_of(f: u8) -> Format {
+    match f {
+        0 => Format::Q4_0,
+        Q4_1 => Format::Q4_1,
+        _ => Format::Q8_0,
+    }
+}
+
+/// Four activation bytes, `x[r][b][j..j+4]`, in every 32-bit lane.
+#[inline(always)]
+unsafe fn broadcast4(x: &QuantizedRows, r: usize, b: usize, j: usize) -> __m256i {
+    let i = (x.index(r, b) * BLOCK + j) as isize;
+    // SAFETY: j + 4 <= BLOCK inside row r's block b.
+    unsafe {
+        _mm256_set1_epi32(std::ptr::read_unaligned(
+            x.qs.as_ptr().offset(i) as *const i32
+        ))
+    }
+}
+
+/// Applies block `b`'s scales to the integer sums of rows `r0..r0+R`, as
+/// `scalar_group` does: `acc += isum·(d_w·d_x)`, then `acc += m_w·(d_x·Σq)`.
+#[inline(always)]
+unsafe fn scale_block<const F: u8, const R: usize>(
+    wb: *const u8,
+    x: &QuantizedRows,
+    r0: usize,
+    b: usize,
+    offset: i32,
+    isum: [__m256i; R],
+    acc: &mut [__m256; R],
+) {
+    let format = format_of(F);
+    // SAFETY: the scales (and mins) follow the quants inside the block.
+    unsafe {
+        let scales = wb.add(GROUP * format.quant_bytes());
+        let dw = _mm256_cvtph_ps(_mm_loadu_si128(scales as *const __m128i));
+        let mw = if F == Q4_1 {
+            _mm256_cvtph_ps(_mm_loadu_si128(scales.add(2 * GROUP) as *const __m128i))
+        } else {
+            _mm256_setzero_ps()
+        };
+        for r in 0..R {
+            let xi = x.index(r0 + r, b);
+            let mut s = isum[r];
+            if offset != 0 {
+                s = _mm256_sub_epi32(s, _mm256_set1_epi32(offset * x.sum[xi]));
+            }
+            let scale = _mm256_mul_ps(dw, _mm256_set1_ps(x.d[xi]));
+            acc[r] = _mm256_fmadd_ps(_mm256_cvtepi32_ps(s), scale, acc[r]);
+            if F == Q4_1 {
+                acc[r] = _mm256_fmadd_ps(mw, _mm256_set1_ps(x.s[xi]), acc[r]);
+            }
+        }
+    }
+}
+
+unsafe fn store<const R: usize>(acc: [__m256; R], out: &mut [f32]) {
+    assert!(out.len() >= R * GROUP);
+    for (r, a) in acc.into_iter().enumerate() {
+        // SAFETY: checked above.
+        unsafe { _mm256_storeu_ps(out.as_mut_ptr().add(r * GROUP), a) };
+    }
+}
+
+/// Returns `R`, the number of activation rows done.
+#[target_feature(enable = "avx2,fma,f16c")]
+unsafe fn avx2<const F: u8, const R: usize>(
+    w: &[u8],
+    x: &QuantizedRows,
+    r0: usize,
+    out: &mut [f32],
+) -> usize {
+    let format = format_of(F);
+    let gb = format.group_block_bytes();
+    assert!(w.len() >= x.blocks * gb && r0 + R <= x.rows);
+    let nibble = _mm256_set1_epi8(0x0F);
+    let ones = _mm256_set1_epi16(1);
+    let mut acc = [_mm256_setzero_ps(); R];
+    for b in 0..x.blocks {
+        // SAFETY: block b of the group lies within w (asserted above), and
+        // broadcast4 stays within row r's block b.
+        unsafe {
+            let wb = w.as_ptr().add(b * gb);
+            let mut isum = [_mm256_setzero_si256(); R];
+            if F == Q8_0 {
+                for k in 0..BLOCK / 4 {
+                    let q = _mm256_loadu_si256(wb.add(k * 32) as *const __m256i);
+                    let aq = _mm256_abs_epi8(q);
+                    for (r, s) in isum.iter_mut().enumerate() {
+                        let xs = _mm256_sign_epi8(broadcast4(x, r0 + r, b, 4 * k), q);
+                        let pairs = _mm256_maddubs_epi16(aq, xs);
+                        *s = _mm256_add_epi32(*s, _mm256_madd_epi16(pairs, ones));
+                    }
+                }
+            } else {
+                let mut sum16 = [_mm256_setzero_si256(); R];
+                for k in 0..BLOCK / 8 {
+                    let q = _mm256_loadu_si256(wb.add(k * 32) as *const __m256i);
+                    let lo = _mm256_and_si256(q, nibble);
+                    let hi = _mm256_and_si256(_mm256_srli_epi16(q, 4), nibble);
+                    for (r, s) in sum16.iter_mut().enumerate() {
+                        let pl = _mm256_maddubs_epi16(lo, broadcast4(x, r0 + r, b, 4 * k));
+                        let ph = _mm256_maddubs_epi16(hi, broadcast4(x, r0 + r, b, 16 + 4 * k));
+                        *s = _mm256_add_epi16(*s, _mm256_add_epi16(pl, ph));
+                    }
+                }
+                isum = sum16.map(|s| _mm256_madd_epi16(s, ones));
+            }
+            scale_block::<F, R>(wb, x, r0, b, format.offset(), isum, &mut acc);
+        }
+    }
+    // SAFETY: AVX is enabled.
+    unsafe { store(acc, out) };
+    R
+}
+
+/// Returns `R`, the number of activation rows done.
+#[target_feature(enable = "avx2,fma,f16c,avx512f,avx512vl,avx512vnni")]
+unsafe fn vnni<const F: u8, const R: usize>(
+    w: &[u8],
+    x: &QuantizedRows,
+    r0: usize,
+    out: &mut [f32],
+) -> usize {
+    let format = format_of(F);
+    let gb = format.group_block_bytes();
+    assert!(w.len() >= x.blocks * gb && r0 + R <= x.rows);
+    let nibble = _mm256_set1_epi8(0x0F);
+    let flip = _mm256_set1_epi8(-128);
+    let offset = if F == Q8_0 { 128 } else { format.offset() };
+    let mut acc = [_mm256_setzero_ps(); R];
+    for b in 0..x.blocks {
+        // SAFETY: as in avx2.
+        unsafe {
+            let wb = w.as_ptr().add(b * gb);
+            let mut isum = [_mm256_setzero_si256(); R];
+            if F == Q8_0 {
+                for k in 0..BLOCK / 4 {
+                    let q = _mm256_loadu_si256(wb.add(k * 32) as *const __m256i);
+                    let uq = _mm256_xor_si256(q, flip);
+                    for (r, s) in isum.iter_mut().enumerate() {
+                        *s = _mm256_dpbusd_epi32(*s, uq, broadcast4(x, r0 + r, b, 4 * k));
+                    }
+                }
+            } else {
+                for k in 0..BLOCK / 8 {
+                    let q = _mm256_loadu_si256(wb.add(k * 32) as *const __m256i);
+                    let lo = _mm256_and_si256(q, nibble);
+                    let hi = _mm256_and_si256(_mm256_srli_epi16(q, 4), nibble);
+                    for (r, s) in isum.iter_mut().enumerate() {
+                        *s = _mm256_dpbusd_epi32(*s, lo, broadcast4(x, r0 + r, b, 4 * k));
+                        *s = _mm256_dpbusd_epi32(*s, hi, broadcast4(x, r0 + r, b, 16 + 4 * k));
+                    }
+                }
+            }
+            scale_block::<F, R>(wb, x, r0, b, offset, isum, &mut acc);
+        }
+    }
+    // SAFETY: AVX is enabled.
+    unsafe { store(acc, out) };
+    R
+}

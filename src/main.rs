@@ -95,7 +95,8 @@ enum Command {
     /// Load-test a running gateway: closed loop (--concurrency) or Poisson
     /// arrivals (--request-rate); prints throughput and latency percentiles.
     Bench(Box<aquila_loadgen::LoadgenArgs>),
-    /// Measure single-stream prefill and decode speed of a model (no network).
+    /// Measure prefill, single-stream and batched decode speed of a model (no
+    /// network, no scheduler).
     BenchModel {
         /// Model to measure. Default: the demo model.
         #[arg(long, env = "AQUILA_MODEL")]
@@ -104,6 +105,9 @@ enum Command {
         prompt_tokens: usize,
         #[arg(long, default_value_t = 128)]
         gen_tokens: usize,
+        /// Sequences decoding together in the batched measurement.
+        #[arg(long, default_value_t = 16)]
+        batch: usize,
         #[command(flatten)]
         worker: WorkerArgs,
     },
@@ -173,6 +177,7 @@ async fn dispatch(cmd: Command) -> Result<()> {
             model,
             prompt_tokens,
             gen_tokens,
+            batch,
             worker,
         } => {
             let model = match model {
@@ -184,7 +189,7 @@ async fn dispatch(cmd: Command) -> Result<()> {
                 dtype: worker.dtype,
                 name: worker.served_model_name.clone(),
             };
-            let r = aquila_worker::bench::run(&model, &opts, prompt_tokens, gen_tokens)?;
+            let r = aquila_worker::bench::run(&model, &opts, prompt_tokens, gen_tokens, batch)?;
             println!("{}", r.to_json());
             Ok(())
         }

@@ -1,14 +1,16 @@
-//! `aquila bench`: single-stream speed of the model itself, without the
-//! network: prefill tokens/s for a prompt of given length, then greedy decode
-//! tokens/s, printed as one JSON line. The numbers in BENCHMARKS.md.
+//! `aquila bench-model`: the speed of the model itself, without the network
+//! or the scheduler: prefill tokens/s for a prompt of given length, greedy
+//! decode tokens/s for one sequence, and for `batch` sequences decoding in
+//! the same steps, printed as one JSON line.
 
 use std::sync::Arc;
 use std::time::Instant;
 
 use crate::comm::SingleRank;
 use crate::error::Result;
+use crate::kv::BlockId;
 use crate::loader::{self, LoadOptions};
-use crate::model::{LogitsFor, SingleSeq};
+use crate::model::{Llama, LogitsFor, SeqInput, SingleSeq};
 use crate::sampler::argmax;
 
 pub struct BenchResult {
@@ -17,7 +19,10 @@ pub struct BenchResult {
     pub prompt_tok_per_s: f64,
     pub decode_tokens: usize,
     pub decode_tok_per_s: f64,
+    pub batch: usize,
+    pub batch_decode_tok_per_s: f64,
     pub weight_bytes: usize,
+    pub kernels: &'static str,
 }
 
 impl BenchResult {
@@ -30,6 +35,10 @@ impl BenchResult {
             "prompt_tok_per_s": self.prompt_tok_per_s,
             "decode_tokens": self.decode_tokens,
             "decode_tok_per_s": self.decode_tok_per_s,
+            "batch": self.batch,
+            "batch_decode_tok_per_s": self.batch_decode_tok_per_s,
+            "batch_speedup": self.batch_decode_tok_per_s / self.decode_tok_per_s,
+            "kernels": self.kernels,
             "weight_bytes": self.weight_bytes,
             "decode_gb_per_s": self.weight_bytes as f64 * self.decode_tok_per_s / 1e9,
         })
@@ -38,12 +47,14 @@ impl BenchResult {
 }
 
 /// Prefills `prompt_tokens` tokens of ordinary text, then decodes
-/// `gen_tokens` greedily; the first decode step is a warm-up, not timed.
+/// `gen_tokens` greedily, alone and then as `batch` sequences at once; the
+/// first decode step is a warm-up, not timed.
 pub fn run(
     path: &std::path::Path,
     opts: &LoadOptions,
     prompt_tokens: usize,
     gen_tokens: usize,
+    batch: usize,
 ) -> Result<BenchResult> {
     let loaded = loader::load(path, opts, Arc::new(SingleRank))?;
     let text = "The quick brown fox jumps over the lazy dog. ".repeat(prompt_tokens);
@@ -68,12 +79,49 @@ pub fn run(
         next = argmax(&seq.step(model, &[next], LogitsFor::Last)?);
     }
     let decode = timed.elapsed().as_secs_f64();
+    let batch = batch.max(1);
+    let batch_decode = batched_decode(model, &prompt, batch, gen_tokens)?;
     Ok(BenchResult {
         model: loaded.name,
         prompt_tokens: prompt.len(),
         prompt_tok_per_s: prompt.len() as f64 / prefill,
         decode_tokens: gen_tokens,
         decode_tok_per_s: gen_tokens as f64 / decode,
+        batch,
+        batch_decode_tok_per_s: (batch * gen_tokens) as f64 / batch_decode,
         weight_bytes: model.weight_bytes(),
+        kernels: crate::model::quant::Isa::selected().label(),
     })
+}
+
+/// Seconds for `steps` decode steps of `batch` sequences that all start from
+/// `prompt` (after one untimed warm-up step).
+fn batched_decode(model: &Llama, prompt: &[u32], batch: usize, steps: usize) -> Result<f64> {
+    const BLOCK: usize = 16;
+    let per_seq = (prompt.len() + steps + 2).div_ceil(BLOCK);
+    let mut kv = model.new_kv(per_seq * batch, BLOCK);
+    let tables: Vec<Vec<BlockId>> = (0..batch)
+        .map(|s| ((s * per_seq) as BlockId..((s + 1) * per_seq) as BlockId).collect())
+        .collect();
+    let mut last: Vec<u32> = Vec::new();
+    let mut len = 0;
+    let mut timed = Instant::now();
+    for step in 0..=steps + 1 {
+        if step == 2 {
+            timed = Instant::now();
+        }
+        let inputs: Vec<SeqInput> = tables
+            .iter()
+            .enumerate()
+            .map(|(s, table)| SeqInput {
+                tokens: if step == 0 { prompt } else { &last[s..s + 1] },
+                start: len,
+                table,
+            })
+            .collect();
+        let logits = model.forward(&mut kv, &inputs, LogitsFor::Last)?;
+        len += if step == 0 { prompt.len() } else { 1 };
+        last = logits.iter().map(|l| argmax(l)).collect();
+    }
+    Ok(timed.elapsed().as_secs_f64())
 }

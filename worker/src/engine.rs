@@ -337,11 +337,17 @@ impl Engine {
             tokens: vec![token],
             finish,
         };
-        if a.req.events.send(Ok(event)).is_err() {
-            self.stats.cancelled_total.fetch_add(1, Relaxed);
-            self.remove(id);
-        } else if done {
+        if done {
+            // Free the blocks and publish the counters before the client
+            // hears that it is done, so that what it asks next (load, a
+            // request reusing the prefix) sees this sequence's effects.
+            let events = a.req.events.clone();
             self.stats.finished_total.fetch_add(1, Relaxed);
+            self.remove(id);
+            self.publish();
+            let _ = events.send(Ok(event));
+        } else if a.req.events.send(Ok(event)).is_err() {
+            self.stats.cancelled_total.fetch_add(1, Relaxed);
             self.remove(id);
         }
     }

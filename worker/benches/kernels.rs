@@ -8,6 +8,7 @@
 use std::hint::black_box;
 use std::time::{Duration, Instant};
 
+use aquila_worker::model::kernels::PackedFloat;
 use aquila_worker::model::quant::{Format, Isa, PackedMatrix};
 use half::f16;
 
@@ -22,6 +23,7 @@ fn main() {
         serde_json::json!({"machine": {"threads": threads, "read_gb_per_s": bandwidth,
             "f32_fma_gflop_per_s": peak}})
     );
+    float_kernels(budget);
     // SmolLM2-135M: ffn up/gate, ffn down, q/o, k/v, and the tied lm_head.
     let shapes = [
         ("ffn_up", Format::Q4_1, 1536, 576),
@@ -54,6 +56,62 @@ fn main() {
                         "weight_gb_per_s": packed.bytes() as f64 / secs / 1e9,
                         "gmac_per_s": macs / secs / 1e9})
                 );
+            }
+        }
+    }
+}
+
+/// The float kernel on the `base` preset's shapes (f32 and bf16 weights).
+fn float_kernels(budget: Duration) {
+    let shapes = [
+        ("base_mlp_up", 2048, 768),
+        ("base_mlp_down", 768, 2048),
+        ("base_attn_q", 768, 768),
+        ("base_lm_head", 32000, 768),
+    ];
+    let simd_paths = [false, true].map(|simd| simd && Isa::available().contains(&Isa::Avx2));
+    let simd_paths = &simd_paths[..if simd_paths[1] { 2 } else { 1 }];
+    for (name, out, inp) in shapes {
+        let w: Vec<f32> = (0..out * inp)
+            .map(|i| ((i * 7919) % 2001) as f32 / 1e4 - 0.1)
+            .collect();
+        let f32w = PackedFloat::from_rows(&w, out, inp);
+        let wb: Vec<half::bf16> = w.iter().map(|&v| half::bf16::from_f32(v)).collect();
+        let bf16w = PackedFloat::from_rows(&wb, out, inp);
+        drop((w, wb));
+        for &simd in simd_paths {
+            for rows in [1, 16, 64, 512] {
+                if !simd && rows > 16 {
+                    continue;
+                }
+                let x: Vec<f32> = (0..rows * inp)
+                    .map(|i| ((i * 31) % 201) as f32 / 100.0 - 1.0)
+                    .collect();
+                for (dtype, bytes, secs) in [
+                    (
+                        "f32",
+                        f32w.bytes(),
+                        time(budget, || {
+                            black_box(f32w.matmul_with(simd, black_box(&x), rows));
+                        }),
+                    ),
+                    (
+                        "bf16",
+                        bf16w.bytes(),
+                        time(budget, || {
+                            black_box(bf16w.matmul_with(simd, black_box(&x), rows));
+                        }),
+                    ),
+                ] {
+                    println!(
+                        "{}",
+                        serde_json::json!({"kernel": name, "format": dtype,
+                            "isa": if simd { "avx2" } else { "scalar" }, "rows": rows,
+                            "out": out, "in": inp, "us": secs * 1e6,
+                            "weight_gb_per_s": bytes as f64 / secs / 1e9,
+                            "gflop_per_s": 2.0 * (rows * out * inp) as f64 / secs / 1e9})
+                    );
+                }
             }
         }
     }

@@ -80,7 +80,9 @@ unsafe fn head_attention_avx2(
 
 /// The online softmax, a block of keys at a time: all of a block's scores
 /// first, then one rescale of the running sum if the maximum moved, then the
-/// block's values added with their weights.
+/// block's weighted values, eight dimensions at a time so those eight sums
+/// stay in a register across the block's keys (each sum still takes the keys
+/// in order).
 #[inline(always)]
 fn head_attention_body(
     kv: &PagedKv,
@@ -94,7 +96,7 @@ fn head_attention_body(
     let bs = kv.block_size();
     let scale = 1.0 / (hd as f32).sqrt();
     let mut out = vec![0f32; seq.n * hd];
-    let mut scores = vec![0f32; bs];
+    let mut weights = vec![0f32; bs];
     for t in 0..seq.n {
         let q = &seq.q[(t * heads + h) * hd..(t * heads + h + 1) * hd];
         let acc = &mut out[t * hd..(t + 1) * hd];
@@ -105,28 +107,65 @@ fn head_attention_body(
         for (bi, &block) in seq.table[..visible.div_ceil(bs)].iter().enumerate() {
             let (keys, values) = kv.block(layer, block, kvh);
             let slots = (visible - bi * bs).min(bs);
-            let scores = &mut scores[..slots];
-            for (j, s) in scores.iter_mut().enumerate() {
+            let weights = &mut weights[..slots];
+            for (j, s) in weights.iter_mut().enumerate() {
                 *s = dot(q, &keys[j * hd..(j + 1) * hd]) * scale;
             }
-            let block_max = scores.iter().fold(f32::NEG_INFINITY, |m, &s| m.max(s));
+            let block_max = weights.iter().fold(f32::NEG_INFINITY, |m, &s| m.max(s));
             if block_max > max {
                 let c = (max - block_max).exp();
                 denom *= c;
                 acc.iter_mut().for_each(|a| *a *= c);
                 max = block_max;
             }
-            for (j, &s) in scores.iter().enumerate() {
-                let p = (s - max).exp();
-                denom += p;
-                let v = &values[j * hd..(j + 1) * hd];
-                acc.iter_mut().zip(v).for_each(|(a, &b)| *a += p * b);
+            for s in weights.iter_mut() {
+                *s = (*s - max).exp();
+                denom += *s;
             }
+            add_weighted(acc, weights, &values[..slots * hd]);
         }
         let inv = 1.0 / denom;
         acc.iter_mut().for_each(|a| *a *= inv);
     }
     out
+}
+
+/// `acc += Σ_j w[j]·v[j]`, `v` being `w.len()` rows of `acc.len()`; each
+/// element takes the rows in order. The common head sizes get a version
+/// whose whole accumulator lives in registers, so consecutive rows' adds do
+/// not wait on each other.
+#[inline(always)]
+fn add_weighted(acc: &mut [f32], w: &[f32], v: &[f32]) {
+    match acc.len() {
+        64 => add_weighted_fixed::<8>(acc, w, v),
+        128 => add_weighted_fixed::<16>(acc, w, v),
+        hd => {
+            for (j, &p) in w.iter().enumerate() {
+                acc.iter_mut()
+                    .zip(&v[j * hd..(j + 1) * hd])
+                    .for_each(|(a, &b)| *a += p * b);
+            }
+        }
+    }
+}
+
+/// [`add_weighted`] for a head of `G`·8 dimensions.
+#[inline(always)]
+fn add_weighted_fixed<const G: usize>(acc: &mut [f32], w: &[f32], v: &[f32]) {
+    let mut lanes = [[0f32; 8]; G];
+    for (l, a) in lanes.iter_mut().zip(acc.chunks_exact(8)) {
+        l.copy_from_slice(a);
+    }
+    for (&p, row) in w.iter().zip(v.chunks_exact(G * 8)) {
+        for (l, vs) in lanes.iter_mut().zip(row.chunks_exact(8)) {
+            for i in 0..8 {
+                l[i] += p * vs[i];
+            }
+        }
+    }
+    for (l, a) in lanes.iter().zip(acc.chunks_exact_mut(8)) {
+        a.copy_from_slice(l);
+    }
 }
 
 /// Eight independent partial sums, so the compiler can keep them in one

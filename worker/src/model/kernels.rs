@@ -128,30 +128,52 @@ impl<T: Elem> PackedFloat<T> {
     /// [`matmul`](Self::matmul) with or without the AVX2 kernel (which the
     /// machine must have).
     pub fn matmul_with(&self, simd: bool, x: &[f32], rows: usize) -> Vec<f32> {
-        assert_eq!(x.len(), rows * self.in_dim);
+        Self::matmul_many_with(simd, &[self], x, rows).remove(0)
+    }
+
+    /// Several matrices with the same input (q, k and v; gate and up) in one
+    /// parallel loop: one wake-up of the thread pool instead of one each.
+    pub fn matmul_many(mats: &[&Self], x: &[f32], rows: usize) -> Vec<Vec<f32>> {
+        Self::matmul_many_with(Isa::selected() >= Isa::Avx2, mats, x, rows)
+    }
+
+    pub fn matmul_many_with(simd: bool, mats: &[&Self], x: &[f32], rows: usize) -> Vec<Vec<f32>> {
+        let in_dim = mats[0].in_dim;
+        assert!(mats.iter().all(|m| m.in_dim == in_dim));
+        assert_eq!(x.len(), rows * in_dim);
         assert!(!simd || Isa::available().contains(&Isa::Avx2));
-        let panels = self.out_dim.div_ceil(PANEL);
+        let panels: usize = mats.iter().map(|m| m.out_dim.div_ceil(PANEL)).sum();
         let per_task = panels.div_ceil(rayon::current_num_threads() * 4).max(1);
         // [panel][rows][16]: each task owns a contiguous range of panels.
-        let mut out_t = vec![0f32; panels * rows * PANEL];
-        out_t
-            .par_chunks_mut(per_task * rows * PANEL)
-            .enumerate()
-            .for_each(|(t, chunk)| {
-                for (i, c) in chunk.chunks_mut(rows * PANEL).enumerate() {
-                    let p = t * per_task + i;
-                    let panel = &self.data[p * PANEL * self.in_dim..][..PANEL * self.in_dim];
-                    self.panel(simd, panel, x, rows, c);
-                }
-            });
-        let mut out = vec![0f32; rows * self.out_dim];
-        for (p, block) in out_t.chunks_exact(rows * PANEL).enumerate() {
-            let cols = (self.out_dim - p * PANEL).min(PANEL);
-            for (r, lanes) in block.chunks_exact(PANEL).enumerate() {
-                out[r * self.out_dim + p * PANEL..][..cols].copy_from_slice(&lanes[..cols]);
+        let mut outs: Vec<Vec<f32>> = mats
+            .iter()
+            .map(|m| vec![0f32; m.out_dim.div_ceil(PANEL) * rows * PANEL])
+            .collect();
+        let mut tasks = Vec::new();
+        for (&m, out) in mats.iter().zip(outs.iter_mut()) {
+            for (t, chunk) in out.chunks_mut(per_task * rows * PANEL).enumerate() {
+                tasks.push((m, t * per_task, chunk));
             }
         }
-        out
+        tasks.into_par_iter().for_each(|(m, p0, chunk)| {
+            for (i, c) in chunk.chunks_mut(rows * PANEL).enumerate() {
+                let panel = &m.data[(p0 + i) * PANEL * in_dim..][..PANEL * in_dim];
+                m.panel(simd, panel, x, rows, c);
+            }
+        });
+        mats.iter()
+            .zip(outs)
+            .map(|(m, out_t)| {
+                let mut out = vec![0f32; rows * m.out_dim];
+                for (p, block) in out_t.chunks_exact(rows * PANEL).enumerate() {
+                    let cols = (m.out_dim - p * PANEL).min(PANEL);
+                    for (r, lanes) in block.chunks_exact(PANEL).enumerate() {
+                        out[r * m.out_dim + p * PANEL..][..cols].copy_from_slice(&lanes[..cols]);
+                    }
+                }
+                out
+            })
+            .collect()
     }
 
     /// One panel against every row: `c` is `[rows][16]`.
@@ -160,9 +182,14 @@ impl<T: Elem> PackedFloat<T> {
         for k0 in (0..n).step_by(KC) {
             let kc = KC.min(n - k0);
             let w = &panel[k0 * PANEL..(k0 + kc) * PANEL];
+            let tiles = rows.div_ceil(TILE);
             let mut r = 0;
             while r < rows {
                 let tile = TILE.min(rows - r);
+                // This tile's share of prefetching the next chunk: with
+                // several tiles each takes a slice; a single row leaves it to
+                // the hardware prefetcher, which keeps up with one stream.
+                let share = (rows > 1).then_some((r / TILE, tiles));
                 let xs = &x[r * n + k0..];
                 let cs = &mut c[r * PANEL..(r + tile) * PANEL];
                 macro_rules! call {
@@ -174,7 +201,7 @@ impl<T: Elem> PackedFloat<T> {
                                     // SAFETY: simd only where AVX2/FMA/F16C exist;
                                     // the slices cover what the kernel reads.
                                     unsafe {
-                                        avx2::tile::<T, $t>(xs, n, w, kc, cs, k0 == 0, r == 0 && rows > 1)
+                                        avx2::tile::<T, $t>(xs, n, w, kc, cs, k0 == 0, share)
                                     };
                                     r += $t;
                                     continue;
@@ -227,11 +254,12 @@ mod avx2 {
 
     use super::{Elem, PANEL};
 
-    /// As `scalar_tile`, with fused multiply-adds. With `prefetch`, also
-    /// asks for the next `kc·16` weights (the next chunk of this panel, or
-    /// the start of the next panel) to be brought into cache, so that the
-    /// memory traffic of the next chunk overlaps this chunk's arithmetic
-    /// instead of following it.
+    /// As `scalar_tile`, with fused multiply-adds. With `prefetch: Some((i,
+    /// n))`, also asks for the i-th of n slices of the next `kc·16` weights
+    /// (the next chunk of this panel, or the start of the next panel) to be
+    /// brought into cache, spread over the loop, so that the memory traffic
+    /// of the next chunk overlaps this chunk's arithmetic instead of
+    /// following it.
     ///
     /// # Safety
     /// AVX2, FMA and F16C must exist. `x` holds `R` rows `stride` apart of
@@ -244,7 +272,7 @@ mod avx2 {
         kc: usize,
         c: &mut [f32],
         first: bool,
-        prefetch: bool,
+        prefetch: Option<(usize, usize)>,
     ) {
         assert!(w.len() >= kc * PANEL && c.len() >= R * PANEL);
         assert!(x.len() >= (R - 1) * stride + kc);
@@ -263,10 +291,15 @@ mod avx2 {
             // Cache lines in a chunk; prefetching never faults, so reading
             // past the end of the matrix is harmless.
             let lines = kc * PANEL * std::mem::size_of::<T>() / 64;
-            let ahead = wp.add(kc * PANEL) as *const i8;
+            let (first_line, count) = match prefetch {
+                Some((i, n)) => (i * lines / n, (i + 1) * lines / n - i * lines / n),
+                None => (0, 0),
+            };
+            let every = kc.div_ceil(count.max(1));
+            let ahead = (wp.add(kc * PANEL) as *const i8).wrapping_add(first_line * 64);
             for k in 0..kc {
-                if prefetch && k < lines {
-                    _mm_prefetch::<_MM_HINT_T0>(ahead.wrapping_add(k * 64));
+                if k % every == 0 && k / every < count {
+                    _mm_prefetch::<_MM_HINT_T0>(ahead.wrapping_add(k / every * 64));
                 }
                 let [w0, w1] = T::load16(wp.add(k * PANEL));
                 for (r, a) in acc.iter_mut().enumerate() {
@@ -332,6 +365,20 @@ mod tests {
     #[test]
     fn f32_weights_match_an_f64_reference_and_do_not_depend_on_batch_size() {
         check(|v| v, 1e-5);
+    }
+
+    #[test]
+    fn matrices_run_together_give_what_they_give_alone() {
+        let (inp, rows) = (96, 7);
+        let x = data(rows * inp, 5);
+        let mats: Vec<PackedFloat<f32>> = [(33, 6), (16, 7), (100, 8)]
+            .into_iter()
+            .map(|(out, seed)| PackedFloat::from_rows(&data(out * inp, seed), out, inp))
+            .collect();
+        let together = PackedFloat::matmul_many(&mats.iter().collect::<Vec<_>>(), &x, rows);
+        for (m, t) in mats.iter().zip(&together) {
+            assert_eq!(&m.matmul(&x, rows), t);
+        }
     }
 
     #[test]

@@ -125,6 +125,36 @@ impl Linear {
         }
     }
 
+    /// Several layers with the same input (q, k and v; gate and up), in one
+    /// parallel loop when their weights are of one kind; otherwise one after
+    /// the other.
+    pub fn forward_many(layers: &[&Linear], x: &[f32], rows: usize) -> Result<Vec<Vec<f32>>> {
+        macro_rules! all {
+            ($kind:ident) => {
+                layers
+                    .iter()
+                    .map(|l| match &l.kind {
+                        Kind::$kind(w) => Some(w),
+                        _ => None,
+                    })
+                    .collect::<Option<Vec<_>>>()
+            };
+        }
+        if let Some(ws) = all!(Packed) {
+            return Ok(quant::PackedMatrix::matmul_many(&ws, x, rows));
+        }
+        if let Some(ws) = all!(F32) {
+            return Ok(kernels::PackedFloat::matmul_many(&ws, x, rows));
+        }
+        if let Some(ws) = all!(Bf16) {
+            return Ok(kernels::PackedFloat::matmul_many(&ws, x, rows));
+        }
+        if let Some(ws) = all!(F16) {
+            return Ok(kernels::PackedFloat::matmul_many(&ws, x, rows));
+        }
+        layers.iter().map(|l| l.forward(x, rows)).collect()
+    }
+
     /// Bytes the weights occupy in memory.
     pub fn weight_bytes(&self) -> usize {
         match &self.kind {
@@ -175,6 +205,17 @@ pub struct ColumnParallelLinear {
 impl ColumnParallelLinear {
     pub fn forward(&self, x: &[f32], rows: usize) -> Result<Vec<f32>> {
         self.inner.forward(x, rows)
+    }
+
+    /// `N` layers with the same input, in one pass (see
+    /// [`Linear::forward_many`]).
+    pub fn forward_many<const N: usize>(
+        layers: [&ColumnParallelLinear; N],
+        x: &[f32],
+        rows: usize,
+    ) -> Result<[Vec<f32>; N]> {
+        let out = Linear::forward_many(&layers.map(|l| &l.inner), x, rows)?;
+        Ok(out.try_into().expect("one output per layer"))
     }
 }
 

@@ -6,7 +6,7 @@
 //! schedule or sample.
 
 mod attention;
-mod kernels;
+pub mod kernels;
 pub mod linear;
 mod norm;
 pub mod quant;
@@ -349,9 +349,8 @@ impl Llama {
         for (l, layer) in self.layers.iter().enumerate() {
             let xn = layer.input_layernorm.forward(&x, total);
             let a = &layer.self_attn;
-            let mut q = a.q_proj.forward(&xn, total)?;
-            let mut k = a.k_proj.forward(&xn, total)?;
-            let v = a.v_proj.forward(&xn, total)?;
+            let [mut q, mut k, v] =
+                ColumnParallelLinear::forward_many([&a.q_proj, &a.k_proj, &a.v_proj], &xn, total)?;
             let heads = q.len() / (total * hd);
             let kv_heads = k.len() / (total * hd);
             self.rope.apply(&mut q, &positions, heads);
@@ -375,8 +374,8 @@ impl Llama {
             x.iter_mut().zip(&o).for_each(|(x, o)| *x += o);
             let xn = layer.post_attention_layernorm.forward(&x, total);
             let m = &layer.mlp;
-            let mut g = m.gate_proj.forward(&xn, total)?;
-            let u = m.up_proj.forward(&xn, total)?;
+            let [mut g, u] =
+                ColumnParallelLinear::forward_many([&m.gate_proj, &m.up_proj], &xn, total)?;
             g.iter_mut().zip(&u).for_each(|(g, u)| *g = silu(*g) * u);
             let d = m.down_proj.forward(&g, total)?;
             x.iter_mut().zip(&d).for_each(|(x, d)| *x += d);

@@ -173,3 +173,27 @@ fn a_row_gives_the_same_bits_alone_and_in_any_batch() {
         assert_eq!(alone, batch[r * out..(r + 1) * out], "row {r}");
     }
 }
+
+#[test]
+fn matrices_run_together_give_what_they_give_alone() {
+    let mut rng = Rng(99);
+    let inp = 128;
+    let raws: Vec<(usize, Vec<u8>)> = [40, 8, 13]
+        .into_iter()
+        .map(|out| {
+            (
+                out,
+                ggml_matrix(Format::Q8_0, out, inp, &mut rng, &mut |r| 0.01 * r.unit()),
+            )
+        })
+        .collect();
+    let mats: Vec<PackedMatrix> = raws
+        .iter()
+        .map(|(out, raw)| PackedMatrix::from_ggml(Format::Q8_0, raw, *out, inp))
+        .collect();
+    let x: Vec<f32> = (0..5 * inp).map(|_| rng.unit()).collect();
+    let together = PackedMatrix::matmul_many(&mats.iter().collect::<Vec<_>>(), &x, 5);
+    for (m, t) in mats.iter().zip(&together) {
+        assert_eq!(&m.matmul(&x, 5), t);
+    }
+}

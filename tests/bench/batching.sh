@@ -1,0 +1,77 @@
+#!/usr/bin/env bash
+# Issue 3's throughput check, all in one run on this machine (2 threads):
+# aggregate output tokens/s through the gateway (`aquila serve` + `aquila
+# bench`) at 1 and 16 concurrent streams, next to llama.cpp decoding 1 and 16
+# sequences together on the same weights (tests/bench/peers.py
+# llamacpp-parallel). Greedy, ignore_eos, 32-token prompts.
+#   - base: `make-model --preset base --seed 1` (f32); llama.cpp on the same
+#     weights as an F32 GGUF.
+#   - demo: the SmolLM2-135M-Instruct Q4_1 GGUF, the same file for both.
+# Prints JSON lines, then a table.   GEN=128 THREADS=2 tests/bench/batching.sh
+set -euo pipefail
+cd "$(dirname "$0")/../.."
+venv="${AQUILA_PEERS_VENV:-$HOME/.cache/aquila/peers-venv}"
+[ -x "$venv/bin/python" ] || tests/bench/setup-peers.sh
+py="$venv/bin/python"
+GEN=${GEN:-128} THREADS=${THREADS:-2} PT=32
+
+cargo build --release --locked --bins
+aq="${CARGO_TARGET_DIR:-target}/release/aquila"
+demo=$($aq fetch-demo)
+base="${AQUILA_CACHE_DIR:-$HOME/.cache/aquila}/bench/base"
+[ -f "$base/model.safetensors" ] || $aq make-model --preset base --seed 1 --out "$base"
+[ -f "$base/gguf/model.gguf" ] || $aq make-model --preset base --seed 1 --format gguf --gguf-type f32 --out "$base/gguf"
+
+out=$(mktemp -d)
+aquila() { # model, label
+    local port
+    port=$("$py" -c 'import socket; s=socket.socket(); s.bind(("127.0.0.1", 0)); print(s.getsockname()[1])')
+    RUST_LOG=warn $aq serve --model "$1" --threads "$THREADS" --listen "127.0.0.1:$port" --worker-listen 127.0.0.1:0 &
+    local pid=$!
+    # Ready when a one-token request completes (the gateway answers
+    # UNAVAILABLE until its worker is up).
+    until $aq generate --gateway "http://127.0.0.1:$port" --max-new-tokens 1 hi >/dev/null 2>&1; do
+        kill -0 $pid || { echo "serve exited" >&2; exit 1; }
+        sleep 0.5
+    done
+    for c in 1 16; do
+        RUST_LOG=warn $aq bench --gateway "http://127.0.0.1:$port" --prompt-tokens $PT \
+            --output-tokens "$GEN" --vocab-range 1000:20000 --concurrency $c \
+            --num-requests $((c == 1 ? 6 : 48)) --warmup-requests $((c == 1 ? 1 : 16)) \
+            --json "$out/$2-$c.json" >/dev/null
+        "$py" -c 'import json,sys; r=json.load(open(sys.argv[1])); r["label"]=sys.argv[2]; print(json.dumps(r))' \
+            "$out/$2-$c.json" "aquila $2 x$c" | tee -a "$out/all.jsonl"
+    done
+    kill $pid
+    wait $pid || true
+}
+peer() { # gguf, label
+    for p in 1 16; do
+        "$py" tests/bench/peers.py llamacpp-parallel --gguf "$1" --parallel $p --threads "$THREADS" \
+            --prompt-tokens $PT --gen-tokens "$GEN" --repeats 2 | tail -1 |
+            "$py" -c 'import json,sys; r=json.loads(sys.stdin.read()); r["label"]=sys.argv[1]; print(json.dumps(r))' \
+                "llama.cpp $2 x$p" | tee -a "$out/all.jsonl"
+    done
+}
+
+aquila "$base" base
+peer "$base/gguf/model.gguf" base
+aquila "$demo" demo
+peer "$demo" demo
+
+"$py" - "$out/all.jsonl" <<'PYEOF'
+import json, sys
+rows = {r["label"]: r for r in map(json.loads, open(sys.argv[1]))}
+def tps(label):
+    r = rows[label]
+    return r["decode_tok_per_s"] if label.startswith("llama") else r["output_tokens_per_s"]
+print()
+print("| model | engine | 1 stream tok/s | 16 streams tok/s | 16 ÷ 1 |")
+print("| --- | --- | ---: | ---: | ---: |")
+for model in ("base", "demo"):
+    for engine in ("aquila", "llama.cpp"):
+        one, many = tps(f"{engine} {model} x1"), tps(f"{engine} {model} x16")
+        print(f"| {model} | {engine} | {one:.1f} | {many:.1f} | {many / one:.1f}× |")
+    a, l = tps(f"aquila {model} x16"), tps(f"llama.cpp {model} x16")
+    print(f"| {model} | aquila ÷ llama.cpp at 16 | | | {a / l:.2f} |")
+PYEOF

@@ -48,7 +48,7 @@ aquila() { # model, label
 peer() { # gguf, label
     for p in 1 16; do
         "$py" tests/bench/peers.py llamacpp-parallel --gguf "$1" --parallel $p --threads "$THREADS" \
-            --prompt-tokens $PT --gen-tokens "$GEN" --repeats 2 | tail -1 |
+            --prompt-tokens $PT --gen-tokens "$GEN" --repeats 2 2>/dev/null | tail -1 |
             "$py" -c 'import json,sys; r=json.loads(sys.stdin.read()); r["label"]=sys.argv[1]; print(json.dumps(r))' \
                 "llama.cpp $2 x$p" | tee -a "$out/all.jsonl"
     done

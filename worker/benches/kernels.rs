@@ -8,7 +8,7 @@
 use std::hint::black_box;
 use std::time::{Duration, Instant};
 
-use aquila_worker::model::kernels::PackedFloat;
+use aquila_worker::model::kernels::{FloatPath, PackedFloat};
 use aquila_worker::model::quant::{Format, Isa, PackedMatrix};
 use half::f16;
 
@@ -69,8 +69,6 @@ fn float_kernels(budget: Duration) {
         ("base_attn_q", 768, 768),
         ("base_lm_head", 32000, 768),
     ];
-    let simd_paths = [false, true].map(|simd| simd && Isa::available().contains(&Isa::Avx2));
-    let simd_paths = &simd_paths[..if simd_paths[1] { 2 } else { 1 }];
     for (name, out, inp) in shapes {
         let w: Vec<f32> = (0..out * inp)
             .map(|i| ((i * 7919) % 2001) as f32 / 1e4 - 0.1)
@@ -79,9 +77,9 @@ fn float_kernels(budget: Duration) {
         let wb: Vec<half::bf16> = w.iter().map(|&v| half::bf16::from_f32(v)).collect();
         let bf16w = PackedFloat::from_rows(&wb, out, inp);
         drop((w, wb));
-        for &simd in simd_paths {
+        for path in FloatPath::available() {
             for rows in [1, 16, 64, 512] {
-                if !simd && rows > 16 {
+                if path == FloatPath::Scalar && rows > 16 {
                     continue;
                 }
                 let x: Vec<f32> = (0..rows * inp)
@@ -92,21 +90,21 @@ fn float_kernels(budget: Duration) {
                         "f32",
                         f32w.bytes(),
                         time(budget, || {
-                            black_box(f32w.matmul_with(simd, black_box(&x), rows));
+                            black_box(f32w.matmul_with(path, black_box(&x), rows));
                         }),
                     ),
                     (
                         "bf16",
                         bf16w.bytes(),
                         time(budget, || {
-                            black_box(bf16w.matmul_with(simd, black_box(&x), rows));
+                            black_box(bf16w.matmul_with(path, black_box(&x), rows));
                         }),
                     ),
                 ] {
                     println!(
                         "{}",
                         serde_json::json!({"kernel": name, "format": dtype,
-                            "isa": if simd { "avx2" } else { "scalar" }, "rows": rows,
+                            "isa": path.label(), "rows": rows,
                             "out": out, "in": inp, "us": secs * 1e6,
                             "weight_gb_per_s": bytes as f64 / secs / 1e9,
                             "gflop_per_s": 2.0 * (rows * out * inp) as f64 / secs / 1e9})

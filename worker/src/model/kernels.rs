@@ -7,7 +7,8 @@
 //! two vectors of weights and, for each of up to six activation rows,
 //! broadcasts one activation and does two fused multiply-adds: twelve
 //! accumulators in registers, a weight load shared by six rows (the shape of
-//! BLIS's 6×16 micro-kernel). The `in` dimension is cut into chunks of 256 so
+//! BLIS's 6×16 micro-kernel; with AVX-512's 32 registers, up to 16 rows
+//! in one pass). The `in` dimension is cut into chunks of 256 so
 //! that a panel's chunk stays in L1 while every row tile passes over it, and
 //! a batch of 16 reads each weight from memory once. 16-bit weights are
 //! widened in registers, so they cost half the memory traffic of f32.
@@ -28,6 +29,62 @@ const TILE: usize = 6;
 /// Columns of `in` per pass over the row tiles.
 const KC: usize = 256;
 
+/// Which micro-kernel runs.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, PartialOrd, Ord)]
+pub enum FloatPath {
+    /// Portable code; plain multiplies and adds, so its last bits differ.
+    Scalar,
+    /// 6 rows × 16 outputs in 12 ymm accumulators.
+    Avx2,
+    /// Up to 16 rows × 16 outputs in zmm accumulators (32 registers), so a
+    /// batch of 16 passes over the weights once. Same fused multiply-adds in
+    /// the same order as AVX2, so the same bits.
+    Avx512,
+}
+
+impl FloatPath {
+    /// Every path this machine can run, slowest first.
+    pub fn available() -> Vec<FloatPath> {
+        let isas = Isa::available();
+        let mut v = vec![FloatPath::Scalar];
+        if isas.contains(&Isa::Avx2) {
+            v.push(FloatPath::Avx2);
+            #[cfg(target_arch = "x86_64")]
+            if is_x86_feature_detected!("avx512f") {
+                v.push(FloatPath::Avx512);
+            }
+        }
+        v
+    }
+
+    /// Follows [`Isa::selected`]: `AQUILA_KERNELS=scalar|avx2` holds both
+    /// kernel families back alike.
+    pub fn selected() -> FloatPath {
+        let best = *Self::available().last().expect("scalar");
+        match Isa::selected() {
+            Isa::Scalar => FloatPath::Scalar,
+            Isa::Avx2 => best.min(FloatPath::Avx2),
+            Isa::Avx512Vnni => best,
+        }
+    }
+
+    pub fn label(self) -> &'static str {
+        match self {
+            FloatPath::Scalar => "scalar",
+            FloatPath::Avx2 => "avx2",
+            FloatPath::Avx512 => "avx512",
+        }
+    }
+
+    /// Rows per micro-kernel call.
+    fn tile(self) -> usize {
+        match self {
+            FloatPath::Avx512 => 16,
+            FloatPath::Scalar | FloatPath::Avx2 => TILE,
+        }
+    }
+}
+
 /// A weight element the kernels can widen to f32.
 pub trait Elem: Copy + Default + Send + Sync + 'static {
     fn to_f32(self) -> f32;
@@ -37,6 +94,12 @@ pub trait Elem: Copy + Default + Send + Sync + 'static {
     /// `p` must point to 16 readable elements; AVX2 and F16C must exist.
     #[cfg(target_arch = "x86_64")]
     unsafe fn load16(p: *const Self) -> [std::arch::x86_64::__m256; 2];
+    /// The same sixteen as one vector.
+    ///
+    /// # Safety
+    /// As `load16`, and AVX-512F must exist.
+    #[cfg(target_arch = "x86_64")]
+    unsafe fn load16x(p: *const Self) -> std::arch::x86_64::__m512;
 }
 
 impl Elem for f32 {
@@ -49,6 +112,12 @@ impl Elem for f32 {
         use std::arch::x86_64::*;
         // SAFETY: the caller's contract.
         unsafe { [_mm256_loadu_ps(p), _mm256_loadu_ps(p.add(8))] }
+    }
+    #[cfg(target_arch = "x86_64")]
+    #[inline(always)]
+    unsafe fn load16x(p: *const f32) -> std::arch::x86_64::__m512 {
+        // SAFETY: the caller's contract.
+        unsafe { std::arch::x86_64::_mm512_loadu_ps(p) }
     }
 }
 
@@ -69,6 +138,13 @@ impl Elem for f16 {
             ]
         }
     }
+    #[cfg(target_arch = "x86_64")]
+    #[inline(always)]
+    unsafe fn load16x(p: *const f16) -> std::arch::x86_64::__m512 {
+        use std::arch::x86_64::*;
+        // SAFETY: the caller's contract.
+        unsafe { _mm512_cvtph_ps(_mm256_loadu_si256(p as *const __m256i)) }
+    }
 }
 
 impl Elem for bf16 {
@@ -85,6 +161,16 @@ impl Elem for bf16 {
             let widen =
                 |h: __m128i| _mm256_castsi256_ps(_mm256_slli_epi32(_mm256_cvtepu16_epi32(h), 16));
             [widen(_mm_loadu_si128(p)), widen(_mm_loadu_si128(p.add(1)))]
+        }
+    }
+    #[cfg(target_arch = "x86_64")]
+    #[inline(always)]
+    unsafe fn load16x(p: *const bf16) -> std::arch::x86_64::__m512 {
+        use std::arch::x86_64::*;
+        // SAFETY: the caller's contract. bf16 is the top half of an f32.
+        unsafe {
+            let h = _mm256_loadu_si256(p as *const __m256i);
+            _mm512_castsi512_ps(_mm512_slli_epi32(_mm512_cvtepu16_epi32(h), 16))
         }
     }
 }
@@ -122,26 +208,40 @@ impl<T: Elem> PackedFloat<T> {
 
     /// `x` is `[rows, in]`; returns `[rows, out]`.
     pub fn matmul(&self, x: &[f32], rows: usize) -> Vec<f32> {
-        self.matmul_with(Isa::selected() >= Isa::Avx2, x, rows)
+        self.matmul_with(FloatPath::selected(), x, rows)
     }
 
-    /// [`matmul`](Self::matmul) with or without the AVX2 kernel (which the
-    /// machine must have).
-    pub fn matmul_with(&self, simd: bool, x: &[f32], rows: usize) -> Vec<f32> {
-        Self::matmul_many_with(simd, &[self], x, rows).remove(0)
+    /// [`matmul`](Self::matmul) on a given path, which the machine must
+    /// run.
+    pub fn matmul_with(&self, path: FloatPath, x: &[f32], rows: usize) -> Vec<f32> {
+        Self::matmul_many_with(path, &[self], x, rows).remove(0)
     }
 
     /// Several matrices with the same input (q, k and v; gate and up) in one
     /// parallel loop: one wake-up of the thread pool instead of one each.
     pub fn matmul_many(mats: &[&Self], x: &[f32], rows: usize) -> Vec<Vec<f32>> {
-        Self::matmul_many_with(Isa::selected() >= Isa::Avx2, mats, x, rows)
+        Self::matmul_many_with(FloatPath::selected(), mats, x, rows)
     }
 
-    pub fn matmul_many_with(simd: bool, mats: &[&Self], x: &[f32], rows: usize) -> Vec<Vec<f32>> {
+    pub fn matmul_many_with(
+        path: FloatPath,
+        mats: &[&Self],
+        x: &[f32],
+        rows: usize,
+    ) -> Vec<Vec<f32>> {
         let in_dim = mats[0].in_dim;
         assert!(mats.iter().all(|m| m.in_dim == in_dim));
         assert_eq!(x.len(), rows * in_dim);
-        assert!(!simd || Isa::available().contains(&Isa::Avx2));
+        assert!(
+            FloatPath::available().contains(&path),
+            "{path:?} is not available"
+        );
+        let mut xt = vec![0f32; x.len()];
+        for (r, row) in x.chunks_exact(in_dim).enumerate() {
+            for (k, &v) in row.iter().enumerate() {
+                xt[k * rows + r] = v;
+            }
+        }
         let panels: usize = mats.iter().map(|m| m.out_dim.div_ceil(PANEL)).sum();
         let per_task = panels.div_ceil(rayon::current_num_threads() * 4).max(1);
         // [panel][rows][16]: each task owns a contiguous range of panels.
@@ -158,7 +258,7 @@ impl<T: Elem> PackedFloat<T> {
         tasks.into_par_iter().for_each(|(m, p0, chunk)| {
             for (i, c) in chunk.chunks_mut(rows * PANEL).enumerate() {
                 let panel = &m.data[(p0 + i) * PANEL * in_dim..][..PANEL * in_dim];
-                m.panel(simd, panel, x, rows, c);
+                m.panel(path, panel, &xt, rows, c);
             }
         });
         mats.iter()
@@ -177,58 +277,60 @@ impl<T: Elem> PackedFloat<T> {
     }
 
     /// One panel against every row: `c` is `[rows][16]`.
-    fn panel(&self, simd: bool, panel: &[T], x: &[f32], rows: usize, c: &mut [f32]) {
+    /// `xt` is the activations transposed, `[in][rows]`, so that a tile's
+    /// activations for one k are adjacent: rows of a power-of-two width would
+    /// otherwise all fall in the same L1 set and evict each other.
+    fn panel(&self, path: FloatPath, panel: &[T], xt: &[f32], rows: usize, c: &mut [f32]) {
         let n = self.in_dim;
+        let height = path.tile();
+        let tiles = rows.div_ceil(height);
         for k0 in (0..n).step_by(KC) {
             let kc = KC.min(n - k0);
             let w = &panel[k0 * PANEL..(k0 + kc) * PANEL];
-            let tiles = rows.div_ceil(TILE);
+            let first = k0 == 0;
             let mut r = 0;
             while r < rows {
-                let tile = TILE.min(rows - r);
                 // This tile's share of prefetching the next chunk: with
                 // several tiles each takes a slice; a single row leaves it to
                 // the hardware prefetcher, which keeps up with one stream.
-                let share = (rows > 1).then_some((r / TILE, tiles));
-                let xs = &x[r * n + k0..];
-                let cs = &mut c[r * PANEL..(r + tile) * PANEL];
-                macro_rules! call {
-                    ($($t:literal)*) => {
-                        match tile {
-                            $($t => {
-                                #[cfg(target_arch = "x86_64")]
-                                if simd {
-                                    // SAFETY: simd only where AVX2/FMA/F16C exist;
-                                    // the slices cover what the kernel reads.
-                                    unsafe {
-                                        avx2::tile::<T, $t>(xs, n, w, kc, cs, k0 == 0, share)
-                                    };
-                                    r += $t;
-                                    continue;
-                                }
-                                scalar_tile::<T, $t>(xs, n, w, kc, cs, k0 == 0);
-                            })*
-                            _ => unreachable!(),
-                        }
-                    };
-                }
-                call!(1 2 3 4 5 6);
-                r += tile;
+                let share = (rows > 1).then_some((r / height, tiles));
+                let xs = &xt[k0 * rows + r..];
+                let cs = &mut c[r * PANEL..];
+                r += match path {
+                    FloatPath::Scalar => scalar_tile::<T>(xs, rows, w, kc, cs, first, rows - r),
+                    #[cfg(target_arch = "x86_64")]
+                    // SAFETY: matmul_many_with checked that the machine runs
+                    // this path; the slices cover what the kernels read.
+                    FloatPath::Avx2 => unsafe {
+                        simd::tile_avx2::<T>(xs, rows, w, kc, cs, first, share, rows - r)
+                    },
+                    #[cfg(target_arch = "x86_64")]
+                    // SAFETY: as above.
+                    FloatPath::Avx512 => unsafe {
+                        simd::tile_avx512::<T>(xs, rows, w, kc, cs, first, share, rows - r)
+                    },
+                    #[cfg(not(target_arch = "x86_64"))]
+                    _ => unreachable!(),
+                };
             }
         }
     }
 }
 
-/// The portable micro-kernel: `c[r][j] (+)= Σ_k x[r][k]·w[k][j]`.
-fn scalar_tile<T: Elem, const R: usize>(
+/// The portable micro-kernel on up to six of the `left` rows:
+/// `c[r][j] (+)= Σ_k x[r][k]·w[k][j]`. Returns the rows done.
+fn scalar_tile<T: Elem>(
     x: &[f32],
     stride: usize,
     w: &[T],
     kc: usize,
     c: &mut [f32],
     first: bool,
-) {
-    let mut acc = [[0f32; PANEL]; R];
+    left: usize,
+) -> usize {
+    let rows = left.min(TILE);
+    let mut acc = [[0f32; PANEL]; TILE];
+    let acc = &mut acc[..rows];
     if !first {
         for (a, c) in acc.iter_mut().zip(c.chunks_exact(PANEL)) {
             a.copy_from_slice(c);
@@ -237,7 +339,7 @@ fn scalar_tile<T: Elem, const R: usize>(
     for k in 0..kc {
         let wk: [f32; PANEL] = std::array::from_fn(|j| w[k * PANEL + j].to_f32());
         for (r, a) in acc.iter_mut().enumerate() {
-            let xv = x[r * stride + k];
+            let xv = x[k * stride + r];
             for j in 0..PANEL {
                 a[j] += xv * wk[j];
             }
@@ -246,26 +348,21 @@ fn scalar_tile<T: Elem, const R: usize>(
     for (a, c) in acc.iter().zip(c.chunks_exact_mut(PANEL)) {
         c.copy_from_slice(a);
     }
+    rows
 }
 
 #[cfg(target_arch = "x86_64")]
-mod avx2 {
+mod simd {
     use std::arch::x86_64::*;
 
-    use super::{Elem, PANEL};
+    use super::{Elem, PANEL, TILE};
 
-    /// As `scalar_tile`, with fused multiply-adds. With `prefetch: Some((i,
-    /// n))`, also asks for the i-th of n slices of the next `kc·16` weights
-    /// (the next chunk of this panel, or the start of the next panel) to be
-    /// brought into cache, spread over the loop, so that the memory traffic
-    /// of the next chunk overlaps this chunk's arithmetic instead of
-    /// following it.
+    /// Runs the widest tile that fits in `left` rows; returns its height.
     ///
     /// # Safety
-    /// AVX2, FMA and F16C must exist. `x` holds `R` rows `stride` apart of
-    /// at least `kc` elements, `w` holds `kc·16`, `c` holds `R·16`.
-    #[target_feature(enable = "avx2,fma,f16c")]
-    pub unsafe fn tile<T: Elem, const R: usize>(
+    /// AVX2, FMA and F16C must exist; the slices as for `tile`.
+    #[allow(clippy::too_many_arguments)]
+    pub unsafe fn tile_avx2<T: Elem>(
         x: &[f32],
         stride: usize,
         w: &[T],
@@ -273,12 +370,87 @@ mod avx2 {
         c: &mut [f32],
         first: bool,
         prefetch: Option<(usize, usize)>,
-    ) {
+        left: usize,
+    ) -> usize {
+        macro_rules! pick {
+            ($($r:literal)*) => {
+                match left.min(TILE) {
+                    // SAFETY: the caller's contract.
+                    $($r => unsafe { avx2::<T, $r>(x, stride, w, kc, c, first, prefetch) },)*
+                    _ => unreachable!("left is at least 1"),
+                }
+            };
+        }
+        pick!(1 2 3 4 5 6)
+    }
+
+    /// As `tile_avx2`, with tiles of 16, 8, 4, 2 or 1 rows.
+    ///
+    /// # Safety
+    /// AVX-512F, AVX2, FMA and F16C must exist; the slices as for `tile`.
+    #[allow(clippy::too_many_arguments)]
+    pub unsafe fn tile_avx512<T: Elem>(
+        x: &[f32],
+        stride: usize,
+        w: &[T],
+        kc: usize,
+        c: &mut [f32],
+        first: bool,
+        prefetch: Option<(usize, usize)>,
+        left: usize,
+    ) -> usize {
+        // SAFETY: the caller's contract.
+        unsafe {
+            match left {
+                16.. => avx512::<T, 16>(x, stride, w, kc, c, first, prefetch),
+                8.. => avx512::<T, 8>(x, stride, w, kc, c, first, prefetch),
+                4.. => avx512::<T, 4>(x, stride, w, kc, c, first, prefetch),
+                2.. => avx512::<T, 2>(x, stride, w, kc, c, first, prefetch),
+                _ => avx512::<T, 1>(x, stride, w, kc, c, first, prefetch),
+            }
+        }
+    }
+
+    /// The `i`-th of `n` slices of the next chunk's cache lines: `(first
+    /// line, count, every how many k)`.
+    #[inline(always)]
+    fn prefetch_plan<T>(kc: usize, prefetch: Option<(usize, usize)>) -> (usize, usize, usize) {
+        let lines = kc * PANEL * std::mem::size_of::<T>() / 64;
+        let (first_line, count) = match prefetch {
+            Some((i, n)) => (i * lines / n, (i + 1) * lines / n - i * lines / n),
+            None => (0, 0),
+        };
+        (first_line, count, kc.div_ceil(count.max(1)))
+    }
+
+    /// `c[r][j] (+)= Σ_k x[r][k]·w[k][j]` for `R` rows, with fused
+    /// multiply-adds in k order. With `prefetch: Some((i, n))`, also asks
+    /// for the i-th of n slices of the next `kc·16` weights (the next chunk
+    /// of this panel, or the start of the next panel), spread over the loop,
+    /// so that the next chunk's memory traffic overlaps this one's
+    /// arithmetic instead of following it. Prefetches never fault, so one
+    /// past the end of the matrix is harmless. Returns `R`.
+    ///
+    /// # Safety
+    /// AVX2, FMA and F16C must exist. `x` holds `kc` steps `stride` apart
+    /// of `R` activations each, `w` holds `kc·16`, `c` holds `R·16`.
+    #[target_feature(enable = "avx2,fma,f16c")]
+    unsafe fn avx2<T: Elem, const R: usize>(
+        x: &[f32],
+        stride: usize,
+        w: &[T],
+        kc: usize,
+        c: &mut [f32],
+        first: bool,
+        prefetch: Option<(usize, usize)>,
+    ) -> usize {
         assert!(w.len() >= kc * PANEL && c.len() >= R * PANEL);
-        assert!(x.len() >= (R - 1) * stride + kc);
+        assert!(x.len() >= (kc - 1) * stride + R);
         let (xp, wp, cp) = (x.as_ptr(), w.as_ptr(), c.as_mut_ptr());
+        let (first_line, count, every) = prefetch_plan::<T>(kc, prefetch);
         // SAFETY: the asserts above bound every access.
         unsafe {
+            let ahead = (wp.add(kc * PANEL) as *const i8).wrapping_add(first_line * 64);
             let mut acc = [[_mm256_setzero_ps(); 2]; R];
             if !first {
                 for (r, a) in acc.iter_mut().enumerate() {
@@ -288,22 +460,13 @@ mod avx2 {
                     ];
                 }
             }
-            // Cache lines in a chunk; prefetching never faults, so reading
-            // past the end of the matrix is harmless.
-            let lines = kc * PANEL * std::mem::size_of::<T>() / 64;
-            let (first_line, count) = match prefetch {
-                Some((i, n)) => (i * lines / n, (i + 1) * lines / n - i * lines / n),
-                None => (0, 0),
-            };
-            let every = kc.div_ceil(count.max(1));
-            let ahead = (wp.add(kc * PANEL) as *const i8).wrapping_add(first_line * 64);
             for k in 0..kc {
                 if k % every == 0 && k / every < count {
                     _mm_prefetch::<_MM_HINT_T0>(ahead.wrapping_add(k / every * 64));
                 }
                 let [w0, w1] = T::load16(wp.add(k * PANEL));
                 for (r, a) in acc.iter_mut().enumerate() {
-                    let xv = _mm256_broadcast_ss(&*xp.add(r * stride + k));
+                    let xv = _mm256_broadcast_ss(&*xp.add(k * stride + r));
                     a[0] = _mm256_fmadd_ps(xv, w0, a[0]);
                     a[1] = _mm256_fmadd_ps(xv, w1, a[1]);
                 }
@@ -313,6 +476,50 @@ mod avx2 {
                 _mm256_storeu_ps(cp.add(r * PANEL + 8), a[1]);
             }
         }
+        R
+    }
+
+    /// As `avx2`, one zmm accumulator per row.
+    ///
+    /// # Safety
+    /// As `avx2`, and AVX-512F must exist.
+    #[target_feature(enable = "avx512f,avx2,fma,f16c")]
+    unsafe fn avx512<T: Elem, const R: usize>(
+        x: &[f32],
+        stride: usize,
+        w: &[T],
+        kc: usize,
+        c: &mut [f32],
+        first: bool,
+        prefetch: Option<(usize, usize)>,
+    ) -> usize {
+        assert!(w.len() >= kc * PANEL && c.len() >= R * PANEL);
+        assert!(x.len() >= (kc - 1) * stride + R);
+        let (xp, wp, cp) = (x.as_ptr(), w.as_ptr(), c.as_mut_ptr());
+        let (first_line, count, every) = prefetch_plan::<T>(kc, prefetch);
+        // SAFETY: the asserts above bound every access.
+        unsafe {
+            let ahead = (wp.add(kc * PANEL) as *const i8).wrapping_add(first_line * 64);
+            let mut acc = [_mm512_setzero_ps(); R];
+            if !first {
+                for (r, a) in acc.iter_mut().enumerate() {
+                    *a = _mm512_loadu_ps(cp.add(r * PANEL));
+                }
+            }
+            for k in 0..kc {
+                if k % every == 0 && k / every < count {
+                    _mm_prefetch::<_MM_HINT_T0>(ahead.wrapping_add(k / every * 64));
+                }
+                let wv = T::load16x(wp.add(k * PANEL));
+                for (r, a) in acc.iter_mut().enumerate() {
+                    *a = _mm512_fmadd_ps(_mm512_set1_ps(*xp.add(k * stride + r)), wv, *a);
+                }
+            }
+            for (r, a) in acc.iter().enumerate() {
+                _mm512_storeu_ps(cp.add(r * PANEL), *a);
+            }
+        }
+        R
     }
 }
 
@@ -330,7 +537,7 @@ mod tests {
     }
 
     fn check<T: Elem>(convert: impl Fn(f32) -> T, tol: f64) {
-        let paths: Vec<bool> = Isa::available().iter().map(|&i| i >= Isa::Avx2).collect();
+        let paths = FloatPath::available();
         for (rows, inp, out) in [
             (1, 8, 4),
             (3, 13, 7),
@@ -341,8 +548,8 @@ mod tests {
             let x = data(rows * inp, 1);
             let w: Vec<T> = data(out * inp, 2).into_iter().map(&convert).collect();
             let packed = PackedFloat::from_rows(&w, out, inp);
-            for &simd in &paths {
-                let got = packed.matmul_with(simd, &x, rows);
+            for &path in &paths {
+                let got = packed.matmul_with(path, &x, rows);
                 for r in 0..rows {
                     for j in 0..out {
                         let want: f64 = (0..inp)
@@ -351,11 +558,11 @@ mod tests {
                         let g = got[r * out + j] as f64;
                         assert!(
                             (g - want).abs() <= tol * (inp as f64).sqrt() * want.abs().max(1.0),
-                            "simd {simd} {rows}x{inp}x{out} [{r},{j}]: {g} vs {want}"
+                            "{path:?} {rows}x{inp}x{out} [{r},{j}]: {g} vs {want}"
                         );
                     }
                     // Row r alone gives bit-identical results.
-                    let alone = packed.matmul_with(simd, &x[r * inp..(r + 1) * inp], 1);
+                    let alone = packed.matmul_with(path, &x[r * inp..(r + 1) * inp], 1);
                     assert_eq!(alone, got[r * out..(r + 1) * out]);
                 }
             }
@@ -378,6 +585,21 @@ mod tests {
         let together = PackedFloat::matmul_many(&mats.iter().collect::<Vec<_>>(), &x, rows);
         for (m, t) in mats.iter().zip(&together) {
             assert_eq!(&m.matmul(&x, rows), t);
+        }
+    }
+
+    #[test]
+    fn the_simd_paths_give_the_same_bits() {
+        let (inp, out, rows) = (600, 45, 21);
+        let x = data(rows * inp, 9);
+        let packed = PackedFloat::from_rows(&data(out * inp, 10), out, inp);
+        let simd: Vec<FloatPath> = FloatPath::available().into_iter().skip(1).collect();
+        for pair in simd.windows(2) {
+            assert_eq!(
+                packed.matmul_with(pair[0], &x, rows),
+                packed.matmul_with(pair[1], &x, rows),
+                "{pair:?}"
+            );
         }
     }
 

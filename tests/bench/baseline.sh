@@ -15,7 +15,7 @@ py="$venv/bin/python"
 GEN=${GEN:-128} PT=${PT:-40} THREADS=${THREADS:-2}
 
 cargo build --release --locked --bins
-aq=target/release/aquila
+aq="${CARGO_TARGET_DIR:-target}/release/aquila"
 demo=$($aq fetch-demo)
 base="${AQUILA_CACHE_DIR:-$HOME/.cache/aquila}/bench/base"
 [ -f "$base/model.safetensors" ] || $aq make-model --preset base --seed 1 --out "$base"
@@ -35,7 +35,7 @@ for k in ("prompt_tok_per_s", "decode_tok_per_s"):
 r["model"] = sys.argv[1]
 print(json.dumps(r))' "$2" | tee -a "$out"
 }
-peer() { "$py" tests/bench/peers.py "$@" --threads "$THREADS" --gen-tokens "$GEN" | tail -1 | tee -a "$out"; }
+peer() { "$py" tests/bench/peers.py "$@" --threads "$THREADS" --gen-tokens "$GEN" 2>/dev/null | tail -1 | tee -a "$out"; }
 
 aquila "$demo" demo
 peer llamacpp --gguf "$demo" --prompt-tokens "$PT"

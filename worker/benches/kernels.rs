@@ -32,10 +32,15 @@ fn main() {
         ("attn_k", Format::Q4_1, 192, 576),
         ("lm_head", Format::Q8_0, 49152, 576),
         ("ffn_up_q4_0", Format::Q4_0, 1536, 576),
+        ("base_mlp_up_q4_k", Format::Q4K, 2048, 768),
     ];
     for (name, format, out, inp) in shapes {
-        let packed =
-            PackedMatrix::from_ggml(format, &random_blocks(format, out * inp / 32), out, inp);
+        let packed = PackedMatrix::from_ggml(
+            format,
+            &random_blocks(format, out * inp / format.block_weights()),
+            out,
+            inp,
+        );
         for isa in Isa::available() {
             for rows in [1, 4, 16, 64] {
                 if isa == Isa::Scalar && rows > 4 {
@@ -128,6 +133,8 @@ fn random_blocks(format: Format, blocks: usize) -> Vec<u8> {
         Format::Q4_0 => (1, 16),
         Format::Q4_1 => (2, 16),
         Format::Q8_0 => (1, 32),
+        // d and dmin, then 12 bytes of 6-bit scales and mins and 128 of quants.
+        Format::Q4K => (2, 140),
     };
     let mut raw = Vec::with_capacity(blocks * (2 * scales + quants));
     for _ in 0..blocks {

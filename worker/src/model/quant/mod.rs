@@ -1,5 +1,5 @@
-//! Matrix products with GGML-quantized weights (Q4_0, Q4_1, Q8_0) against
-//! activations quantized to 8 bits, written for this project.
+//! Matrix products with GGML-quantized weights (Q4_0, Q4_1, Q8_0, Q4_K)
+//! against activations quantized to 8 bits, written for this project.
 //!
 //! At load time each weight matrix is repacked: rows are taken eight at a
 //! time (a *group*), and for every 32-weight block the eight rows' quants are
@@ -12,6 +12,9 @@
 //! L1, so a batch of 16 reads the weights from memory once, like one stream.
 //! The repacked bytes per weight equal GGML's (Q4_0 gains a 2-byte min of
 //! zero it does not use: `m = -8·d` is folded into integer sums instead).
+//! Q4_K keeps its 256-weight super-blocks: per row a 128-byte quant block,
+//! interleaved the same way, then its eight 6-bit scales and mins unpacked to
+//! bytes and its two f16 super-scales (148 bytes per row instead of 144).
 //!
 //! Every path (scalar, AVX2, AVX-512 VNNI) computes the same integer block
 //! sums and applies the scales in the same order with fused multiply-adds,
@@ -38,6 +41,9 @@ pub enum Format {
     Q4_1,
     /// 8-bit signed quants `q`, value `d·q`.
     Q8_0,
+    /// 256-weight super-blocks of eight 32-weight sub-blocks, 4-bit quants
+    /// `q`, value `d·scᵢ·q - dmin·mᵢ` with 6-bit `scᵢ`, `mᵢ` per sub-block.
+    Q4K,
 }
 
 impl Format {
@@ -46,6 +52,7 @@ impl Format {
             GgmlDType::Q4_0 => Some(Self::Q4_0),
             GgmlDType::Q4_1 => Some(Self::Q4_1),
             GgmlDType::Q8_0 => Some(Self::Q8_0),
+            GgmlDType::Q4K => Some(Self::Q4K),
             _ => None,
         }
     }
@@ -56,6 +63,15 @@ impl Format {
             Self::Q4_0 => 18,
             Self::Q4_1 => 20,
             Self::Q8_0 => 34,
+            Self::Q4K => 144,
+        }
+    }
+
+    /// Weights per GGML block.
+    pub const fn block_weights(self) -> usize {
+        match self {
+            Self::Q4K => 256,
+            Self::Q4_0 | Self::Q4_1 | Self::Q8_0 => BLOCK,
         }
     }
 
@@ -64,6 +80,7 @@ impl Format {
         match self {
             Self::Q4_0 | Self::Q4_1 => BLOCK / 2,
             Self::Q8_0 => BLOCK,
+            Self::Q4K => 128,
         }
     }
 
@@ -73,6 +90,8 @@ impl Format {
         let scales = match self {
             Self::Q4_1 => 2 * GROUP * 2,
             Self::Q4_0 | Self::Q8_0 => GROUP * 2,
+            // Eight scales and eight mins per row as bytes, then d and dmin.
+            Self::Q4K => GROUP * 16 + 2 * GROUP * 2,
         };
         GROUP * self.quant_bytes() + scales
     }
@@ -84,7 +103,7 @@ impl Format {
     const fn offset(self) -> i32 {
         match self {
             Self::Q4_0 => 8,
-            Self::Q4_1 | Self::Q8_0 => 0,
+            Self::Q4_1 | Self::Q8_0 | Self::Q4K => 0,
         }
     }
 }
@@ -154,14 +173,11 @@ pub struct PackedMatrix {
 
 impl PackedMatrix {
     /// Repacks GGML blocks of a row-major `[out, in]` matrix. `in_dim` must
-    /// be a multiple of 32 (GGUF guarantees it for these formats).
+    /// be a multiple of the format's block (GGUF guarantees it).
     pub fn from_ggml(format: Format, raw: &[u8], out_dim: usize, in_dim: usize) -> Self {
-        assert_eq!(
-            in_dim % BLOCK,
-            0,
-            "in_dim {in_dim} is not a multiple of {BLOCK}"
-        );
-        let blocks = in_dim / BLOCK;
+        let bw = format.block_weights();
+        assert_eq!(in_dim % bw, 0, "in_dim {in_dim} is not a multiple of {bw}");
+        let blocks = in_dim / bw;
         let src_block = format.ggml_block_bytes();
         assert_eq!(raw.len(), out_dim * blocks * src_block, "GGML data size");
         let groups = out_dim.div_ceil(GROUP);
@@ -173,9 +189,13 @@ impl PackedMatrix {
             let (g, r) = (o / GROUP, o % GROUP);
             for (b, src) in row.chunks_exact(src_block).enumerate() {
                 let dst = &mut data[(g * blocks + b) * gb..][..gb];
+                if format == Format::Q4K {
+                    repack_q4k(src, r, dst);
+                    continue;
+                }
                 let (scales, quants) = match format {
                     Format::Q4_1 => src.split_at(4),
-                    Format::Q4_0 | Format::Q8_0 => src.split_at(2),
+                    _ => src.split_at(2),
                 };
                 for (k, four) in quants.chunks_exact(4).enumerate() {
                     dst[(k * GROUP + r) * 4..][..4].copy_from_slice(four);
@@ -290,6 +310,37 @@ impl PackedMatrix {
     }
 }
 
+/// One row's Q4_K block (`d`, `dmin`, 12 bytes of packed 6-bit scales and
+/// mins, 128 bytes of quants) into lane `r` of a group's super-block.
+fn repack_q4k(src: &[u8], r: usize, dst: &mut [u8]) {
+    let (head, quants) = src.split_at(16);
+    for (k, four) in quants.chunks_exact(4).enumerate() {
+        dst[(k * GROUP + r) * 4..][..4].copy_from_slice(four);
+    }
+    let sc = GROUP * Format::Q4K.quant_bytes();
+    for j in 0..8 {
+        let (scale, min) = q4k_scale_min(j, &head[4..16]);
+        dst[sc + j * GROUP + r] = scale;
+        dst[sc + 64 + j * GROUP + r] = min;
+    }
+    dst[sc + 128 + 2 * r..][..2].copy_from_slice(&head[..2]);
+    dst[sc + 144 + 2 * r..][..2].copy_from_slice(&head[2..4]);
+}
+
+/// Sub-block `j`'s 6-bit scale and min from Q4_K's 12 packed bytes: the
+/// first four of each in the low six bits of bytes 0–3 and 4–7, the last
+/// four split between bytes 8–11 and the top two bits of bytes 0–7.
+fn q4k_scale_min(j: usize, q: &[u8]) -> (u8, u8) {
+    if j < 4 {
+        (q[j] & 63, q[j + 4] & 63)
+    } else {
+        (
+            (q[j + 4] & 0x0F) | ((q[j - 4] >> 6) << 4),
+            (q[j + 4] >> 4) | ((q[j] >> 6) << 4),
+        )
+    }
+}
+
 /// Activation rows quantized like GGML's Q8_0/Q8_1: per 32 values a scale
 /// `d = max|x|/127` and quants `round(x/d)`, plus the quants' sum (for
 /// offsets) and `d·Σq` (for Q4_1's mins).
@@ -374,6 +425,9 @@ fn f16_at(bytes: &[u8], i: usize) -> f32 {
 
 /// The reference: one group against activation row `r`, one lane at a time.
 fn scalar_group(format: Format, w: &[u8], x: &QuantizedRows, r: usize, out: &mut [f32]) {
+    if format == Format::Q4K {
+        return scalar_group_q4k(w, x, r, out);
+    }
     let gb = format.group_block_bytes();
     let qb = format.quant_bytes();
     for (lane, acc) in out.iter_mut().enumerate() {
@@ -390,6 +444,7 @@ fn scalar_group(format: Format, w: &[u8], x: &QuantizedRows, r: usize, out: &mut
                         i32::from(if j < 16 { byte & 0x0F } else { byte >> 4 })
                     }
                     Format::Q8_0 => i32::from(wb[(j / 4 * GROUP + lane) * 4 + j % 4] as i8),
+                    Format::Q4K => unreachable!("handled by scalar_group_q4k"),
                 }
             };
             let isum = (0..BLOCK).map(|j| quant(j) * i32::from(xq[j])).sum::<i32>()
@@ -399,6 +454,38 @@ fn scalar_group(format: Format, w: &[u8], x: &QuantizedRows, r: usize, out: &mut
             *acc = (isum as f32).mul_add(scale, *acc);
             if format == Format::Q4_1 {
                 *acc = f16_at(scales, GROUP + lane).mul_add(x.s[xi], *acc);
+            }
+        }
+    }
+}
+
+/// [`scalar_group`] for Q4_K: per sub-block `i` of super-block `b`,
+/// `acc += isum·((d·scᵢ)·d_x)`, then `acc -= (dmin·mᵢ)·(d_x·Σq)`.
+fn scalar_group_q4k(w: &[u8], x: &QuantizedRows, r: usize, out: &mut [f32]) {
+    let gb = Format::Q4K.group_block_bytes();
+    let sc = GROUP * Format::Q4K.quant_bytes();
+    for (lane, acc) in out.iter_mut().enumerate() {
+        *acc = 0.0;
+        for b in 0..x.blocks / 8 {
+            let wb = &w[b * gb..][..gb];
+            let d = f16_at(&wb[sc + 128..], lane);
+            let dmin = f16_at(&wb[sc + 144..], lane);
+            for i in 0..8 {
+                let xi = x.index(r, b * 8 + i);
+                let xq = &x.qs[xi * BLOCK..][..BLOCK];
+                // Element e of sub-block i: byte e of 64-chunk i/2, low
+                // nibble for even i.
+                let isum: i32 = (0..BLOCK)
+                    .map(|e| {
+                        let byte = wb[((i / 2 * 8 + e / 4) * GROUP + lane) * 4 + e % 4];
+                        let q = if i % 2 == 0 { byte & 0x0F } else { byte >> 4 };
+                        i32::from(q) * i32::from(xq[e])
+                    })
+                    .sum();
+                let scale = d * f32::from(wb[sc + i * GROUP + lane]) * x.d[xi];
+                let min = dmin * f32::from(wb[sc + 64 + i * GROUP + lane]);
+                *acc = (isum as f32).mul_add(scale, *acc);
+                *acc = (-min).mul_add(x.s[xi], *acc);
             }
         }
     }

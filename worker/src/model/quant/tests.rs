@@ -28,6 +28,14 @@ fn ggml_matrix(
     scale: &mut dyn FnMut(&mut Rng) -> f32,
 ) -> Vec<u8> {
     let mut raw = Vec::new();
+    if format == Format::Q4K {
+        for _ in 0..out * inp / 256 {
+            raw.extend_from_slice(&f16::from_f32(scale(rng)).to_le_bytes());
+            raw.extend_from_slice(&f16::from_f32(scale(rng)).to_le_bytes());
+            raw.extend((0..12 + 128).map(|_| rng.byte()));
+        }
+        return raw;
+    }
     for _ in 0..out * inp / BLOCK {
         raw.extend_from_slice(&f16::from_f32(scale(rng)).to_le_bytes());
         if format == Format::Q4_1 {
@@ -40,8 +48,25 @@ fn ggml_matrix(
     raw
 }
 
-/// Weight `[o][j]` from the GGML bytes, independently of the packing.
+/// Weight `[o][j]` from the GGML bytes, independently of the packing (for
+/// Q4_K through candle's own dequantization).
 fn ggml_value(format: Format, raw: &[u8], inp: usize, o: usize, j: usize) -> f64 {
+    if format == Format::Q4K {
+        let row = &raw[o * inp / 256 * 144..][..inp / 256 * 144];
+        let t = candle_core::quantized::ggml_file::qtensor_from_ggml(
+            GgmlDType::Q4K,
+            row,
+            vec![inp],
+            &candle_core::Device::Cpu,
+        )
+        .unwrap();
+        let v: Vec<f32> = t
+            .dequantize(&candle_core::Device::Cpu)
+            .unwrap()
+            .to_vec1()
+            .unwrap();
+        return v[j] as f64;
+    }
     let bb = format.ggml_block_bytes();
     let blk = &raw[(o * inp / BLOCK + j / BLOCK) * bb..][..bb];
     let e = j % BLOCK;
@@ -58,16 +83,27 @@ fn ggml_value(format: Format, raw: &[u8], inp: usize, o: usize, j: usize) -> f64
             d * q as f64 + f16_at(blk, 1) as f64
         }
         Format::Q8_0 => d * (blk[2 + e] as i8) as f64,
+        Format::Q4K => unreachable!("dequantized by candle above"),
     }
 }
 
-const FORMATS: [Format; 3] = [Format::Q4_0, Format::Q4_1, Format::Q8_0];
+const FORMATS: [Format; 4] = [Format::Q4_0, Format::Q4_1, Format::Q8_0, Format::Q4K];
 
 #[test]
 fn every_path_matches_an_f64_reference_on_random_blocks() {
     let mut rng = Rng(0x9E3779B97F4A7C15);
     for format in FORMATS {
-        for (rows, out, inp) in [(1, 8, 32), (3, 13, 64), (16, 40, 256), (9, 5, 96)] {
+        let shapes = [
+            (1, 8, 32),
+            (3, 13, 64),
+            (16, 40, 256),
+            (9, 5, 96),
+            (5, 11, 512),
+        ];
+        for (rows, out, inp) in shapes {
+            if inp % format.block_weights() != 0 {
+                continue;
+            }
             let raw = ggml_matrix(format, out, inp, &mut rng, &mut |r| {
                 0.01 + 0.02 * r.unit().abs()
             });
@@ -105,7 +141,7 @@ fn every_path_matches_an_f64_reference_on_random_blocks() {
 fn every_path_is_bit_identical_to_the_scalar_one() {
     let mut rng = Rng(12345);
     for format in FORMATS {
-        let (out, inp) = (37, 320);
+        let (out, inp) = (37, 512);
         let raw = ggml_matrix(format, out, inp, &mut rng, &mut |r| r.unit() * 0.05);
         let packed = PackedMatrix::from_ggml(format, &raw, out, inp);
         // Extreme activations too: a block of zeros, and a lone large value.
@@ -129,7 +165,7 @@ fn integer_parts_are_exact() {
     // result must equal the exact integer dot product.
     let mut rng = Rng(777);
     for format in FORMATS {
-        let (out, inp) = (16, 128);
+        let (out, inp) = (16, 256);
         let raw = ggml_matrix(format, out, inp, &mut rng, &mut |_| 1.0);
         let packed = PackedMatrix::from_ggml(format, &raw, out, inp);
         // Activations whose blocks all have max |x| = 127: d = 1, x exact.

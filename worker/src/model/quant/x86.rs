@@ -45,6 +45,9 @@ pub(super) unsafe fn group_rows(
                         (_, Format::Q4_0) => $kernel::<0, 1>(w, x, r, o),
                         (_, Format::Q4_1) => $kernel::<1, 1>(w, x, r, o),
                         (_, Format::Q8_0) => $kernel::<2, 1>(w, x, r, o),
+                        (n, Format::Q4K) if n >= $widest => $kernel::<3, $widest>(w, x, r, o),
+                        (n, Format::Q4K) if n >= 2 => $kernel::<3, 2>(w, x, r, o),
+                        (_, Format::Q4K) => $kernel::<3, 1>(w, x, r, o),
                     }
                 };
             }
@@ -59,12 +62,14 @@ pub(super) unsafe fn group_rows(
 
 const Q4_1: u8 = 1;
 const Q8_0: u8 = 2;
+const Q4K: u8 = 3;
 
 fn format_of(f: u8) -> Format {
     match f {
         0 => Format::Q4_0,
         Q4_1 => Format::Q4_1,
-        _ => Format::Q8_0,
+        Q8_0 => Format::Q8_0,
+        _ => Format::Q4K,
     }
 }
 
@@ -133,6 +138,10 @@ unsafe fn avx2<const F: u8, const R: usize>(
     r0: usize,
     out: &mut [f32],
 ) -> usize {
+    if F == Q4K {
+        // SAFETY: the same features.
+        return unsafe { q4k::<R, false>(w, x, r0, out) };
+    }
     let format = format_of(F);
     let gb = format.group_block_bytes();
     assert!(w.len() >= x.blocks * gb && r0 + R <= x.rows);
@@ -185,6 +194,10 @@ unsafe fn vnni<const F: u8, const R: usize>(
     r0: usize,
     out: &mut [f32],
 ) -> usize {
+    if F == Q4K {
+        // SAFETY: the same features.
+        return unsafe { q4k::<R, true>(w, x, r0, out) };
+    }
     let format = format_of(F);
     let gb = format.group_block_bytes();
     assert!(w.len() >= x.blocks * gb && r0 + R <= x.rows);
@@ -222,4 +235,87 @@ unsafe fn vnni<const F: u8, const R: usize>(
     // SAFETY: AVX is enabled.
     unsafe { store(acc, out) };
     R
+}
+
+/// Q4_K: per 64-weight chunk of a super-block, the integer sums of its two
+/// sub-blocks (low and high nibbles), then `acc += isum·((d·scᵢ)·d_x)` and
+/// `acc -= (dmin·mᵢ)·(d_x·Σq)`, as `scalar_group_q4k`. `VNNI` picks
+/// `vpdpbusd` over `vpmaddubsw` + `vpmaddwd` (16-bit sums cannot overflow:
+/// 8 × 2 × 15 × 128 < 2¹⁵). Returns `R`.
+///
+/// # Safety
+/// AVX2, FMA and F16C; with `VNNI` also AVX-512F/VL/VNNI.
+#[inline(always)]
+unsafe fn q4k<const R: usize, const VNNI: bool>(
+    w: &[u8],
+    x: &QuantizedRows,
+    r0: usize,
+    out: &mut [f32],
+) -> usize {
+    let gb = Format::Q4K.group_block_bytes();
+    let supers = x.blocks / 8;
+    assert!(w.len() >= supers * gb && r0 + R <= x.rows);
+    let sc = GROUP * Format::Q4K.quant_bytes();
+    // SAFETY: every access below stays within super-block b of the group
+    // (asserted above) or within row r's 32-blocks (broadcast4).
+    unsafe {
+        let nibble = _mm256_set1_epi8(0x0F);
+        let ones = _mm256_set1_epi16(1);
+        let mut acc = [_mm256_setzero_ps(); R];
+        for b in 0..supers {
+            let wb = w.as_ptr().add(b * gb);
+            let d = _mm256_cvtph_ps(_mm_loadu_si128(wb.add(sc + 128) as *const __m128i));
+            let dmin = _mm256_cvtph_ps(_mm_loadu_si128(wb.add(sc + 144) as *const __m128i));
+            for c in 0..4 {
+                let (lo_blk, hi_blk) = (b * 8 + 2 * c, b * 8 + 2 * c + 1);
+                let mut lo_sum = [_mm256_setzero_si256(); R];
+                let mut hi_sum = [_mm256_setzero_si256(); R];
+                for l4 in 0..8 {
+                    let q = _mm256_loadu_si256(wb.add((c * 8 + l4) * 32) as *const __m256i);
+                    let lo = _mm256_and_si256(q, nibble);
+                    let hi = _mm256_and_si256(_mm256_srli_epi16(q, 4), nibble);
+                    for r in 0..R {
+                        let xl = broadcast4(x, r0 + r, lo_blk, 4 * l4);
+                        let xh = broadcast4(x, r0 + r, hi_blk, 4 * l4);
+                        if VNNI {
+                            lo_sum[r] = dpbusd(lo_sum[r], lo, xl);
+                            hi_sum[r] = dpbusd(hi_sum[r], hi, xh);
+                        } else {
+                            lo_sum[r] = _mm256_add_epi16(lo_sum[r], _mm256_maddubs_epi16(lo, xl));
+                            hi_sum[r] = _mm256_add_epi16(hi_sum[r], _mm256_maddubs_epi16(hi, xh));
+                        }
+                    }
+                }
+                for (i, sums) in [(2 * c, lo_sum), (2 * c + 1, hi_sum)] {
+                    let widen = |p: *const u8| {
+                        _mm256_cvtepi32_ps(_mm256_cvtepu8_epi32(_mm_loadl_epi64(
+                            p as *const __m128i,
+                        )))
+                    };
+                    let dsc = _mm256_mul_ps(d, widen(wb.add(sc + i * GROUP)));
+                    let dm = _mm256_mul_ps(dmin, widen(wb.add(sc + 64 + i * GROUP)));
+                    for (r, a) in acc.iter_mut().enumerate() {
+                        let xi = x.index(r0 + r, b * 8 + i);
+                        let s = if VNNI {
+                            sums[r]
+                        } else {
+                            _mm256_madd_epi16(sums[r], ones)
+                        };
+                        let scale = _mm256_mul_ps(dsc, _mm256_set1_ps(x.d[xi]));
+                        *a = _mm256_fmadd_ps(_mm256_cvtepi32_ps(s), scale, *a);
+                        *a = _mm256_fnmadd_ps(dm, _mm256_set1_ps(x.s[xi]), *a);
+                    }
+                }
+            }
+        }
+        store(acc, out);
+    }
+    R
+}
+
+/// `vpdpbusd` on 256 bits; only called where VNNI was detected.
+#[inline(always)]
+unsafe fn dpbusd(acc: __m256i, a: __m256i, b: __m256i) -> __m256i {
+    // SAFETY: the caller's contract.
+    unsafe { _mm256_dpbusd_epi32(acc, a, b) }
 }

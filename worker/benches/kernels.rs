@@ -33,6 +33,7 @@ fn main() {
         ("lm_head", Format::Q8_0, 49152, 576),
         ("ffn_up_q4_0", Format::Q4_0, 1536, 576),
         ("base_mlp_up_q4_k", Format::Q4K, 2048, 768),
+        ("base_mlp_up_q6_k", Format::Q6K, 2048, 768),
     ];
     for (name, format, out, inp) in shapes {
         let packed = PackedMatrix::from_ggml(
@@ -135,6 +136,8 @@ fn random_blocks(format: Format, blocks: usize) -> Vec<u8> {
         Format::Q8_0 => (1, 32),
         // d and dmin, then 12 bytes of 6-bit scales and mins and 128 of quants.
         Format::Q4K => (2, 140),
+        // GGML puts Q6_K's d last; for timing the order does not matter.
+        Format::Q6K => (1, 208),
     };
     let mut raw = Vec::with_capacity(blocks * (2 * scales + quants));
     for _ in 0..blocks {

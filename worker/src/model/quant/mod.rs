@@ -15,6 +15,8 @@
 //! Q4_K keeps its 256-weight super-blocks: per row a 128-byte quant block,
 //! interleaved the same way, then its eight 6-bit scales and mins unpacked to
 //! bytes and its two f16 super-scales (148 bytes per row instead of 144).
+//! Q6_K's 6-bit quants are unpacked to a byte each (274 bytes per row and
+//! super-block instead of 210): simpler and exact, at 30% more traffic.
 //!
 //! Every path (scalar, AVX2, AVX-512 VNNI) computes the same integer block
 //! sums and applies the scales in the same order with fused multiply-adds,
@@ -44,6 +46,9 @@ pub enum Format {
     /// 256-weight super-blocks of eight 32-weight sub-blocks, 4-bit quants
     /// `q`, value `d·scᵢ·q - dmin·mᵢ` with 6-bit `scᵢ`, `mᵢ` per sub-block.
     Q4K,
+    /// 256-weight super-blocks, 6-bit quants `q`, value `d·scᵢ·(q - 32)`
+    /// with an 8-bit signed `scᵢ` per 16 weights.
+    Q6K,
 }
 
 impl Format {
@@ -53,6 +58,7 @@ impl Format {
             GgmlDType::Q4_1 => Some(Self::Q4_1),
             GgmlDType::Q8_0 => Some(Self::Q8_0),
             GgmlDType::Q4K => Some(Self::Q4K),
+            GgmlDType::Q6K => Some(Self::Q6K),
             _ => None,
         }
     }
@@ -64,13 +70,14 @@ impl Format {
             Self::Q4_1 => 20,
             Self::Q8_0 => 34,
             Self::Q4K => 144,
+            Self::Q6K => 210,
         }
     }
 
     /// Weights per GGML block.
     pub const fn block_weights(self) -> usize {
         match self {
-            Self::Q4K => 256,
+            Self::Q4K | Self::Q6K => 256,
             Self::Q4_0 | Self::Q4_1 | Self::Q8_0 => BLOCK,
         }
     }
@@ -81,6 +88,8 @@ impl Format {
             Self::Q4_0 | Self::Q4_1 => BLOCK / 2,
             Self::Q8_0 => BLOCK,
             Self::Q4K => 128,
+            // Unpacked to a byte per weight (0..63).
+            Self::Q6K => 256,
         }
     }
 
@@ -92,6 +101,8 @@ impl Format {
             Self::Q4_0 | Self::Q8_0 => GROUP * 2,
             // Eight scales and eight mins per row as bytes, then d and dmin.
             Self::Q4K => GROUP * 16 + 2 * GROUP * 2,
+            // Sixteen i8 scales per row, then d.
+            Self::Q6K => GROUP * 16 + GROUP * 2,
         };
         GROUP * self.quant_bytes() + scales
     }
@@ -103,7 +114,7 @@ impl Format {
     const fn offset(self) -> i32 {
         match self {
             Self::Q4_0 => 8,
-            Self::Q4_1 | Self::Q8_0 | Self::Q4K => 0,
+            Self::Q4_1 | Self::Q8_0 | Self::Q4K | Self::Q6K => 0,
         }
     }
 }
@@ -189,9 +200,16 @@ impl PackedMatrix {
             let (g, r) = (o / GROUP, o % GROUP);
             for (b, src) in row.chunks_exact(src_block).enumerate() {
                 let dst = &mut data[(g * blocks + b) * gb..][..gb];
-                if format == Format::Q4K {
-                    repack_q4k(src, r, dst);
-                    continue;
+                match format {
+                    Format::Q4K => {
+                        repack_q4k(src, r, dst);
+                        continue;
+                    }
+                    Format::Q6K => {
+                        repack_q6k(src, r, dst);
+                        continue;
+                    }
+                    _ => {}
                 }
                 let (scales, quants) = match format {
                     Format::Q4_1 => src.split_at(4),
@@ -327,6 +345,37 @@ fn repack_q4k(src: &[u8], r: usize, dst: &mut [u8]) {
     dst[sc + 144 + 2 * r..][..2].copy_from_slice(&head[2..4]);
 }
 
+/// One row's Q6_K block (`ql[128]`, `qh[64]`, 16 i8 scales, `d`) into lane
+/// `r` of a group's super-block: quants 0..63 in element order, interleaved
+/// four at a time, then the scales as `[16][8]`, then d.
+fn repack_q6k(src: &[u8], r: usize, dst: &mut [u8]) {
+    let (ql, rest) = src.split_at(128);
+    let (qh, rest) = rest.split_at(64);
+    let (scales, d) = rest.split_at(16);
+    let mut q = [0u8; 256];
+    // GGML's layout: two halves of 128, each from 64 bytes of ql and 32 of
+    // qh; ql's low nibbles give elements 0..64 of the half, its high
+    // nibbles 64..128; qh's 2-bit fields are the top bits of the four.
+    for half in 0..2 {
+        let (ql, qh) = (&ql[64 * half..], &qh[32 * half..]);
+        let y = &mut q[128 * half..];
+        for l in 0..32 {
+            y[l] = (ql[l] & 0x0F) | ((qh[l] & 3) << 4);
+            y[l + 32] = (ql[l + 32] & 0x0F) | (((qh[l] >> 2) & 3) << 4);
+            y[l + 64] = (ql[l] >> 4) | (((qh[l] >> 4) & 3) << 4);
+            y[l + 96] = (ql[l + 32] >> 4) | (((qh[l] >> 6) & 3) << 4);
+        }
+    }
+    for (k, four) in q.chunks_exact(4).enumerate() {
+        dst[(k * GROUP + r) * 4..][..4].copy_from_slice(four);
+    }
+    let sc = GROUP * Format::Q6K.quant_bytes();
+    for (i, &s) in scales.iter().enumerate() {
+        dst[sc + i * GROUP + r] = s;
+    }
+    dst[sc + 128 + 2 * r..][..2].copy_from_slice(d);
+}
+
 /// Sub-block `j`'s 6-bit scale and min from Q4_K's 12 packed bytes: the
 /// first four of each in the low six bits of bytes 0–3 and 4–7, the last
 /// four split between bytes 8–11 and the top two bits of bytes 0–7.
@@ -343,13 +392,15 @@ fn q4k_scale_min(j: usize, q: &[u8]) -> (u8, u8) {
 
 /// Activation rows quantized like GGML's Q8_0/Q8_1: per 32 values a scale
 /// `d = max|x|/127` and quants `round(x/d)`, plus the quants' sum (for
-/// offsets) and `d·Σq` (for Q4_1's mins).
+/// offsets) and `d·Σq` (for Q4_1's mins); also the sums of each half (for
+/// Q6_K, whose scales cover 16 weights).
 pub struct QuantizedRows {
     rows: usize,
     blocks: usize,
     qs: Vec<i8>,
     d: Vec<f32>,
     sum: Vec<i32>,
+    half_sum: Vec<i32>,
     s: Vec<f32>,
 }
 
@@ -363,6 +414,7 @@ impl QuantizedRows {
             qs: vec![0; n * BLOCK],
             d: vec![0.0; n],
             sum: vec![0; n],
+            half_sum: vec![0; 2 * n],
             s: vec![0.0; n],
         };
         #[cfg(target_arch = "x86_64")]
@@ -408,13 +460,15 @@ fn quantize(x: &[f32], q: &mut QuantizedRows) {
         let amax = lanes.iter().fold(0f32, |m, &v| m.max(v));
         let d = amax / 127.0;
         let id = if d > 0.0 { 1.0 / d } else { 0.0 };
-        let mut sum = 0i32;
-        for (o, v) in dst.iter_mut().zip(src) {
+        let mut halves = [0i32; 2];
+        for (j, (o, v)) in dst.iter_mut().zip(src).enumerate() {
             *o = ((v * id + ROUND) - ROUND) as i8;
-            sum += i32::from(*o);
+            halves[j / 16] += i32::from(*o);
         }
+        let sum = halves[0] + halves[1];
         q.d[i] = d;
         q.sum[i] = sum;
+        q.half_sum[2 * i..2 * i + 2].copy_from_slice(&halves);
         q.s[i] = d * sum as f32;
     }
 }
@@ -425,8 +479,10 @@ fn f16_at(bytes: &[u8], i: usize) -> f32 {
 
 /// The reference: one group against activation row `r`, one lane at a time.
 fn scalar_group(format: Format, w: &[u8], x: &QuantizedRows, r: usize, out: &mut [f32]) {
-    if format == Format::Q4K {
-        return scalar_group_q4k(w, x, r, out);
+    match format {
+        Format::Q4K => return scalar_group_q4k(w, x, r, out),
+        Format::Q6K => return scalar_group_q6k(w, x, r, out),
+        _ => {}
     }
     let gb = format.group_block_bytes();
     let qb = format.quant_bytes();
@@ -444,7 +500,7 @@ fn scalar_group(format: Format, w: &[u8], x: &QuantizedRows, r: usize, out: &mut
                         i32::from(if j < 16 { byte & 0x0F } else { byte >> 4 })
                     }
                     Format::Q8_0 => i32::from(wb[(j / 4 * GROUP + lane) * 4 + j % 4] as i8),
-                    Format::Q4K => unreachable!("handled by scalar_group_q4k"),
+                    Format::Q4K | Format::Q6K => unreachable!("handled above"),
                 }
             };
             let isum = (0..BLOCK).map(|j| quant(j) * i32::from(xq[j])).sum::<i32>()
@@ -486,6 +542,33 @@ fn scalar_group_q4k(w: &[u8], x: &QuantizedRows, r: usize, out: &mut [f32]) {
                 let min = dmin * f32::from(wb[sc + 64 + i * GROUP + lane]);
                 *acc = (isum as f32).mul_add(scale, *acc);
                 *acc = (-min).mul_add(x.s[xi], *acc);
+            }
+        }
+    }
+}
+
+/// [`scalar_group`] for Q6_K: per 16 weights `i`, `isum = Σ q·x - 32·Σx`
+/// (exact), then `acc += isum·((d·scᵢ)·d_x)`.
+fn scalar_group_q6k(w: &[u8], x: &QuantizedRows, r: usize, out: &mut [f32]) {
+    let gb = Format::Q6K.group_block_bytes();
+    let sc = GROUP * Format::Q6K.quant_bytes();
+    for (lane, acc) in out.iter_mut().enumerate() {
+        *acc = 0.0;
+        for b in 0..x.blocks / 8 {
+            let wb = &w[b * gb..][..gb];
+            let d = f16_at(&wb[sc + 128..], lane);
+            for i in 0..16 {
+                let xi = x.index(r, b * 8 + i / 2);
+                let xq = &x.qs[xi * BLOCK + (i % 2) * 16..][..16];
+                let isum: i32 = (0..16)
+                    .map(|e| {
+                        let k = (i * 16 + e) / 4;
+                        i32::from(wb[(k * GROUP + lane) * 4 + e % 4]) * i32::from(xq[e])
+                    })
+                    .sum::<i32>()
+                    - 32 * x.half_sum[2 * xi + i % 2];
+                let scale = d * f32::from(wb[sc + i * GROUP + lane] as i8) * x.d[xi];
+                *acc = (isum as f32).mul_add(scale, *acc);
             }
         }
     }

@@ -28,6 +28,13 @@ fn ggml_matrix(
     scale: &mut dyn FnMut(&mut Rng) -> f32,
 ) -> Vec<u8> {
     let mut raw = Vec::new();
+    if format == Format::Q6K {
+        for _ in 0..out * inp / 256 {
+            raw.extend((0..128 + 64 + 16).map(|_| rng.byte()));
+            raw.extend_from_slice(&f16::from_f32(scale(rng)).to_le_bytes());
+        }
+        return raw;
+    }
     if format == Format::Q4K {
         for _ in 0..out * inp / 256 {
             raw.extend_from_slice(&f16::from_f32(scale(rng)).to_le_bytes());
@@ -51,10 +58,16 @@ fn ggml_matrix(
 /// Weight `[o][j]` from the GGML bytes, independently of the packing (for
 /// Q4_K through candle's own dequantization).
 fn ggml_value(format: Format, raw: &[u8], inp: usize, o: usize, j: usize) -> f64 {
-    if format == Format::Q4K {
-        let row = &raw[o * inp / 256 * 144..][..inp / 256 * 144];
+    if let Format::Q4K | Format::Q6K = format {
+        let bb = format.ggml_block_bytes();
+        let row = &raw[o * inp / 256 * bb..][..inp / 256 * bb];
+        let dtype = if format == Format::Q4K {
+            GgmlDType::Q4K
+        } else {
+            GgmlDType::Q6K
+        };
         let t = candle_core::quantized::ggml_file::qtensor_from_ggml(
-            GgmlDType::Q4K,
+            dtype,
             row,
             vec![inp],
             &candle_core::Device::Cpu,
@@ -83,11 +96,17 @@ fn ggml_value(format: Format, raw: &[u8], inp: usize, o: usize, j: usize) -> f64
             d * q as f64 + f16_at(blk, 1) as f64
         }
         Format::Q8_0 => d * (blk[2 + e] as i8) as f64,
-        Format::Q4K => unreachable!("dequantized by candle above"),
+        Format::Q4K | Format::Q6K => unreachable!("dequantized by candle above"),
     }
 }
 
-const FORMATS: [Format; 4] = [Format::Q4_0, Format::Q4_1, Format::Q8_0, Format::Q4K];
+const FORMATS: [Format; 5] = [
+    Format::Q4_0,
+    Format::Q4_1,
+    Format::Q8_0,
+    Format::Q4K,
+    Format::Q6K,
+];
 
 #[test]
 fn every_path_matches_an_f64_reference_on_random_blocks() {

@@ -48,6 +48,9 @@ pub(super) unsafe fn group_rows(
                         (n, Format::Q4K) if n >= $widest => $kernel::<3, $widest>(w, x, r, o),
                         (n, Format::Q4K) if n >= 2 => $kernel::<3, 2>(w, x, r, o),
                         (_, Format::Q4K) => $kernel::<3, 1>(w, x, r, o),
+                        (n, Format::Q6K) if n >= $widest => $kernel::<4, $widest>(w, x, r, o),
+                        (n, Format::Q6K) if n >= 2 => $kernel::<4, 2>(w, x, r, o),
+                        (_, Format::Q6K) => $kernel::<4, 1>(w, x, r, o),
                     }
                 };
             }
@@ -63,13 +66,15 @@ pub(super) unsafe fn group_rows(
 const Q4_1: u8 = 1;
 const Q8_0: u8 = 2;
 const Q4K: u8 = 3;
+const Q6K: u8 = 4;
 
 fn format_of(f: u8) -> Format {
     match f {
         0 => Format::Q4_0,
         Q4_1 => Format::Q4_1,
         Q8_0 => Format::Q8_0,
-        _ => Format::Q4K,
+        Q4K => Format::Q4K,
+        _ => Format::Q6K,
     }
 }
 
@@ -142,6 +147,10 @@ unsafe fn avx2<const F: u8, const R: usize>(
         // SAFETY: the same features.
         return unsafe { q4k::<R, false>(w, x, r0, out) };
     }
+    if F == Q6K {
+        // SAFETY: the same features.
+        return unsafe { q6k::<R, false>(w, x, r0, out) };
+    }
     let format = format_of(F);
     let gb = format.group_block_bytes();
     assert!(w.len() >= x.blocks * gb && r0 + R <= x.rows);
@@ -197,6 +206,10 @@ unsafe fn vnni<const F: u8, const R: usize>(
     if F == Q4K {
         // SAFETY: the same features.
         return unsafe { q4k::<R, true>(w, x, r0, out) };
+    }
+    if F == Q6K {
+        // SAFETY: the same features.
+        return unsafe { q6k::<R, true>(w, x, r0, out) };
     }
     let format = format_of(F);
     let gb = format.group_block_bytes();
@@ -305,6 +318,69 @@ unsafe fn q4k<const R: usize, const VNNI: bool>(
                         *a = _mm256_fmadd_ps(_mm256_cvtepi32_ps(s), scale, *a);
                         *a = _mm256_fnmadd_ps(dm, _mm256_set1_ps(x.s[xi]), *a);
                     }
+                }
+            }
+        }
+        store(acc, out);
+    }
+    R
+}
+
+/// Q6_K: per 16 weights, the integer sum of `q·x` (quants 0..63) less
+/// `32·Σx`, then `acc += isum·((d·scᵢ)·d_x)`, as `scalar_group_q6k`. On
+/// AVX2 two `vpmaddubsw` results are added in 16 bits (2 × 2 × 63 × 128 <
+/// 2¹⁵) before widening. Returns `R`.
+///
+/// # Safety
+/// AVX2, FMA and F16C; with `VNNI` also AVX-512F/VL/VNNI.
+#[inline(always)]
+unsafe fn q6k<const R: usize, const VNNI: bool>(
+    w: &[u8],
+    x: &QuantizedRows,
+    r0: usize,
+    out: &mut [f32],
+) -> usize {
+    let gb = Format::Q6K.group_block_bytes();
+    let supers = x.blocks / 8;
+    assert!(w.len() >= supers * gb && r0 + R <= x.rows);
+    let sc = GROUP * Format::Q6K.quant_bytes();
+    // SAFETY: every access below stays within super-block b of the group
+    // (asserted above) or within row r's 32-blocks (broadcast4).
+    unsafe {
+        let ones = _mm256_set1_epi16(1);
+        let mut acc = [_mm256_setzero_ps(); R];
+        for b in 0..supers {
+            let wb = w.as_ptr().add(b * gb);
+            let d = _mm256_cvtph_ps(_mm_loadu_si128(wb.add(sc + 128) as *const __m128i));
+            for i in 0..16 {
+                let (blk, off) = (b * 8 + i / 2, (i % 2) * 16);
+                let mut sums = [_mm256_setzero_si256(); R];
+                for pair in 0..2 {
+                    let k = 4 * i + 2 * pair;
+                    let q0 = _mm256_loadu_si256(wb.add(k * 32) as *const __m256i);
+                    let q1 = _mm256_loadu_si256(wb.add((k + 1) * 32) as *const __m256i);
+                    for (r, s) in sums.iter_mut().enumerate() {
+                        let x0 = broadcast4(x, r0 + r, blk, off + 8 * pair);
+                        let x1 = broadcast4(x, r0 + r, blk, off + 8 * pair + 4);
+                        if VNNI {
+                            *s = dpbusd(dpbusd(*s, q0, x0), q1, x1);
+                        } else {
+                            let p = _mm256_add_epi16(
+                                _mm256_maddubs_epi16(q0, x0),
+                                _mm256_maddubs_epi16(q1, x1),
+                            );
+                            *s = _mm256_add_epi32(*s, _mm256_madd_epi16(p, ones));
+                        }
+                    }
+                }
+                let scales = _mm_loadl_epi64(wb.add(sc + i * GROUP) as *const __m128i);
+                let dsc = _mm256_mul_ps(d, _mm256_cvtepi32_ps(_mm256_cvtepi8_epi32(scales)));
+                for (r, a) in acc.iter_mut().enumerate() {
+                    let xi = x.index(r0 + r, blk);
+                    let hs = x.half_sum[2 * xi + i % 2];
+                    let s = _mm256_sub_epi32(sums[r], _mm256_set1_epi32(32 * hs));
+                    let scale = _mm256_mul_ps(dsc, _mm256_set1_ps(x.d[xi]));
+                    *a = _mm256_fmadd_ps(_mm256_cvtepi32_ps(s), scale, *a);
                 }
             }
         }

@@ -85,6 +85,30 @@ impl FloatPath {
     }
 }
 
+/// Where a tile's results go: row r of the tile at `ptr + r·ldc`, 16
+/// columns each. Tasks write disjoint columns of the same output rows, so
+/// this is a raw pointer; whoever makes one guarantees the tile's memory is
+/// valid and written by nobody else meanwhile.
+#[derive(Clone, Copy)]
+struct Out {
+    ptr: *mut f32,
+    ldc: usize,
+}
+
+// SAFETY: an `Out` is only dereferenced under the contract above.
+unsafe impl Send for Out {}
+unsafe impl Sync for Out {}
+
+impl Out {
+    /// The same tile `r` rows further down.
+    fn down(self, r: usize) -> Out {
+        Out {
+            ptr: self.ptr.wrapping_add(r * self.ldc),
+            ldc: self.ldc,
+        }
+    }
+}
+
 /// A weight element the kernels can widen to f32.
 pub trait Elem: Copy + Default + Send + Sync + 'static {
     fn to_f32(self) -> f32;
@@ -244,43 +268,65 @@ impl<T: Elem> PackedFloat<T> {
         }
         let panels: usize = mats.iter().map(|m| m.out_dim.div_ceil(PANEL)).sum();
         let per_task = panels.div_ceil(rayon::current_num_threads() * 4).max(1);
-        // [panel][rows][16]: each task owns a contiguous range of panels.
-        let mut outs: Vec<Vec<f32>> = mats
-            .iter()
-            .map(|m| vec![0f32; m.out_dim.div_ceil(PANEL) * rows * PANEL])
-            .collect();
+        // The kernels write straight into each `[rows, out]` result; every
+        // task owns a range of panels, that is of 16-column stripes.
+        let mut outs: Vec<Vec<f32>> = mats.iter().map(|m| vec![0f32; rows * m.out_dim]).collect();
         let mut tasks = Vec::new();
         for (&m, out) in mats.iter().zip(outs.iter_mut()) {
-            for (t, chunk) in out.chunks_mut(per_task * rows * PANEL).enumerate() {
-                tasks.push((m, t * per_task, chunk));
+            let base = Out {
+                ptr: out.as_mut_ptr(),
+                ldc: m.out_dim,
+            };
+            let n = m.out_dim.div_ceil(PANEL);
+            for p0 in (0..n).step_by(per_task) {
+                tasks.push((m, p0..(p0 + per_task).min(n), base));
             }
         }
-        tasks.into_par_iter().for_each(|(m, p0, chunk)| {
-            for (i, c) in chunk.chunks_mut(rows * PANEL).enumerate() {
-                let panel = &m.data[(p0 + i) * PANEL * in_dim..][..PANEL * in_dim];
-                m.panel(path, panel, &xt, rows, c);
-            }
-        });
-        mats.iter()
-            .zip(outs)
-            .map(|(m, out_t)| {
-                let mut out = vec![0f32; rows * m.out_dim];
-                for (p, block) in out_t.chunks_exact(rows * PANEL).enumerate() {
-                    let cols = (m.out_dim - p * PANEL).min(PANEL);
-                    for (r, lanes) in block.chunks_exact(PANEL).enumerate() {
-                        out[r * m.out_dim + p * PANEL..][..cols].copy_from_slice(&lanes[..cols]);
+        tasks.into_par_iter().for_each(|(m, range, base)| {
+            for p in range {
+                let panel = &m.data[p * PANEL * in_dim..][..PANEL * in_dim];
+                let cols = (m.out_dim - p * PANEL).min(PANEL);
+                if cols == PANEL {
+                    let c = Out {
+                        ptr: base.ptr.wrapping_add(p * PANEL),
+                        ldc: base.ldc,
+                    };
+                    // SAFETY: columns p·16.. p·16+16 of every row lie inside
+                    // this result and belong to this task alone.
+                    unsafe { m.panel(path, panel, &xt, rows, c) };
+                } else {
+                    // The last, narrower panel goes through a scratch tile.
+                    let mut scratch = vec![0f32; rows * PANEL];
+                    let c = Out {
+                        ptr: scratch.as_mut_ptr(),
+                        ldc: PANEL,
+                    };
+                    // SAFETY: scratch holds rows × 16.
+                    unsafe { m.panel(path, panel, &xt, rows, c) };
+                    for (r, lanes) in scratch.chunks_exact(PANEL).enumerate() {
+                        // SAFETY: as above, for the `cols` columns that exist.
+                        unsafe {
+                            std::ptr::copy_nonoverlapping(
+                                lanes.as_ptr(),
+                                base.ptr.wrapping_add(r * base.ldc + p * PANEL),
+                                cols,
+                            )
+                        };
                     }
                 }
-                out
-            })
-            .collect()
+            }
+        });
+        outs
     }
 
-    /// One panel against every row: `c` is `[rows][16]`.
+    /// One panel against every row, into `c` (`rows` rows of 16).
     /// `xt` is the activations transposed, `[in][rows]`, so that a tile's
     /// activations for one k are adjacent: rows of a power-of-two width would
     /// otherwise all fall in the same L1 set and evict each other.
-    fn panel(&self, path: FloatPath, panel: &[T], xt: &[f32], rows: usize, c: &mut [f32]) {
+    ///
+    /// # Safety
+    /// `c` must be valid for `rows` rows of 16 and written by no one else.
+    unsafe fn panel(&self, path: FloatPath, panel: &[T], xt: &[f32], rows: usize, c: Out) {
         let n = self.in_dim;
         let height = path.tile();
         let tiles = rows.div_ceil(height);
@@ -295,12 +341,16 @@ impl<T: Elem> PackedFloat<T> {
                 // the hardware prefetcher, which keeps up with one stream.
                 let share = (rows > 1).then_some((r / height, tiles));
                 let xs = &xt[k0 * rows + r..];
-                let cs = &mut c[r * PANEL..];
+                let cs = c.down(r);
                 r += match path {
-                    FloatPath::Scalar => scalar_tile::<T>(xs, rows, w, kc, cs, first, rows - r),
+                    // SAFETY: the caller's contract covers rows r.. of c.
+                    FloatPath::Scalar => unsafe {
+                        scalar_tile::<T>(xs, rows, w, kc, cs, first, rows - r)
+                    },
                     #[cfg(target_arch = "x86_64")]
                     // SAFETY: matmul_many_with checked that the machine runs
-                    // this path; the slices cover what the kernels read.
+                    // this path; the slices cover what the kernels read, the
+                    // caller's contract what they write.
                     FloatPath::Avx2 => unsafe {
                         simd::tile_avx2::<T>(xs, rows, w, kc, cs, first, share, rows - r)
                     },
@@ -319,21 +369,26 @@ impl<T: Elem> PackedFloat<T> {
 
 /// The portable micro-kernel on up to six of the `left` rows:
 /// `c[r][j] (+)= Σ_k x[r][k]·w[k][j]`. Returns the rows done.
-fn scalar_tile<T: Elem>(
+///
+/// # Safety
+/// `c` must be valid for `left.min(6)` rows of 16 and written by no one else.
+unsafe fn scalar_tile<T: Elem>(
     x: &[f32],
     stride: usize,
     w: &[T],
     kc: usize,
-    c: &mut [f32],
+    c: Out,
     first: bool,
     left: usize,
 ) -> usize {
     let rows = left.min(TILE);
     let mut acc = [[0f32; PANEL]; TILE];
     let acc = &mut acc[..rows];
+    // SAFETY: the caller's contract.
+    let row = |r: usize| unsafe { std::slice::from_raw_parts_mut(c.down(r).ptr, PANEL) };
     if !first {
-        for (a, c) in acc.iter_mut().zip(c.chunks_exact(PANEL)) {
-            a.copy_from_slice(c);
+        for (r, a) in acc.iter_mut().enumerate() {
+            a.copy_from_slice(row(r));
         }
     }
     for k in 0..kc {
@@ -345,8 +400,8 @@ fn scalar_tile<T: Elem>(
             }
         }
     }
-    for (a, c) in acc.iter().zip(c.chunks_exact_mut(PANEL)) {
-        c.copy_from_slice(a);
+    for (r, a) in acc.iter().enumerate() {
+        row(r).copy_from_slice(a);
     }
     rows
 }
@@ -355,19 +410,19 @@ fn scalar_tile<T: Elem>(
 mod simd {
     use std::arch::x86_64::*;
 
-    use super::{Elem, PANEL, TILE};
+    use super::{Elem, Out, PANEL, TILE};
 
     /// Runs the widest tile that fits in `left` rows; returns its height.
     ///
     /// # Safety
-    /// AVX2, FMA and F16C must exist; the slices as for `tile`.
+    /// AVX2, FMA and F16C must exist; the slices and `c` as for `avx2`.
     #[allow(clippy::too_many_arguments)]
     pub unsafe fn tile_avx2<T: Elem>(
         x: &[f32],
         stride: usize,
         w: &[T],
         kc: usize,
-        c: &mut [f32],
+        c: Out,
         first: bool,
         prefetch: Option<(usize, usize)>,
         left: usize,
@@ -387,14 +442,14 @@ mod simd {
     /// As `tile_avx2`, with tiles of 16, 8, 4, 2 or 1 rows.
     ///
     /// # Safety
-    /// AVX-512F, AVX2, FMA and F16C must exist; the slices as for `tile`.
+    /// AVX-512F, AVX2, FMA and F16C must exist; the slices and `c` as for `avx2`.
     #[allow(clippy::too_many_arguments)]
     pub unsafe fn tile_avx512<T: Elem>(
         x: &[f32],
         stride: usize,
         w: &[T],
         kc: usize,
-        c: &mut [f32],
+        c: Out,
         first: bool,
         prefetch: Option<(usize, usize)>,
         left: usize,
@@ -433,20 +488,21 @@ mod simd {
     ///
     /// # Safety
     /// AVX2, FMA and F16C must exist. `x` holds `kc` steps `stride` apart
-    /// of `R` activations each, `w` holds `kc·16`, `c` holds `R·16`.
+    /// of `R` activations each, `w` holds `kc·16`, `c` is valid for `R` rows of 16,
+    /// written by no one else.
     #[target_feature(enable = "avx2,fma,f16c")]
     unsafe fn avx2<T: Elem, const R: usize>(
         x: &[f32],
         stride: usize,
         w: &[T],
         kc: usize,
-        c: &mut [f32],
+        c: Out,
         first: bool,
         prefetch: Option<(usize, usize)>,
     ) -> usize {
-        assert!(w.len() >= kc * PANEL && c.len() >= R * PANEL);
+        assert!(w.len() >= kc * PANEL);
         assert!(x.len() >= (kc - 1) * stride + R);
-        let (xp, wp, cp) = (x.as_ptr(), w.as_ptr(), c.as_mut_ptr());
+        let (xp, wp, cp, ldc) = (x.as_ptr(), w.as_ptr(), c.ptr, c.ldc);
         let (first_line, count, every) = prefetch_plan::<T>(kc, prefetch);
         // SAFETY: the asserts above bound every access.
         unsafe {
@@ -455,8 +511,8 @@ mod simd {
             if !first {
                 for (r, a) in acc.iter_mut().enumerate() {
                     *a = [
-                        _mm256_loadu_ps(cp.add(r * PANEL)),
-                        _mm256_loadu_ps(cp.add(r * PANEL + 8)),
+                        _mm256_loadu_ps(cp.add(r * ldc)),
+                        _mm256_loadu_ps(cp.add(r * ldc + 8)),
                     ];
                 }
             }
@@ -472,8 +528,8 @@ mod simd {
                 }
             }
             for (r, a) in acc.iter().enumerate() {
-                _mm256_storeu_ps(cp.add(r * PANEL), a[0]);
-                _mm256_storeu_ps(cp.add(r * PANEL + 8), a[1]);
+                _mm256_storeu_ps(cp.add(r * ldc), a[0]);
+                _mm256_storeu_ps(cp.add(r * ldc + 8), a[1]);
             }
         }
         R
@@ -489,13 +545,13 @@ mod simd {
         stride: usize,
         w: &[T],
         kc: usize,
-        c: &mut [f32],
+        c: Out,
         first: bool,
         prefetch: Option<(usize, usize)>,
     ) -> usize {
-        assert!(w.len() >= kc * PANEL && c.len() >= R * PANEL);
+        assert!(w.len() >= kc * PANEL);
         assert!(x.len() >= (kc - 1) * stride + R);
-        let (xp, wp, cp) = (x.as_ptr(), w.as_ptr(), c.as_mut_ptr());
+        let (xp, wp, cp, ldc) = (x.as_ptr(), w.as_ptr(), c.ptr, c.ldc);
         let (first_line, count, every) = prefetch_plan::<T>(kc, prefetch);
         // SAFETY: the asserts above bound every access.
         unsafe {
@@ -503,7 +559,7 @@ mod simd {
             let mut acc = [_mm512_setzero_ps(); R];
             if !first {
                 for (r, a) in acc.iter_mut().enumerate() {
-                    *a = _mm512_loadu_ps(cp.add(r * PANEL));
+                    *a = _mm512_loadu_ps(cp.add(r * ldc));
                 }
             }
             for k in 0..kc {
@@ -516,7 +572,7 @@ mod simd {
                 }
             }
             for (r, a) in acc.iter().enumerate() {
-                _mm512_storeu_ps(cp.add(r * PANEL), *a);
+                _mm512_storeu_ps(cp.add(r * ldc), *a);
             }
         }
         R

@@ -30,7 +30,7 @@ impl BenchResult {
         serde_json::json!({
             "engine": "aquila",
             "model": self.model,
-            "threads": rayon::current_num_threads(),
+            "threads": crate::pool::threads(),
             "prompt_tokens": self.prompt_tokens,
             "prompt_tok_per_s": self.prompt_tok_per_s,
             "decode_tokens": self.decode_tokens,

@@ -13,6 +13,7 @@ pub mod export;
 pub mod kv;
 pub mod loader;
 pub mod model;
+pub mod pool;
 pub mod presets;
 pub mod sampler;
 pub mod scheduler;

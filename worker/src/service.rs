@@ -60,8 +60,10 @@ pub struct WorkerArgs {
     pub threads: usize,
 }
 
-/// Sizes the compute thread pool; 0 keeps one thread per core.
+/// Sizes the compute pools (ours, and rayon's for what candle runs); 0 keeps
+/// one thread per core.
 pub fn init_threads(threads: usize) {
+    crate::pool::init(threads);
     if threads > 0 {
         // Fails only if the pool already exists (several workers in one
         // process); the first size then stays.

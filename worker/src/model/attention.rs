@@ -4,9 +4,10 @@
 //! contiguous tensor), parallel across sequences and heads. Grouped-query
 //! aware: query head h reads KV head h / (heads / kv_heads).
 
-use rayon::prelude::*;
+use std::sync::OnceLock;
 
 use crate::kv::{BlockId, PagedKv};
+use crate::pool;
 
 /// One sequence's queries for this step.
 pub struct AttnSeq<'a> {
@@ -25,10 +26,11 @@ pub fn attend(kv: &PagedKv, layer: usize, heads: usize, seqs: &[AttnSeq<'_>]) ->
     let jobs: Vec<(usize, usize)> = (0..seqs.len())
         .flat_map(|s| (0..heads).map(move |h| (s, h)))
         .collect();
-    let parts: Vec<Vec<f32>> = jobs
-        .par_iter()
-        .map(|&(s, h)| head_attention(kv, layer, &seqs[s], h, heads, h / group))
-        .collect();
+    let parts: Vec<OnceLock<Vec<f32>>> = jobs.iter().map(|_| OnceLock::new()).collect();
+    pool::run(jobs.len(), |i| {
+        let (s, h) = jobs[i];
+        let _ = parts[i].set(head_attention(kv, layer, &seqs[s], h, heads, h / group));
+    });
     let total: usize = seqs.iter().map(|s| s.n).sum();
     let mut out = vec![0f32; total * heads * hd];
     let mut row0 = Vec::with_capacity(seqs.len());
@@ -38,6 +40,7 @@ pub fn attend(kv: &PagedKv, layer: usize, heads: usize, seqs: &[AttnSeq<'_>]) ->
         r += s.n;
     }
     for (&(s, h), part) in jobs.iter().zip(&parts) {
+        let part = part.get().expect("every job ran");
         for t in 0..seqs[s].n {
             let dst = ((row0[s] + t) * heads + h) * hd;
             out[dst..dst + hd].copy_from_slice(&part[t * hd..(t + 1) * hd]);

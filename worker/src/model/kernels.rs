@@ -18,9 +18,9 @@
 //! what it is batched with.
 
 use half::{bf16, f16};
-use rayon::prelude::*;
 
 use super::quant::Isa;
+use crate::pool;
 
 /// Output rows per panel.
 const PANEL: usize = 16;
@@ -267,7 +267,7 @@ impl<T: Elem> PackedFloat<T> {
             }
         }
         let panels: usize = mats.iter().map(|m| m.out_dim.div_ceil(PANEL)).sum();
-        let per_task = panels.div_ceil(rayon::current_num_threads() * 4).max(1);
+        let per_task = panels.div_ceil(pool::threads() * 4).max(1);
         // The kernels write straight into each `[rows, out]` result; every
         // task owns a range of panels, that is of 16-column stripes.
         let mut outs: Vec<Vec<f32>> = mats.iter().map(|m| vec![0f32; rows * m.out_dim]).collect();
@@ -282,8 +282,9 @@ impl<T: Elem> PackedFloat<T> {
                 tasks.push((m, p0..(p0 + per_task).min(n), base));
             }
         }
-        tasks.into_par_iter().for_each(|(m, range, base)| {
-            for p in range {
+        pool::run(tasks.len(), |t| {
+            let (m, ref range, base) = tasks[t];
+            for p in range.clone() {
                 let panel = &m.data[p * PANEL * in_dim..][..PANEL * in_dim];
                 let cols = (m.out_dim - p * PANEL).min(PANEL);
                 if cols == PANEL {

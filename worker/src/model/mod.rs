@@ -311,18 +311,6 @@ impl Llama {
         seqs: &[SeqInput<'_>],
         which: LogitsFor,
     ) -> Result<Vec<Vec<f32>>> {
-        // On a pool thread, each parallel operation of the step starts on
-        // this thread's own queue instead of waking the pool from outside
-        // (hundreds of times a step).
-        rayon::scope(|_| self.forward_on_pool(kv, seqs, which))
-    }
-
-    fn forward_on_pool(
-        &self,
-        kv: &mut PagedKv,
-        seqs: &[SeqInput<'_>],
-        which: LogitsFor,
-    ) -> Result<Vec<Vec<f32>>> {
         let cfg = &self.cfg;
         let (h, hd) = (cfg.hidden_size, cfg.head_dim);
         let mut ids = Vec::new();

@@ -27,8 +27,11 @@
 mod x86;
 
 use candle_core::quantized::GgmlDType;
+use std::sync::Mutex;
+
 use half::f16;
-use rayon::prelude::*;
+
+use crate::pool;
 
 /// Weights per block, as in GGML's Q4_0/Q4_1/Q8_0.
 pub const BLOCK: usize = 32;
@@ -277,7 +280,7 @@ impl PackedMatrix {
         let qx = QuantizedRows::new(x, rows, in_dim);
         let groups: usize = mats.iter().map(|m| m.groups()).sum();
         // A few tasks per thread, so a slow thread does not hold up the step.
-        let per_task = groups.div_ceil(rayon::current_num_threads() * 4).max(1);
+        let per_task = groups.div_ceil(pool::threads() * 4).max(1);
         let mut outs: Vec<Vec<f32>> = mats
             .iter()
             .map(|m| vec![0f32; m.groups() * rows * GROUP])
@@ -285,10 +288,13 @@ impl PackedMatrix {
         let mut tasks = Vec::new();
         for (&m, out) in mats.iter().zip(outs.iter_mut()) {
             for (t, chunk) in out.chunks_mut(per_task * rows * GROUP).enumerate() {
-                tasks.push((m, t * per_task, chunk));
+                tasks.push(Mutex::new((m, t * per_task, chunk)));
             }
         }
-        tasks.into_par_iter().for_each(|(m, g0, chunk)| {
+        pool::run(tasks.len(), |t| {
+            // Each task locks only its own entry: never contended.
+            let mut task = tasks[t].lock().unwrap_or_else(|e| e.into_inner());
+            let (m, g0, ref mut chunk) = *task;
             for (i, out) in chunk.chunks_mut(rows * GROUP).enumerate() {
                 m.group_rows(isa, m.group(g0 + i), &qx, out);
             }

@@ -1,5 +1,5 @@
-//! Matrix products with GGML-quantized weights (Q4_0, Q4_1, Q8_0, Q4_K)
-//! against activations quantized to 8 bits, written for this project.
+//! Matrix products with GGML-quantized weights (Q4_0, Q4_1, Q8_0, Q4_K,
+//! Q6_K) against activations quantized to 8 bits, written for this project.
 //!
 //! At load time each weight matrix is repacked: rows are taken eight at a
 //! time (a *group*), and for every 32-weight block the eight rows' quants are
@@ -10,8 +10,8 @@
 //! products at once, and the scales apply to eight rows with one vector
 //! multiply. Each group is used for every activation row while it sits in
 //! L1, so a batch of 16 reads the weights from memory once, like one stream.
-//! The repacked bytes per weight equal GGML's (Q4_0 gains a 2-byte min of
-//! zero it does not use: `m = -8·d` is folded into integer sums instead).
+//! For Q4_0, Q4_1 and Q8_0 the repacked bytes per weight equal GGML's
+//! (Q4_0's offset of 8 is folded into the integer sums).
 //! Q4_K keeps its 256-weight super-blocks: per row a 128-byte quant block,
 //! interleaved the same way, then its eight 6-bit scales and mins unpacked to
 //! bytes and its two f16 super-scales (148 bytes per row instead of 144).
@@ -26,9 +26,9 @@
 #[cfg(target_arch = "x86_64")]
 mod x86;
 
-use candle_core::quantized::GgmlDType;
 use std::sync::Mutex;
 
+use candle_core::quantized::GgmlDType;
 use half::f16;
 
 use crate::pool;

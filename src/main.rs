@@ -189,7 +189,14 @@ async fn dispatch(cmd: Command) -> Result<()> {
                 dtype: worker.dtype,
                 name: worker.served_model_name.clone(),
             };
-            let r = aquila_worker::bench::run(&model, &opts, prompt_tokens, gen_tokens, batch)?;
+            let r = aquila_worker::bench::run(
+                &model,
+                &opts,
+                prompt_tokens,
+                gen_tokens,
+                batch,
+                worker.kv_cache_dtype,
+            )?;
             println!("{}", r.to_json());
             Ok(())
         }

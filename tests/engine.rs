@@ -209,3 +209,21 @@ async fn a_full_queue_refuses_at_once_and_the_rest_complete() {
     assert_eq!((l.running, l.waiting), (0, 0));
     assert_eq!(l.requests_finished_total, ok);
 }
+
+#[tokio::test]
+async fn a_bf16_kv_cache_holds_twice_the_blocks_and_serves() {
+    let f32_stack = tiny_stack(&["--kv-cache-mib", "4"]).await;
+    let mut bf16_stack = tiny_stack(&["--kv-cache-mib", "4", "--kv-cache-dtype", "bf16"]).await;
+    let (a, b) = (load(&f32_stack).await, load(&bf16_stack).await);
+    assert!(a.kv_blocks_total > 0);
+    assert_eq!(b.kv_blocks_total, 2 * a.kv_blocks_total);
+    let out = bf16_stack
+        .client
+        .generate(request(prompt(3), 8, None))
+        .await
+        .unwrap()
+        .into_inner();
+    assert_eq!(out.token_ids.len(), 8);
+    let after = load(&bf16_stack).await;
+    assert_eq!(after.kv_blocks_free, after.kv_blocks_total);
+}

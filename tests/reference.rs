@@ -11,7 +11,7 @@ use std::path::Path;
 use std::sync::Arc;
 
 use aquila_worker::comm::SingleRank;
-use aquila_worker::kv::BlockId;
+use aquila_worker::kv::{BlockId, KvDtype};
 use aquila_worker::loader::{self, LoadOptions};
 use aquila_worker::model::{LogitsFor, SeqInput, SingleSeq, WeightDtype};
 use aquila_worker::presets::{GgufType, WeightFormat};
@@ -307,4 +307,40 @@ fn batches_scattered_blocks_and_chunks_change_nothing() {
             .remove(0);
     }
     close(&last, &alone(PROMPT), "chunked prefill");
+}
+
+#[test]
+fn a_bf16_kv_cache_stays_close_to_the_f64_reference() {
+    // `--kv-cache-dtype bf16` rounds every key and value to 8 bits of
+    // mantissa; the logits must stay within 1% of the largest logit.
+    let dir = common::tiny_model(WeightFormat::Safetensors, GgufType::F32);
+    let reference = Ref::load(dir.path());
+    let opts = LoadOptions {
+        dtype: WeightDtype::F32,
+        name: None,
+    };
+    let loaded = loader::load(dir.path(), &opts, Arc::new(SingleRank)).unwrap();
+    let model = &loaded.model;
+    let mut kv = model.new_kv_with(8, 4, KvDtype::Bf16);
+    let table: &[BlockId] = &[3, 6, 1, 7];
+    let input = SeqInput {
+        tokens: PROMPT,
+        start: 0,
+        table,
+    };
+    let got = model
+        .forward(&mut kv, &[input], LogitsFor::All)
+        .unwrap()
+        .remove(0);
+    let want = reference.forward(PROMPT);
+    let vocab = reference.vocab;
+    let mut worst = 0f64;
+    for (pos, row) in want.iter().enumerate() {
+        let err = rel_err(&got[pos * vocab..(pos + 1) * vocab], row);
+        assert!(err <= 1e-2, "position {pos}: relative error {err:e} > 1e-2");
+        worst = worst.max(err);
+    }
+    // bf16 rounding must show, or the cache did not hold bf16.
+    assert!(worst > 1e-6, "no difference from f32 at all: {worst:e}");
+    eprintln!("bf16 KV cache: worst relative logit error {worst:e}");
 }

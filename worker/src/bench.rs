@@ -8,7 +8,7 @@ use std::time::Instant;
 
 use crate::comm::SingleRank;
 use crate::error::Result;
-use crate::kv::BlockId;
+use crate::kv::{BlockId, KvDtype};
 use crate::loader::{self, LoadOptions};
 use crate::model::{Llama, LogitsFor, SeqInput, SingleSeq};
 use crate::sampler::argmax;
@@ -23,6 +23,7 @@ pub struct BenchResult {
     pub batch_decode_tok_per_s: f64,
     pub weight_bytes: usize,
     pub kernels: &'static str,
+    pub kv_cache_dtype: &'static str,
 }
 
 impl BenchResult {
@@ -39,6 +40,7 @@ impl BenchResult {
             "batch_decode_tok_per_s": self.batch_decode_tok_per_s,
             "batch_speedup": self.batch_decode_tok_per_s / self.decode_tok_per_s,
             "kernels": self.kernels,
+            "kv_cache_dtype": self.kv_cache_dtype,
             "weight_bytes": self.weight_bytes,
             "decode_gb_per_s": self.weight_bytes as f64 * self.decode_tok_per_s / 1e9,
         })
@@ -55,6 +57,7 @@ pub fn run(
     prompt_tokens: usize,
     gen_tokens: usize,
     batch: usize,
+    kv_dtype: KvDtype,
 ) -> Result<BenchResult> {
     let loaded = loader::load(path, opts, Arc::new(SingleRank))?;
     let text = "The quick brown fox jumps over the lazy dog. ".repeat(prompt_tokens);
@@ -66,7 +69,7 @@ pub fn run(
         .unwrap_or_default();
     prompt.truncate(prompt_tokens);
     let model = &loaded.model;
-    let mut seq = SingleSeq::new(model, prompt.len() + gen_tokens + 1);
+    let mut seq = SingleSeq::with_dtype(model, prompt.len() + gen_tokens + 1, kv_dtype);
     let t0 = Instant::now();
     let logits = seq.step(model, &prompt, LogitsFor::Last)?;
     let prefill = t0.elapsed().as_secs_f64();
@@ -80,7 +83,7 @@ pub fn run(
     }
     let decode = timed.elapsed().as_secs_f64();
     let batch = batch.max(1);
-    let batch_decode = batched_decode(model, &prompt, batch, gen_tokens)?;
+    let batch_decode = batched_decode(model, &prompt, batch, gen_tokens, kv_dtype)?;
     Ok(BenchResult {
         model: loaded.name,
         prompt_tokens: prompt.len(),
@@ -91,15 +94,22 @@ pub fn run(
         batch_decode_tok_per_s: (batch * gen_tokens) as f64 / batch_decode,
         weight_bytes: model.weight_bytes(),
         kernels: crate::model::quant::Isa::selected().label(),
+        kv_cache_dtype: kv_dtype.label(),
     })
 }
 
 /// Seconds for `steps` decode steps of `batch` sequences that all start from
 /// `prompt` (after one untimed warm-up step).
-fn batched_decode(model: &Llama, prompt: &[u32], batch: usize, steps: usize) -> Result<f64> {
+fn batched_decode(
+    model: &Llama,
+    prompt: &[u32],
+    batch: usize,
+    steps: usize,
+    kv_dtype: KvDtype,
+) -> Result<f64> {
     const BLOCK: usize = 16;
     let per_seq = (prompt.len() + steps + 2).div_ceil(BLOCK);
-    let mut kv = model.new_kv(per_seq * batch, BLOCK);
+    let mut kv = model.new_kv_with(per_seq * batch, BLOCK, kv_dtype);
     let tables: Vec<Vec<BlockId>> = (0..batch)
         .map(|s| ((s * per_seq) as BlockId..((s + 1) * per_seq) as BlockId).collect())
         .collect();

@@ -164,9 +164,9 @@ impl ModelConfig {
         self.num_kv_heads * self.head_dim
     }
 
-    /// Bytes of K and V one token occupies in an f32 cache, all layers.
-    pub fn kv_bytes_per_token(&self) -> usize {
-        2 * self.num_layers * self.kv_dim() * std::mem::size_of::<f32>()
+    /// Bytes of K and V one token occupies in a cache of `dtype`, all layers.
+    pub fn kv_bytes_per_token(&self, dtype: crate::kv::KvDtype) -> usize {
+        2 * self.num_layers * self.kv_dim() * dtype.size()
     }
 }
 

@@ -19,7 +19,7 @@ use tokio::sync::mpsc::UnboundedSender;
 use tonic::Status;
 
 use crate::error::{Result, WorkerError};
-use crate::kv::PagedKv;
+use crate::kv::{KvDtype, PagedKv};
 use crate::model::{Llama, LogitsFor, SeqInput};
 use crate::sampler::Sampler;
 use crate::scheduler::{Scheduler, SchedulerConfig, SeqId, Sequence, StepPlan};
@@ -32,6 +32,7 @@ pub struct EngineConfig {
     pub max_waiting_tokens: usize,
     pub block_size: usize,
     pub kv_blocks: usize,
+    pub kv_dtype: KvDtype,
 }
 
 pub type EventSender = UnboundedSender<Result<GenerateEvent, Status>>;
@@ -76,7 +77,7 @@ impl EngineHandle {
         let (tx, rx) = mpsc::channel();
         let stats = Arc::new(Stats::default());
         stats.kv_blocks_free.store(cfg.kv_blocks as u32, Relaxed);
-        let kv = model.new_kv(cfg.kv_blocks, cfg.block_size);
+        let kv = model.new_kv_with(cfg.kv_blocks, cfg.block_size, cfg.kv_dtype);
         let scheduler = Scheduler::new(SchedulerConfig {
             max_running: cfg.max_running,
             max_batch_tokens: cfg.max_batch_tokens,

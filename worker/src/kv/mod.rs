@@ -6,4 +6,4 @@ pub mod blocks;
 pub mod cache;
 
 pub use blocks::{BlockId, BlockManager, chain_hash};
-pub use cache::PagedKv;
+pub use cache::{KvDtype, KvElem, PagedKv};

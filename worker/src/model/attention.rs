@@ -6,7 +6,9 @@
 
 use std::sync::OnceLock;
 
-use crate::kv::{BlockId, PagedKv};
+use half::bf16;
+
+use crate::kv::{BlockId, KvDtype, KvElem, PagedKv};
 use crate::pool;
 
 /// One sequence's queries for this step.
@@ -49,10 +51,25 @@ pub fn attend(kv: &PagedKv, layer: usize, heads: usize, seqs: &[AttnSeq<'_>]) ->
     out
 }
 
-/// Head `h` of one sequence: `[n, head_dim]`. Compiled a second time with
-/// AVX2 and FMA enabled, used when the machine has them; the arithmetic is
-/// the same lane for lane, so both give the same bits.
+/// Head `h` of one sequence: `[n, head_dim]`, for the cache's element type.
 fn head_attention(
+    kv: &PagedKv,
+    layer: usize,
+    seq: &AttnSeq<'_>,
+    h: usize,
+    heads: usize,
+    kvh: usize,
+) -> Vec<f32> {
+    match kv.dtype() {
+        KvDtype::F32 => head_attention_as::<f32>(kv, layer, seq, h, heads, kvh),
+        KvDtype::Bf16 => head_attention_as::<bf16>(kv, layer, seq, h, heads, kvh),
+    }
+}
+
+/// Compiled a second time with AVX2 and FMA enabled, used when the machine
+/// has them; the arithmetic is the same lane for lane, so both give the same
+/// bits.
+fn head_attention_as<T: KvElem>(
     kv: &PagedKv,
     layer: usize,
     seq: &AttnSeq<'_>,
@@ -63,14 +80,14 @@ fn head_attention(
     #[cfg(target_arch = "x86_64")]
     if super::quant::Isa::selected() >= super::quant::Isa::Avx2 {
         // SAFETY: the AVX2 path is selected only where AVX2 and FMA exist.
-        return unsafe { head_attention_avx2(kv, layer, seq, h, heads, kvh) };
+        return unsafe { head_attention_avx2::<T>(kv, layer, seq, h, heads, kvh) };
     }
-    head_attention_body(kv, layer, seq, h, heads, kvh)
+    head_attention_body::<T>(kv, layer, seq, h, heads, kvh)
 }
 
 #[cfg(target_arch = "x86_64")]
 #[target_feature(enable = "avx2,fma")]
-unsafe fn head_attention_avx2(
+unsafe fn head_attention_avx2<T: KvElem>(
     kv: &PagedKv,
     layer: usize,
     seq: &AttnSeq<'_>,
@@ -78,7 +95,7 @@ unsafe fn head_attention_avx2(
     heads: usize,
     kvh: usize,
 ) -> Vec<f32> {
-    head_attention_body(kv, layer, seq, h, heads, kvh)
+    head_attention_body::<T>(kv, layer, seq, h, heads, kvh)
 }
 
 /// The online softmax, a block of keys at a time: all of a block's scores
@@ -87,7 +104,7 @@ unsafe fn head_attention_avx2(
 /// stay in a register across the block's keys (each sum still takes the keys
 /// in order).
 #[inline(always)]
-fn head_attention_body(
+fn head_attention_body<T: KvElem>(
     kv: &PagedKv,
     layer: usize,
     seq: &AttnSeq<'_>,
@@ -108,7 +125,7 @@ fn head_attention_body(
         let mut max = f32::NEG_INFINITY;
         let mut denom = 0f32;
         for (bi, &block) in seq.table[..visible.div_ceil(bs)].iter().enumerate() {
-            let (keys, values) = kv.block(layer, block, kvh);
+            let (keys, values) = kv.block::<T>(layer, block, kvh);
             let slots = (visible - bi * bs).min(bs);
             let weights = &mut weights[..slots];
             for (j, s) in weights.iter_mut().enumerate() {
@@ -138,15 +155,15 @@ fn head_attention_body(
 /// whose whole accumulator lives in registers, so consecutive rows' adds do
 /// not wait on each other.
 #[inline(always)]
-fn add_weighted(acc: &mut [f32], w: &[f32], v: &[f32]) {
+fn add_weighted<T: KvElem>(acc: &mut [f32], w: &[f32], v: &[T]) {
     match acc.len() {
-        64 => add_weighted_fixed::<8>(acc, w, v),
-        128 => add_weighted_fixed::<16>(acc, w, v),
+        64 => add_weighted_fixed::<8, T>(acc, w, v),
+        128 => add_weighted_fixed::<16, T>(acc, w, v),
         hd => {
             for (j, &p) in w.iter().enumerate() {
                 acc.iter_mut()
                     .zip(&v[j * hd..(j + 1) * hd])
-                    .for_each(|(a, &b)| *a += p * b);
+                    .for_each(|(a, &b)| *a += p * b.to_f32());
             }
         }
     }
@@ -154,7 +171,7 @@ fn add_weighted(acc: &mut [f32], w: &[f32], v: &[f32]) {
 
 /// [`add_weighted`] for a head of `G`·8 dimensions.
 #[inline(always)]
-fn add_weighted_fixed<const G: usize>(acc: &mut [f32], w: &[f32], v: &[f32]) {
+fn add_weighted_fixed<const G: usize, T: KvElem>(acc: &mut [f32], w: &[f32], v: &[T]) {
     let mut lanes = [[0f32; 8]; G];
     for (l, a) in lanes.iter_mut().zip(acc.chunks_exact(8)) {
         l.copy_from_slice(a);
@@ -162,7 +179,7 @@ fn add_weighted_fixed<const G: usize>(acc: &mut [f32], w: &[f32], v: &[f32]) {
     for (&p, row) in w.iter().zip(v.chunks_exact(G * 8)) {
         for (l, vs) in lanes.iter_mut().zip(row.chunks_exact(8)) {
             for i in 0..8 {
-                l[i] += p * vs[i];
+                l[i] += p * vs[i].to_f32();
             }
         }
     }
@@ -174,15 +191,15 @@ fn add_weighted_fixed<const G: usize>(acc: &mut [f32], w: &[f32], v: &[f32]) {
 /// Eight independent partial sums, so the compiler can keep them in one
 /// vector register; summed in a fixed order at the end.
 #[inline(always)]
-fn dot(a: &[f32], b: &[f32]) -> f32 {
+fn dot<T: KvElem>(a: &[f32], b: &[T]) -> f32 {
     let mut lanes = [0f32; 8];
     let (ac, at) = a.split_at(a.len() / 8 * 8);
     let (bc, bt) = b.split_at(ac.len());
     for (x, y) in ac.chunks_exact(8).zip(bc.chunks_exact(8)) {
         for l in 0..8 {
-            lanes[l] += x[l] * y[l];
+            lanes[l] += x[l] * y[l].to_f32();
         }
     }
-    let tail: f32 = at.iter().zip(bt).map(|(x, y)| x * y).sum();
+    let tail: f32 = at.iter().zip(bt).map(|(x, y)| x * y.to_f32()).sum();
     lanes.iter().sum::<f32>() + tail
 }

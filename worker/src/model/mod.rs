@@ -19,7 +19,7 @@ use candle_core::{DType, Device, Tensor};
 use crate::comm::Communicator;
 use crate::config::ModelConfig;
 use crate::error::{Result, WorkerError};
-use crate::kv::{BlockId, PagedKv};
+use crate::kv::{BlockId, KvDtype, PagedKv};
 use crate::weights::{Weight, WeightStore};
 use attention::AttnSeq;
 pub use linear::{ColumnParallelLinear, Linear, RowParallelLinear, Shard, WeightDtype};
@@ -290,14 +290,21 @@ impl Llama {
         self.weight_bytes
     }
 
-    /// A KV pool of `num_blocks` blocks of `block_size` tokens for this model.
+    /// An f32 KV pool of `num_blocks` blocks of `block_size` tokens for this
+    /// model.
     pub fn new_kv(&self, num_blocks: usize, block_size: usize) -> PagedKv {
+        self.new_kv_with(num_blocks, block_size, KvDtype::F32)
+    }
+
+    /// [`new_kv`](Self::new_kv) holding `dtype`.
+    pub fn new_kv_with(&self, num_blocks: usize, block_size: usize, dtype: KvDtype) -> PagedKv {
         PagedKv::new(
             self.cfg.num_layers,
             num_blocks,
             block_size,
             self.cfg.num_kv_heads,
             self.cfg.head_dim,
+            dtype,
         )
     }
 
@@ -436,10 +443,15 @@ pub struct SingleSeq {
 
 impl SingleSeq {
     pub fn new(model: &Llama, capacity: usize) -> Self {
+        Self::with_dtype(model, capacity, KvDtype::F32)
+    }
+
+    /// [`new`](Self::new) with a cache of `dtype`.
+    pub fn with_dtype(model: &Llama, capacity: usize, dtype: KvDtype) -> Self {
         const BLOCK: usize = 16;
         let blocks = capacity.div_ceil(BLOCK).max(1);
         Self {
-            kv: model.new_kv(blocks, BLOCK),
+            kv: model.new_kv_with(blocks, BLOCK, dtype),
             table: (0..blocks as BlockId).collect(),
             len: 0,
         }

@@ -35,8 +35,9 @@ struct Shared {
     done: AtomicUsize,
     /// The first panic of the current loop.
     panic: Mutex<Option<Box<dyn Any + Send>>>,
-    /// Parking: the loop number a parked thread waits to see change.
-    parked: Mutex<usize>,
+    /// Parking: a thread checks the loop number under this lock before it
+    /// waits on `wake`, and the submitter notifies under it.
+    parked: Mutex<()>,
     wake: Condvar,
 }
 
@@ -91,7 +92,7 @@ impl Pool {
             job: Mutex::new(None),
             done: AtomicUsize::new(0),
             panic: Mutex::new(None),
-            parked: Mutex::new(0),
+            parked: Mutex::new(()),
             wake: Condvar::new(),
         });
         for i in 1..threads {
@@ -116,6 +117,7 @@ impl Pool {
             (0..n).for_each(f);
             return;
         }
+        assert!(n < 1 << 32, "{n} tasks do not fit the claim counter");
         let _one_at_a_time = self.submit.lock().unwrap_or_else(|e| e.into_inner());
         let s = &*self.shared;
         // SAFETY (of the lifetime erasure): `run` does not return before

@@ -135,7 +135,7 @@ unsafe fn store<const R: usize>(acc: [__m256; R], out: &mut [f32]) {
     }
 }
 
-/// Returns `R`, the number of activation rows done.
+/// The AVX2 kernel for format `F`; returns `R`, the activation rows done.
 #[target_feature(enable = "avx2,fma,f16c")]
 unsafe fn avx2<const F: u8, const R: usize>(
     w: &[u8],
@@ -143,59 +143,17 @@ unsafe fn avx2<const F: u8, const R: usize>(
     r0: usize,
     out: &mut [f32],
 ) -> usize {
-    if F == Q4K {
-        // SAFETY: the same features.
-        return unsafe { q4k::<R, false>(w, x, r0, out) };
-    }
-    if F == Q6K {
-        // SAFETY: the same features.
-        return unsafe { q6k::<R, false>(w, x, r0, out) };
-    }
-    let format = format_of(F);
-    let gb = format.group_block_bytes();
-    assert!(w.len() >= x.blocks * gb && r0 + R <= x.rows);
-    let nibble = _mm256_set1_epi8(0x0F);
-    let ones = _mm256_set1_epi16(1);
-    let mut acc = [_mm256_setzero_ps(); R];
-    for b in 0..x.blocks {
-        // SAFETY: block b of the group lies within w (asserted above), and
-        // broadcast4 stays within row r's block b.
-        unsafe {
-            let wb = w.as_ptr().add(b * gb);
-            let mut isum = [_mm256_setzero_si256(); R];
-            if F == Q8_0 {
-                for k in 0..BLOCK / 4 {
-                    let q = _mm256_loadu_si256(wb.add(k * 32) as *const __m256i);
-                    let aq = _mm256_abs_epi8(q);
-                    for (r, s) in isum.iter_mut().enumerate() {
-                        let xs = _mm256_sign_epi8(broadcast4(x, r0 + r, b, 4 * k), q);
-                        let pairs = _mm256_maddubs_epi16(aq, xs);
-                        *s = _mm256_add_epi32(*s, _mm256_madd_epi16(pairs, ones));
-                    }
-                }
-            } else {
-                let mut sum16 = [_mm256_setzero_si256(); R];
-                for k in 0..BLOCK / 8 {
-                    let q = _mm256_loadu_si256(wb.add(k * 32) as *const __m256i);
-                    let lo = _mm256_and_si256(q, nibble);
-                    let hi = _mm256_and_si256(_mm256_srli_epi16(q, 4), nibble);
-                    for (r, s) in sum16.iter_mut().enumerate() {
-                        let pl = _mm256_maddubs_epi16(lo, broadcast4(x, r0 + r, b, 4 * k));
-                        let ph = _mm256_maddubs_epi16(hi, broadcast4(x, r0 + r, b, 16 + 4 * k));
-                        *s = _mm256_add_epi16(*s, _mm256_add_epi16(pl, ph));
-                    }
-                }
-                isum = sum16.map(|s| _mm256_madd_epi16(s, ones));
-            }
-            scale_block::<F, R>(wb, x, r0, b, format.offset(), isum, &mut acc);
+    // SAFETY: the same features; the kernels check their bounds.
+    unsafe {
+        match F {
+            Q4K => q4k::<R, false>(w, x, r0, out),
+            Q6K => q6k::<R, false>(w, x, r0, out),
+            _ => blocks32::<F, R, false>(w, x, r0, out),
         }
     }
-    // SAFETY: AVX is enabled.
-    unsafe { store(acc, out) };
-    R
 }
 
-/// Returns `R`, the number of activation rows done.
+/// The VNNI kernel for format `F`; returns `R`, the activation rows done.
 #[target_feature(enable = "avx2,fma,f16c,avx512f,avx512vl,avx512vnni")]
 unsafe fn vnni<const F: u8, const R: usize>(
     w: &[u8],
@@ -203,50 +161,90 @@ unsafe fn vnni<const F: u8, const R: usize>(
     r0: usize,
     out: &mut [f32],
 ) -> usize {
-    if F == Q4K {
-        // SAFETY: the same features.
-        return unsafe { q4k::<R, true>(w, x, r0, out) };
+    // SAFETY: the same features; the kernels check their bounds.
+    unsafe {
+        match F {
+            Q4K => q4k::<R, true>(w, x, r0, out),
+            Q6K => q6k::<R, true>(w, x, r0, out),
+            _ => blocks32::<F, R, true>(w, x, r0, out),
+        }
     }
-    if F == Q6K {
-        // SAFETY: the same features.
-        return unsafe { q6k::<R, true>(w, x, r0, out) };
-    }
+}
+
+/// Q4_0, Q4_1 and Q8_0 (32-weight blocks): per block the eight rows'
+/// integer sums for each activation row, then `scale_block`. Returns `R`.
+///
+/// # Safety
+/// AVX2, FMA and F16C; with `VNNI` also AVX-512F/VL/VNNI.
+#[inline(always)]
+unsafe fn blocks32<const F: u8, const R: usize, const VNNI: bool>(
+    w: &[u8],
+    x: &QuantizedRows,
+    r0: usize,
+    out: &mut [f32],
+) -> usize {
     let format = format_of(F);
     let gb = format.group_block_bytes();
     assert!(w.len() >= x.blocks * gb && r0 + R <= x.rows);
-    let nibble = _mm256_set1_epi8(0x0F);
-    let flip = _mm256_set1_epi8(-128);
-    let offset = if F == Q8_0 { 128 } else { format.offset() };
-    let mut acc = [_mm256_setzero_ps(); R];
-    for b in 0..x.blocks {
-        // SAFETY: as in avx2.
-        unsafe {
+    // VNNI takes Q8_0's quants as unsigned (q + 128) and removes 128·Σx.
+    let offset = if VNNI && F == Q8_0 {
+        128
+    } else {
+        format.offset()
+    };
+    // SAFETY: block b of the group lies within w (asserted above), and
+    // broadcast4 stays within row r's block b.
+    unsafe {
+        let nibble = _mm256_set1_epi8(0x0F);
+        let ones = _mm256_set1_epi16(1);
+        let flip = _mm256_set1_epi8(-128);
+        let mut acc = [_mm256_setzero_ps(); R];
+        for b in 0..x.blocks {
             let wb = w.as_ptr().add(b * gb);
             let mut isum = [_mm256_setzero_si256(); R];
             if F == Q8_0 {
                 for k in 0..BLOCK / 4 {
                     let q = _mm256_loadu_si256(wb.add(k * 32) as *const __m256i);
-                    let uq = _mm256_xor_si256(q, flip);
-                    for (r, s) in isum.iter_mut().enumerate() {
-                        *s = _mm256_dpbusd_epi32(*s, uq, broadcast4(x, r0 + r, b, 4 * k));
+                    if VNNI {
+                        let uq = _mm256_xor_si256(q, flip);
+                        for (r, s) in isum.iter_mut().enumerate() {
+                            *s = dpbusd(*s, uq, broadcast4(x, r0 + r, b, 4 * k));
+                        }
+                    } else {
+                        let aq = _mm256_abs_epi8(q);
+                        for (r, s) in isum.iter_mut().enumerate() {
+                            let xs = _mm256_sign_epi8(broadcast4(x, r0 + r, b, 4 * k), q);
+                            let pairs = _mm256_maddubs_epi16(aq, xs);
+                            *s = _mm256_add_epi32(*s, _mm256_madd_epi16(pairs, ones));
+                        }
                     }
                 }
             } else {
+                // Without VNNI, isum holds 16-bit sums until the block ends.
                 for k in 0..BLOCK / 8 {
                     let q = _mm256_loadu_si256(wb.add(k * 32) as *const __m256i);
                     let lo = _mm256_and_si256(q, nibble);
                     let hi = _mm256_and_si256(_mm256_srli_epi16(q, 4), nibble);
                     for (r, s) in isum.iter_mut().enumerate() {
-                        *s = _mm256_dpbusd_epi32(*s, lo, broadcast4(x, r0 + r, b, 4 * k));
-                        *s = _mm256_dpbusd_epi32(*s, hi, broadcast4(x, r0 + r, b, 16 + 4 * k));
+                        let xl = broadcast4(x, r0 + r, b, 4 * k);
+                        let xh = broadcast4(x, r0 + r, b, 16 + 4 * k);
+                        if VNNI {
+                            *s = dpbusd(dpbusd(*s, lo, xl), hi, xh);
+                        } else {
+                            let pl = _mm256_maddubs_epi16(lo, xl);
+                            let ph = _mm256_maddubs_epi16(hi, xh);
+                            *s = _mm256_add_epi16(*s, _mm256_add_epi16(pl, ph));
+                        }
                     }
+                }
+                if !VNNI {
+                    isum = isum.map(|s| _mm256_madd_epi16(s, ones));
                 }
             }
             scale_block::<F, R>(wb, x, r0, b, offset, isum, &mut acc);
         }
+        store(acc, out);
     }
-    // SAFETY: AVX is enabled.
-    unsafe { store(acc, out) };
     R
 }
 

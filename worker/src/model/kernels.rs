@@ -467,16 +467,41 @@ mod simd {
         }
     }
 
-    /// The `i`-th of `n` slices of the next chunk's cache lines: `(first
-    /// line, count, every how many k)`.
-    #[inline(always)]
-    fn prefetch_plan<T>(kc: usize, prefetch: Option<(usize, usize)>) -> (usize, usize, usize) {
-        let lines = kc * PANEL * std::mem::size_of::<T>() / 64;
-        let (first_line, count) = match prefetch {
-            Some((i, n)) => (i * lines / n, (i + 1) * lines / n - i * lines / n),
-            None => (0, 0),
-        };
-        (first_line, count, kc.div_ceil(count.max(1)))
+    /// A tile's share of prefetching the next chunk: with `Some((i, n))`,
+    /// the i-th of n slices of the `kc·16` weights after `w`, one cache line
+    /// every `every` steps of k.
+    struct Prefetch {
+        ahead: *const i8,
+        count: usize,
+        every: usize,
+    }
+
+    impl Prefetch {
+        #[inline(always)]
+        fn new<T>(w: *const T, kc: usize, share: Option<(usize, usize)>) -> Prefetch {
+            let lines = kc * PANEL * std::mem::size_of::<T>() / 64;
+            let (first_line, count) = match share {
+                Some((i, n)) => (i * lines / n, (i + 1) * lines / n - i * lines / n),
+                None => (0, 0),
+            };
+            Prefetch {
+                ahead: (w.wrapping_add(kc * PANEL) as *const i8).wrapping_add(first_line * 64),
+                count,
+                every: kc.div_ceil(count.max(1)),
+            }
+        }
+
+        /// Called at every step k of the loop. Prefetches never fault, so
+        /// one past the end of the matrix is harmless.
+        #[inline(always)]
+        unsafe fn step(&self, k: usize) {
+            if k.is_multiple_of(self.every) && k / self.every < self.count {
+                // SAFETY: a prefetch reads nothing; any address is allowed.
+                unsafe {
+                    _mm_prefetch::<_MM_HINT_T0>(self.ahead.wrapping_add(k / self.every * 64))
+                };
+            }
+        }
     }
 
     /// `c[r][j] (+)= Σ_k x[r][k]·w[k][j]` for `R` rows, with fused
@@ -484,8 +509,7 @@ mod simd {
     /// for the i-th of n slices of the next `kc·16` weights (the next chunk
     /// of this panel, or the start of the next panel), spread over the loop,
     /// so that the next chunk's memory traffic overlaps this one's
-    /// arithmetic instead of following it. Prefetches never fault, so one
-    /// past the end of the matrix is harmless. Returns `R`.
+    /// arithmetic instead of following it. Returns `R`.
     ///
     /// # Safety
     /// AVX2, FMA and F16C must exist. `x` holds `kc` steps `stride` apart
@@ -504,10 +528,9 @@ mod simd {
         assert!(w.len() >= kc * PANEL);
         assert!(x.len() >= (kc - 1) * stride + R);
         let (xp, wp, cp, ldc) = (x.as_ptr(), w.as_ptr(), c.ptr, c.ldc);
-        let (first_line, count, every) = prefetch_plan::<T>(kc, prefetch);
+        let prefetch = Prefetch::new(wp, kc, prefetch);
         // SAFETY: the asserts above bound every access.
         unsafe {
-            let ahead = (wp.add(kc * PANEL) as *const i8).wrapping_add(first_line * 64);
             let mut acc = [[_mm256_setzero_ps(); 2]; R];
             if !first {
                 for (r, a) in acc.iter_mut().enumerate() {
@@ -518,9 +541,7 @@ mod simd {
                 }
             }
             for k in 0..kc {
-                if k % every == 0 && k / every < count {
-                    _mm_prefetch::<_MM_HINT_T0>(ahead.wrapping_add(k / every * 64));
-                }
+                prefetch.step(k);
                 let [w0, w1] = T::load16(wp.add(k * PANEL));
                 for (r, a) in acc.iter_mut().enumerate() {
                     let xv = _mm256_broadcast_ss(&*xp.add(k * stride + r));
@@ -553,10 +574,9 @@ mod simd {
         assert!(w.len() >= kc * PANEL);
         assert!(x.len() >= (kc - 1) * stride + R);
         let (xp, wp, cp, ldc) = (x.as_ptr(), w.as_ptr(), c.ptr, c.ldc);
-        let (first_line, count, every) = prefetch_plan::<T>(kc, prefetch);
+        let prefetch = Prefetch::new(wp, kc, prefetch);
         // SAFETY: the asserts above bound every access.
         unsafe {
-            let ahead = (wp.add(kc * PANEL) as *const i8).wrapping_add(first_line * 64);
             let mut acc = [_mm512_setzero_ps(); R];
             if !first {
                 for (r, a) in acc.iter_mut().enumerate() {
@@ -564,9 +584,7 @@ mod simd {
                 }
             }
             for k in 0..kc {
-                if k % every == 0 && k / every < count {
-                    _mm_prefetch::<_MM_HINT_T0>(ahead.wrapping_add(k / every * 64));
-                }
+                prefetch.step(k);
                 let wv = T::load16x(wp.add(k * PANEL));
                 for (r, a) in acc.iter_mut().enumerate() {
                     *a = _mm512_fmadd_ps(_mm512_set1_ps(*xp.add(k * stride + r)), wv, *a);

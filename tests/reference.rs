@@ -12,7 +12,7 @@ use std::sync::Arc;
 
 use aquila_worker::comm::SingleRank;
 use aquila_worker::kv::{BlockId, KvDtype};
-use aquila_worker::loader::{self, LoadOptions};
+use aquila_worker::loader::{self, LoadOptions, LoadedModel};
 use aquila_worker::model::{LogitsFor, SeqInput, SingleSeq, WeightDtype};
 use aquila_worker::presets::{GgufType, WeightFormat};
 
@@ -188,19 +188,26 @@ fn rel_err(ours: &[f32], reference: &[f64]) -> f64 {
     diff / scale
 }
 
+/// The tiny preset as f32 safetensors, loaded (the folder lives as long as
+/// the returned guard).
+fn tiny() -> (tempfile::TempDir, LoadedModel) {
+    let dir = common::tiny_model(WeightFormat::Safetensors, GgufType::F32);
+    let opts = LoadOptions {
+        dtype: WeightDtype::F32,
+        name: None,
+    };
+    let loaded = loader::load(dir.path(), &opts, Arc::new(SingleRank)).unwrap();
+    (dir, loaded)
+}
+
 const PROMPT: &[u32] = &[
     72, 101, 108, 108, 111, 44, 32, 65, 113, 117, 105, 108, 97, 33,
 ];
 
 #[test]
 fn logits_and_greedy_tokens_match_an_f64_reference() {
-    let dir = common::tiny_model(WeightFormat::Safetensors, GgufType::F32);
+    let (dir, loaded) = tiny();
     let reference = Ref::load(dir.path());
-    let opts = LoadOptions {
-        dtype: WeightDtype::F32,
-        name: None,
-    };
-    let loaded = loader::load(dir.path(), &opts, Arc::new(SingleRank)).unwrap();
     let model = &loaded.model;
 
     // Prefill: every position's logits.
@@ -245,12 +252,7 @@ fn batches_scattered_blocks_and_chunks_change_nothing() {
     // Two sequences in one step, their blocks scattered through one pool,
     // must give what each gives alone; so must a prompt run in chunks. The
     // batch shares weights, never state.
-    let dir = common::tiny_model(WeightFormat::Safetensors, GgufType::F32);
-    let opts = LoadOptions {
-        dtype: WeightDtype::F32,
-        name: None,
-    };
-    let loaded = loader::load(dir.path(), &opts, Arc::new(SingleRank)).unwrap();
+    let (_dir, loaded) = tiny();
     let model = &loaded.model;
     let a: &[u32] = &PROMPT[..9];
     let b: &[u32] = &PROMPT[3..];
@@ -313,13 +315,8 @@ fn batches_scattered_blocks_and_chunks_change_nothing() {
 fn a_bf16_kv_cache_stays_close_to_the_f64_reference() {
     // `--kv-cache-dtype bf16` rounds every key and value to 8 bits of
     // mantissa; the logits must stay within 1% of the largest logit.
-    let dir = common::tiny_model(WeightFormat::Safetensors, GgufType::F32);
+    let (dir, loaded) = tiny();
     let reference = Ref::load(dir.path());
-    let opts = LoadOptions {
-        dtype: WeightDtype::F32,
-        name: None,
-    };
-    let loaded = loader::load(dir.path(), &opts, Arc::new(SingleRank)).unwrap();
     let model = &loaded.model;
     let mut kv = model.new_kv_with(8, 4, KvDtype::Bf16);
     let table: &[BlockId] = &[3, 6, 1, 7];

@@ -13,17 +13,8 @@
 # Prints JSON lines, then a table.   GEN=128 THREADS=2 tests/bench/batching.sh
 set -euo pipefail
 cd "$(dirname "$0")/../.."
-venv="${AQUILA_PEERS_VENV:-$HOME/.cache/aquila/peers-venv}"
-[ -x "$venv/bin/python" ] || tests/bench/setup-peers.sh
-py="$venv/bin/python"
 GEN=${GEN:-128} THREADS=${THREADS:-2} PT=32
-
-cargo build --release --locked --bins
-aq="${CARGO_TARGET_DIR:-target}/release/aquila"
-demo=$($aq fetch-demo)
-base="${AQUILA_CACHE_DIR:-$HOME/.cache/aquila}/bench/base"
-[ -f "$base/model.safetensors" ] || $aq make-model --preset base --seed 1 --out "$base"
-[ -f "$base/gguf/model.gguf" ] || $aq make-model --preset base --seed 1 --format gguf --gguf-type f32 --out "$base/gguf"
+. tests/bench/setup.sh
 
 out=$(mktemp -d)
 aquila() { # model, label

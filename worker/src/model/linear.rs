@@ -36,9 +36,10 @@ enum Kind {
     F32(kernels::PackedFloat<f32>),
     Bf16(kernels::PackedFloat<bf16>),
     F16(kernels::PackedFloat<f16>),
-    /// Q4_0, Q4_1 and Q8_0 weights, repacked for our kernels.
+    /// Q4_0, Q4_1, Q8_0, Q4_K and Q6_K weights, repacked for our kernels.
     Packed(quant::PackedMatrix),
-    /// Other GGML-quantized weights (K-quants): candle's quantized matmul.
+    /// Other GGML-quantized weights (Q5_*, Q2_K, Q3_K, Q5_K...): candle's
+    /// quantized matmul.
     Quantized(QMatMul),
 }
 
@@ -69,27 +70,27 @@ impl Linear {
             source,
         };
         let dense = match w {
-            Weight::Quantized(q) if quant::Format::from_ggml(q.dtype()).is_some() => {
-                let format = quant::Format::from_ggml(q.dtype()).expect("checked");
-                let raw = q.data().map_err(werr)?;
-                return Ok(Self {
-                    kind: Kind::Packed(quant::PackedMatrix::from_ggml(
-                        format, &raw, out_dim, in_dim,
-                    )),
-                    in_dim,
-                    out_dim,
-                });
-            }
-            Weight::Quantized(q) => match QMatMul::from_arc(q).map_err(werr)? {
-                QMatMul::QTensor(q) => {
+            Weight::Quantized(q) => {
+                if let Some(format) = quant::Format::from_ggml(q.dtype()) {
+                    let raw = q.data().map_err(werr)?;
+                    let packed = quant::PackedMatrix::from_ggml(format, &raw, out_dim, in_dim);
                     return Ok(Self {
-                        kind: Kind::Quantized(QMatMul::QTensor(q)),
+                        kind: Kind::Packed(packed),
                         in_dim,
                         out_dim,
                     });
                 }
-                QMatMul::Tensor(t) | QMatMul::TensorF16(t) => t,
-            },
+                match QMatMul::from_arc(q).map_err(werr)? {
+                    QMatMul::QTensor(q) => {
+                        return Ok(Self {
+                            kind: Kind::Quantized(QMatMul::QTensor(q)),
+                            in_dim,
+                            out_dim,
+                        });
+                    }
+                    QMatMul::Tensor(t) | QMatMul::TensorF16(t) => t,
+                }
+            }
             Weight::Dense(t) => t,
         };
         let kind = match dtype {

@@ -3,7 +3,8 @@
 //! weights and GMAC/s, next to the machine's measured read bandwidth and
 //! f32 FMA peak. Prints one JSON line per measurement.
 //!
-//! `AQUILA_BENCH_QUICK=1` runs each measurement briefly (a smoke test).
+//! `AQUILA_BENCH_QUICK=1` runs each measurement briefly (a smoke test);
+//! `AQUILA_BENCH_ONLY=float|attention|quant` runs one part.
 
 use std::hint::black_box;
 use std::time::{Duration, Instant};
@@ -23,7 +24,17 @@ fn main() {
         serde_json::json!({"machine": {"threads": threads, "read_gb_per_s": bandwidth,
             "f32_fma_gflop_per_s": peak}})
     );
-    float_kernels(budget);
+    let only = std::env::var("AQUILA_BENCH_ONLY").ok();
+    let run = |part: &str| only.as_deref().is_none_or(|o| o == part);
+    if run("float") {
+        float_kernels(budget);
+    }
+    if run("attention") {
+        attention(budget);
+    }
+    if !run("quant") {
+        return;
+    }
     // SmolLM2-135M: ffn up/gate, ffn down, q/o, k/v, and the tied lm_head.
     let shapes = [
         ("ffn_up", Format::Q4_1, 1536, 576),
@@ -117,6 +128,60 @@ fn float_kernels(budget: Duration) {
                     );
                 }
             }
+        }
+    }
+}
+
+/// One decode step's attention on the `base` preset's shape (8 layers, 12
+/// heads of 64): 16 sequences with `context` tokens each, every layer in
+/// turn as the model runs it, so the cache (75 MB in f32 at 96 tokens)
+/// comes from memory. GB/s counts the keys and values read.
+fn attention(budget: Duration) {
+    use aquila_worker::kv::{KvDtype, PagedKv};
+    use aquila_worker::model::attention::{AttnSeq, attend};
+    const LAYERS: usize = 8;
+    const HEADS: usize = 12;
+    const HEAD_DIM: usize = 64;
+    const BLOCK: usize = 16;
+    const SEQS: usize = 16;
+    for dtype in [KvDtype::F32, KvDtype::Bf16] {
+        for context in [96usize, 512] {
+            let per_seq = context.div_ceil(BLOCK);
+            let mut kv = PagedKv::new(LAYERS, SEQS * per_seq, BLOCK, HEADS, HEAD_DIM, dtype);
+            let tables: Vec<Vec<u32>> = (0..SEQS)
+                .map(|s| ((s * per_seq) as u32..((s + 1) * per_seq) as u32).collect())
+                .collect();
+            let rows: Vec<f32> = (0..context * HEADS * HEAD_DIM)
+                .map(|i| ((i * 7919) % 2001) as f32 / 1e3 - 1.0)
+                .collect();
+            for layer in 0..LAYERS {
+                for table in &tables {
+                    kv.write(layer, table, 0, &rows, &rows);
+                }
+            }
+            let q: Vec<f32> = rows[..HEADS * HEAD_DIM].to_vec();
+            let seqs: Vec<AttnSeq<'_>> = tables
+                .iter()
+                .map(|table| AttnSeq {
+                    q: &q,
+                    n: 1,
+                    start: context - 1,
+                    table,
+                })
+                .collect();
+            let secs = time(budget, || {
+                for layer in 0..LAYERS {
+                    black_box(attend(&kv, layer, HEADS, black_box(&seqs)));
+                }
+            });
+            let elem = if dtype == KvDtype::F32 { 4 } else { 2 };
+            let bytes = 2 * LAYERS * SEQS * context * HEADS * HEAD_DIM * elem;
+            println!(
+                "{}",
+                serde_json::json!({"kernel": "attention_decode_step", "kv": dtype.label(),
+                    "seqs": SEQS, "context": context, "us": secs * 1e6,
+                    "kv_gb_per_s": bytes as f64 / secs / 1e9})
+            );
         }
     }
 }

@@ -5,9 +5,10 @@
 //! chunks of different lengths share one step. It computes; it does not
 //! schedule or sample.
 
-mod attention;
+pub mod attention;
 pub mod kernels;
 pub mod linear;
+mod math;
 mod norm;
 pub mod quant;
 
@@ -23,6 +24,7 @@ use crate::kv::{BlockId, KvDtype, PagedKv};
 use crate::weights::{Weight, WeightStore};
 use attention::AttnSeq;
 pub use linear::{ColumnParallelLinear, Linear, RowParallelLinear, Shard, WeightDtype};
+use math::silu;
 use norm::{RmsNorm, Rope};
 
 /// One sequence's part of a step.
@@ -427,10 +429,6 @@ impl Llama {
         }
         Ok(out)
     }
-}
-
-fn silu(x: f32) -> f32 {
-    x / (1.0 + (-x).exp())
 }
 
 /// One sequence with a pool of its own: for tests, benchmarks and scoring,

@@ -133,9 +133,9 @@ fn float_kernels(budget: Duration) {
 }
 
 /// One decode step's attention on the `base` preset's shape (8 layers, 12
-/// heads of 64): 16 sequences with `context` tokens each, every layer in
-/// turn as the model runs it, so the cache (75 MB in f32 at 96 tokens)
-/// comes from memory. GB/s counts the keys and values read.
+/// heads of 64): 16 sequences of 96 or 512 tokens, or one of 2048, every
+/// layer in turn as the model runs it, so the cache (75 MB in f32 for 16 ×
+/// 96 tokens) comes from memory. GB/s counts the keys and values read.
 fn attention(budget: Duration) {
     use aquila_worker::kv::{KvDtype, PagedKv};
     use aquila_worker::model::attention::{AttnSeq, attend};
@@ -143,12 +143,11 @@ fn attention(budget: Duration) {
     const HEADS: usize = 12;
     const HEAD_DIM: usize = 64;
     const BLOCK: usize = 16;
-    const SEQS: usize = 16;
     for dtype in [KvDtype::F32, KvDtype::Bf16] {
-        for context in [96usize, 512] {
+        for (n_seqs, context) in [(16usize, 96usize), (16, 512), (1, 2048)] {
             let per_seq = context.div_ceil(BLOCK);
-            let mut kv = PagedKv::new(LAYERS, SEQS * per_seq, BLOCK, HEADS, HEAD_DIM, dtype);
-            let tables: Vec<Vec<u32>> = (0..SEQS)
+            let mut kv = PagedKv::new(LAYERS, n_seqs * per_seq, BLOCK, HEADS, HEAD_DIM, dtype);
+            let tables: Vec<Vec<u32>> = (0..n_seqs)
                 .map(|s| ((s * per_seq) as u32..((s + 1) * per_seq) as u32).collect())
                 .collect();
             let rows: Vec<f32> = (0..context * HEADS * HEAD_DIM)
@@ -175,11 +174,11 @@ fn attention(budget: Duration) {
                 }
             });
             let elem = if dtype == KvDtype::F32 { 4 } else { 2 };
-            let bytes = 2 * LAYERS * SEQS * context * HEADS * HEAD_DIM * elem;
+            let bytes = 2 * LAYERS * n_seqs * context * HEADS * HEAD_DIM * elem;
             println!(
                 "{}",
                 serde_json::json!({"kernel": "attention_decode_step", "kv": dtype.label(),
-                    "seqs": SEQS, "context": context, "us": secs * 1e6,
+                    "seqs": n_seqs, "context": context, "us": secs * 1e6,
                     "kv_gb_per_s": bytes as f64 / secs / 1e9})
             );
         }

@@ -115,6 +115,13 @@ impl WorkerState {
                 return Err(WorkerError::Config(format!("{flag} = 0 must be positive")));
             }
         }
+        let max_block = crate::model::attention::MAX_BLOCK_SIZE;
+        if args.kv_block_size > max_block {
+            return Err(WorkerError::Config(format!(
+                "--kv-block-size = {} exceeds the limit of {max_block} tokens",
+                args.kv_block_size
+            )));
+        }
         let opts = LoadOptions {
             dtype: args.dtype,
             name: args.served_model_name.clone(),

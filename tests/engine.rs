@@ -227,3 +227,29 @@ async fn a_bf16_kv_cache_holds_twice_the_blocks_and_serves() {
     let after = load(&bf16_stack).await;
     assert_eq!(after.kv_blocks_free, after.kv_blocks_total);
 }
+
+/// A KV block larger than attention takes stops the worker at start, with
+/// an exit status and a message naming the flag, the value and the limit.
+#[test]
+fn an_oversized_kv_block_is_refused_at_start() {
+    use aquila_worker::presets::{GgufType, WeightFormat};
+    let dir = common::tiny_model(WeightFormat::Safetensors, GgufType::F32);
+    let out = std::process::Command::new(env!("CARGO_BIN_EXE_aquila"))
+        .args([
+            "worker",
+            "--listen",
+            "127.0.0.1:0",
+            "--kv-block-size",
+            "512",
+        ])
+        .arg("--model")
+        .arg(dir.path())
+        .output()
+        .expect("run aquila worker");
+    assert!(!out.status.success());
+    let stderr = String::from_utf8_lossy(&out.stderr);
+    assert!(
+        stderr.contains("--kv-block-size = 512 exceeds the limit of 256 tokens"),
+        "{stderr}"
+    );
+}

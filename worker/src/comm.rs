@@ -1,7 +1,9 @@
 //! The communicator between the ranks of one tensor-parallel group. Layers
 //! call it where sharding needs it (row-parallel outputs are all-reduced,
-//! vocabulary-parallel logits gathered). World size 1 is a no-op; the CPU and
-//! NCCL backends arrive with tensor parallelism.
+//! vocabulary-parallel logits gathered). World size 1 is a no-op
+//! ([`SingleRank`]); between processes on CPU, [`tcp::TcpComm`].
+
+pub mod tcp;
 
 use crate::error::Result;
 

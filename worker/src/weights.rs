@@ -6,12 +6,15 @@
 
 use std::collections::{BTreeMap, HashMap};
 use std::fs::File;
+use std::io::{Read, Seek, SeekFrom};
+use std::ops::Range;
 use std::path::{Path, PathBuf};
 use std::sync::{Arc, Mutex};
 
+use candle_core::quantized::ggml_file::qtensor_from_ggml;
 use candle_core::quantized::{GgmlDType, QTensor, gguf_file};
 use candle_core::safetensors::MmapedSafetensors;
-use candle_core::{Device, Tensor, pickle::PthTensors};
+use candle_core::{DType, Device, Tensor, pickle::PthTensors};
 
 use crate::error::{Result, WorkerError};
 
@@ -193,6 +196,130 @@ impl WeightStore {
         }
     }
 
+    /// Rows (`dim` 0) or columns (`dim` 1) `range` of the 2-D tensor `name`:
+    /// a tensor-parallel rank's slice. Safetensors and GGUF read only the
+    /// slice's bytes (safetensors from the memory map, GGUF with seeks); a
+    /// PyTorch `.bin` tensor is read whole and then cut, one at a time. A
+    /// GGUF block-quantized tensor is cut along its columns only at block
+    /// boundaries.
+    pub fn get_slice(&self, name: &str, dim: usize, range: Range<usize>) -> Result<Weight> {
+        let werr = |source| WorkerError::Weight {
+            name: name.to_string(),
+            source,
+        };
+        let msg = |m: String| WorkerError::Weight {
+            name: name.to_string(),
+            source: candle_core::Error::Msg(m),
+        };
+        let check = |dims: &[usize]| -> Result<(usize, usize)> {
+            match dims {
+                &[rows, cols] if dim < 2 && range.start < range.end => {
+                    let len = [rows, cols][dim];
+                    if range.end > len {
+                        return Err(msg(format!(
+                            "slice {range:?} of dimension {dim} exceeds its size {len}"
+                        )));
+                    }
+                    Ok((rows, cols))
+                }
+                _ => Err(msg(format!(
+                    "cannot take {range:?} of dimension {dim} from shape {dims:?}"
+                ))),
+            }
+        };
+        match self {
+            Self::Safetensors(st) => {
+                let view = st.get(name).map_err(werr)?;
+                let (rows, cols) = check(view.shape())?;
+                let dtype = match view.dtype() {
+                    safetensors::Dtype::F32 => DType::F32,
+                    safetensors::Dtype::F16 => DType::F16,
+                    safetensors::Dtype::BF16 => DType::BF16,
+                    other => return Err(msg(format!("cannot slice a {other:?} tensor"))),
+                };
+                let bytes = cut(view.data(), rows, cols, dtype.size_in_bytes(), dim, &range);
+                let shape = if dim == 0 {
+                    [range.len(), cols]
+                } else {
+                    [rows, range.len()]
+                };
+                let t =
+                    Tensor::from_raw_buffer(&bytes, dtype, &shape, &Device::Cpu).map_err(werr)?;
+                Ok(Weight::Dense(t))
+            }
+            Self::Pth { .. } => {
+                let Weight::Dense(t) = self.get(name)? else {
+                    unreachable!("a .bin holds float tensors")
+                };
+                check(t.dims())?;
+                let t = t
+                    .narrow(dim, range.start, range.len())
+                    .and_then(|t| t.contiguous())
+                    .map_err(werr)?;
+                Ok(Weight::Dense(t))
+            }
+            Self::Gguf {
+                content,
+                file,
+                path,
+            } => {
+                let g = gguf_name(name).ok_or_else(|| msg("not in the checkpoint".into()))?;
+                let info = content
+                    .tensor_infos
+                    .get(&g)
+                    .ok_or_else(|| msg("not in the checkpoint".into()))?;
+                let dims = info.shape.dims().to_vec();
+                let (rows, cols) = check(&dims)?;
+                let (block, bytes_per_block) =
+                    (info.ggml_dtype.block_size(), info.ggml_dtype.type_size());
+                if dim == 1
+                    && !(range.start.is_multiple_of(block) && range.end.is_multiple_of(block))
+                {
+                    return Err(msg(format!(
+                        "columns {range:?} do not fall on its {block}-weight {} block \
+                         boundaries; choose a tensor-parallel size that divides {cols} into \
+                         multiples of {block}",
+                        ggml_label(info.ggml_dtype)
+                    )));
+                }
+                let row_bytes = cols / block * bytes_per_block;
+                let start = content.tensor_data_offset + info.offset;
+                let mut f = file
+                    .lock()
+                    .map_err(|_| WorkerError::load(path, "GGUF reader poisoned"))?;
+                let mut read = |at: u64, len: usize| -> Result<Vec<u8>> {
+                    let mut buf = vec![0u8; len];
+                    f.seek(SeekFrom::Start(at))
+                        .and_then(|_| f.read_exact(&mut buf))
+                        .map_err(|e| {
+                            WorkerError::io(format!("reading {g} from {}", path.display()), e)
+                        })?;
+                    Ok(buf)
+                };
+                let (raw, shape) = if dim == 0 {
+                    let raw = read(
+                        start + (range.start * row_bytes) as u64,
+                        range.len() * row_bytes,
+                    )?;
+                    (raw, vec![range.len(), cols])
+                } else {
+                    let (from, len) = (
+                        range.start / block * bytes_per_block,
+                        range.len() / block * bytes_per_block,
+                    );
+                    let mut raw = Vec::with_capacity(rows * len);
+                    for r in 0..rows {
+                        raw.extend(read(start + (r * row_bytes + from) as u64, len)?);
+                    }
+                    (raw, vec![rows, range.len()])
+                };
+                let q =
+                    qtensor_from_ggml(info.ggml_dtype, &raw, shape, &Device::Cpu).map_err(werr)?;
+                Ok(Weight::Quantized(Arc::new(q)))
+            }
+        }
+    }
+
     /// For a GGUF file, what its 2-D weights are stored as ("q4_1",
     /// "f16"...); float checkpoints are held in `--dtype`, so None.
     pub fn gguf_weight_type(&self) -> Option<String> {
@@ -211,6 +338,28 @@ impl WeightStore {
 
 pub fn ggml_label(t: GgmlDType) -> String {
     format!("{t:?}").to_lowercase()
+}
+
+/// Rows or columns `range` (along `dim`) of a row-major `[rows, cols]`
+/// buffer of `elem`-byte elements.
+fn cut(
+    data: &[u8],
+    rows: usize,
+    cols: usize,
+    elem: usize,
+    dim: usize,
+    range: &Range<usize>,
+) -> Vec<u8> {
+    let row_bytes = cols * elem;
+    if dim == 0 {
+        return data[range.start * row_bytes..range.end * row_bytes].to_vec();
+    }
+    let (from, len) = (range.start * elem, range.len() * elem);
+    let mut out = Vec::with_capacity(rows * len);
+    for r in 0..rows {
+        out.extend_from_slice(&data[r * row_bytes + from..r * row_bytes + from + len]);
+    }
+    out
 }
 
 fn unique_files(dir: &Path, index: &ShardIndex) -> Vec<PathBuf> {

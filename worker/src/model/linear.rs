@@ -2,6 +2,7 @@
 //! are row-major f32 slices `[rows, in]`; a layer returns `[rows, out]` f32
 //! whatever its weights are stored as. Weight layout is PyTorch's `[out, in]`.
 
+use std::ops::Range;
 use std::sync::Arc;
 
 use candle_core::quantized::QMatMul;
@@ -196,6 +197,86 @@ impl Shard {
     };
 }
 
+/// What one rank of a tensor-parallel group holds, checked against the
+/// model's shape at load (as vLLM splits a LLaMA):
+/// - query heads, and the MLP's intermediate columns, split evenly;
+/// - KV heads split evenly when there are at least as many as ranks, and
+///   each replicated on `world / kv_heads` ranks when there are fewer;
+/// - the vocabulary padded to a multiple of the ranks and split evenly (the
+///   last rank may hold fewer real rows).
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct TpPlan {
+    pub rank: usize,
+    pub world: usize,
+    /// Query heads held: `rank·n..(rank+1)·n`.
+    pub heads: Range<usize>,
+    /// KV heads held.
+    pub kv_heads: Range<usize>,
+    /// Intermediate (MLP) columns held.
+    pub intermediate: Range<usize>,
+    /// Vocabulary rows held (real ones; see `vocab_part`).
+    pub vocab: Range<usize>,
+    /// Each rank's share of the padded vocabulary.
+    pub vocab_part: usize,
+}
+
+impl TpPlan {
+    pub fn new(
+        shard: Shard,
+        heads: usize,
+        kv_heads: usize,
+        intermediate: usize,
+        vocab: usize,
+    ) -> Result<Self> {
+        let (r, n) = (shard.rank, shard.world_size);
+        if n == 0 || r >= n {
+            return Err(WorkerError::Config(format!(
+                "rank {r} of a tensor-parallel group of {n}"
+            )));
+        }
+        let divisible = |what: &str, dim: usize| {
+            if dim.is_multiple_of(n) {
+                Ok(dim / n)
+            } else {
+                Err(WorkerError::Config(format!(
+                    "{what} = {dim} is not divisible by the tensor-parallel size {n}"
+                )))
+            }
+        };
+        let per_rank = divisible("num_attention_heads", heads)?;
+        let inter = divisible("intermediate_size", intermediate)?;
+        let kv = if kv_heads.is_multiple_of(n) {
+            let k = kv_heads / n;
+            r * k..(r + 1) * k
+        } else if n.is_multiple_of(kv_heads) {
+            // Fewer KV heads than ranks: each is held by n / kv_heads ranks,
+            // the ones whose query heads read it.
+            let h = r * kv_heads / n;
+            h..h + 1
+        } else {
+            return Err(WorkerError::Config(format!(
+                "num_key_value_heads = {kv_heads} neither divides nor is divided by the \
+                 tensor-parallel size {n}"
+            )));
+        };
+        let part = vocab.div_ceil(n);
+        if (n - 1) * part >= vocab {
+            return Err(WorkerError::Config(format!(
+                "vocab_size = {vocab} leaves rank {} of {n} no rows",
+                n - 1
+            )));
+        }
+        Ok(Self {
+            rank: r,
+            world: n,
+            heads: r * per_rank..(r + 1) * per_rank,
+            kv_heads: kv,
+            intermediate: r * inter..(r + 1) * inter,
+            vocab: (r * part).min(vocab)..((r + 1) * part).min(vocab),
+            vocab_part: part,
+        })
+    }
+}
 /// Splits the output dimension (weight rows) across ranks: rank r holds rows
 /// `[r·out/N, (r+1)·out/N)` and produces that slice of the output. No
 /// communication.
@@ -236,20 +317,81 @@ impl RowParallelLinear {
     }
 }
 
-/// Checks that a rank can hold `1/world` of a dimension; tensor parallelism
-/// proper (slicing at load) arrives with the communicator backends.
-pub fn check_shard(what: &str, dim: usize, shard: Shard) -> Result<()> {
-    if shard.world_size != 1 {
-        return Err(WorkerError::Config(format!(
-            "{what}: tensor-parallel size {} is not supported yet (only 1)",
-            shard.world_size
-        )));
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn plan(rank: usize, world: usize) -> Result<TpPlan> {
+        // Aquila-7B's shape: 32 heads (32 KV heads), 11008, 100,008 tokens.
+        TpPlan::new(
+            Shard {
+                rank,
+                world_size: world,
+            },
+            32,
+            32,
+            11008,
+            100_008,
+        )
     }
-    if !dim.is_multiple_of(shard.world_size) {
-        return Err(WorkerError::Config(format!(
-            "{what} = {dim} is not divisible by the tensor-parallel size {}",
-            shard.world_size
-        )));
+
+    #[test]
+    fn ranks_split_heads_columns_and_a_padded_vocabulary() {
+        let p = plan(3, 4).unwrap();
+        assert_eq!((p.heads, p.kv_heads), (24..32, 24..32));
+        assert_eq!(p.intermediate, 8256..11008);
+        assert_eq!((p.vocab, p.vocab_part), (75006..100_008, 25002));
+        // 100,008 over 16 ranks: 6251 each, the last holding 6243 real rows.
+        let p = plan(15, 16).unwrap();
+        assert_eq!((p.vocab, p.vocab_part), (93765..100_008, 6251));
+        assert_eq!(p.intermediate, 10320..11008);
     }
-    Ok(())
+
+    #[test]
+    fn fewer_kv_heads_than_ranks_are_replicated_where_their_queries_are() {
+        // 8 query heads over 2 KV heads (groups of 4), 4 ranks of 2 heads:
+        // ranks 0 and 1 read KV head 0, ranks 2 and 3 KV head 1.
+        let kv: Vec<Range<usize>> = (0..4)
+            .map(|r| {
+                TpPlan::new(
+                    Shard {
+                        rank: r,
+                        world_size: 4,
+                    },
+                    8,
+                    2,
+                    64,
+                    100,
+                )
+                .unwrap()
+                .kv_heads
+            })
+            .collect();
+        assert_eq!(kv, vec![0..1, 0..1, 1..2, 1..2]);
+    }
+
+    #[test]
+    fn impossible_splits_name_both_numbers() {
+        let err = plan(0, 3).unwrap_err().to_string();
+        assert!(
+            err.contains("num_attention_heads = 32 is not divisible by the tensor-parallel size 3"),
+            "{err}"
+        );
+        let err = TpPlan::new(
+            Shard {
+                rank: 0,
+                world_size: 4,
+            },
+            12,
+            3,
+            64,
+            100,
+        )
+        .unwrap_err()
+        .to_string();
+        assert!(
+            err.contains("num_key_value_heads = 3 neither divides nor is divided by the tensor-parallel size 4"),
+            "{err}"
+        );
+    }
 }

@@ -12,6 +12,7 @@ mod math;
 mod norm;
 pub mod quant;
 
+use std::ops::Range;
 use std::sync::Arc;
 
 use candle_core::quantized::QTensor;
@@ -23,7 +24,7 @@ use crate::error::{Result, WorkerError};
 use crate::kv::{BlockId, KvDtype, PagedKv};
 use crate::weights::{Weight, WeightStore};
 use attention::AttnSeq;
-pub use linear::{ColumnParallelLinear, Linear, RowParallelLinear, Shard, WeightDtype};
+pub use linear::{ColumnParallelLinear, Linear, RowParallelLinear, Shard, TpPlan, WeightDtype};
 use math::silu;
 use norm::{RmsNorm, Rope};
 
@@ -48,8 +49,12 @@ pub enum LogitsFor {
 /// Token embedding, split by vocabulary across ranks (rank r holds rows
 /// `[r·V/N, (r+1)·V/N)`; rows it lacks are zero and an all-reduce completes
 /// them).
+/// The token embedding, split by vocabulary rows: a rank looks up the ids
+/// it holds (zeros for the others) and the all-reduce sums the ranks' rows.
 struct VocabParallelEmbedding {
     table: Table,
+    /// The ids this rank holds.
+    vocab: Range<usize>,
     hidden: usize,
     comm: Arc<dyn Communicator>,
 }
@@ -61,13 +66,29 @@ enum Table {
 
 impl VocabParallelEmbedding {
     fn forward(&self, ids: &[u32]) -> Result<Vec<f32>> {
-        let idx = Tensor::from_slice(ids, ids.len(), &Device::Cpu)?;
+        let held = |id: u32| self.vocab.contains(&(id as usize));
+        let local: Vec<u32> = ids
+            .iter()
+            .map(|&id| {
+                if held(id) {
+                    id - self.vocab.start as u32
+                } else {
+                    0
+                }
+            })
+            .collect();
+        let idx = Tensor::from_slice(&local, local.len(), &Device::Cpu)?;
         let rows = match &self.table {
             Table::Dense(t) => t.index_select(&idx, 0)?,
             Table::Quantized(q) => q.embedding(&idx)?,
         };
         let mut out: Vec<f32> = rows.to_dtype(DType::F32)?.flatten_all()?.to_vec1()?;
         debug_assert_eq!(out.len(), ids.len() * self.hidden);
+        for (&id, row) in ids.iter().zip(out.chunks_exact_mut(self.hidden)) {
+            if !held(id) {
+                row.fill(0.0);
+            }
+        }
         self.comm.all_reduce_sum(&mut out)?;
         Ok(out)
     }
@@ -102,13 +123,17 @@ pub struct Llama {
     lm_head: ColumnParallelLinear,
     rope: Rope,
     comm: Arc<dyn Communicator>,
+    /// This rank's share of the model.
+    plan: TpPlan,
     weight_bytes: usize,
 }
 
-/// Loads tensors by Hugging Face name, reporting progress.
+/// Loads tensors by Hugging Face name, reporting progress; a rank of a
+/// tensor-parallel group reads only its slice of each.
 struct Loader<'a> {
     store: &'a WeightStore,
     dtype: WeightDtype,
+    whole: bool,
     progress: &'a mut dyn FnMut(&str),
 }
 
@@ -119,26 +144,43 @@ impl Loader<'_> {
         Ok(w)
     }
 
-    fn linear(&mut self, name: &str, out: usize, inp: usize) -> Result<Linear> {
-        let w = self.get(name)?;
-        Linear::new(name, w, out, inp, self.dtype)
+    /// Rows (`dim` 0) or columns (`dim` 1) `range` of `name`; all of it in
+    /// a group of one.
+    fn slice(&mut self, name: &str, dim: usize, range: Range<usize>) -> Result<Weight> {
+        if self.whole {
+            return self.get(name);
+        }
+        let w = self.store.get_slice(name, dim, range)?;
+        (self.progress)(name);
+        Ok(w)
     }
 
-    fn column(&mut self, name: &str, out: usize, inp: usize) -> Result<ColumnParallelLinear> {
+    /// Rows `rows` of `[out, inp]` weight `name`.
+    fn column(
+        &mut self,
+        name: &str,
+        rows: Range<usize>,
+        inp: usize,
+    ) -> Result<ColumnParallelLinear> {
+        let out = rows.len();
+        let w = self.slice(name, 0, rows)?;
         Ok(ColumnParallelLinear {
-            inner: self.linear(name, out, inp)?,
+            inner: Linear::new(name, w, out, inp, self.dtype)?,
         })
     }
 
+    /// Columns `cols` of `[out, inp]` weight `name`, all-reduced.
     fn row(
         &mut self,
         name: &str,
         out: usize,
-        inp: usize,
+        cols: Range<usize>,
         comm: &Arc<dyn Communicator>,
     ) -> Result<RowParallelLinear> {
+        let inp = cols.len();
+        let w = self.slice(name, 1, cols)?;
         Ok(RowParallelLinear {
-            inner: self.linear(name, out, inp)?,
+            inner: Linear::new(name, w, out, inp, self.dtype)?,
             comm: comm.clone(),
         })
     }
@@ -171,21 +213,29 @@ impl Llama {
             rank: comm.rank(),
             world_size: comm.world_size(),
         };
-        linear::check_shard("num_attention_heads", cfg.num_heads, shard)?;
-        let (h, q, kv, i) = (
-            cfg.hidden_size,
-            cfg.q_dim(),
-            cfg.kv_dim(),
+        let plan = TpPlan::new(
+            shard,
+            cfg.num_heads,
+            cfg.num_kv_heads,
             cfg.intermediate_size,
+            cfg.vocab_size,
+        )?;
+        let (h, hd) = (cfg.hidden_size, cfg.head_dim);
+        let scale = |r: &Range<usize>, by: usize| r.start * by..r.end * by;
+        let (q, kv, i) = (
+            scale(&plan.heads, hd),
+            scale(&plan.kv_heads, hd),
+            plan.intermediate.clone(),
         );
         let mut ld = Loader {
             store,
             dtype,
+            whole: plan.world == 1,
             progress,
         };
         let embed_name = "model.embed_tokens.weight";
-        let embed_w = ld.get(embed_name)?;
-        if embed_w.dims() != [cfg.vocab_size, h] {
+        let embed_w = ld.slice(embed_name, 0, plan.vocab.clone())?;
+        if embed_w.dims() != [plan.vocab.len(), h] {
             return Err(WorkerError::Config(format!(
                 "{embed_name}: shape {:?}, the config implies [{}, {h}]",
                 embed_w.dims(),
@@ -210,10 +260,10 @@ impl Llama {
                     cfg.rms_norm_eps,
                 )?,
                 self_attn: Attention {
-                    q_proj: ld.column(&format!("{p}.self_attn.q_proj.weight"), q, h)?,
-                    k_proj: ld.column(&format!("{p}.self_attn.k_proj.weight"), kv, h)?,
-                    v_proj: ld.column(&format!("{p}.self_attn.v_proj.weight"), kv, h)?,
-                    o_proj: ld.row(&format!("{p}.self_attn.o_proj.weight"), h, q, &comm)?,
+                    q_proj: ld.column(&format!("{p}.self_attn.q_proj.weight"), q.clone(), h)?,
+                    k_proj: ld.column(&format!("{p}.self_attn.k_proj.weight"), kv.clone(), h)?,
+                    v_proj: ld.column(&format!("{p}.self_attn.v_proj.weight"), kv.clone(), h)?,
+                    o_proj: ld.row(&format!("{p}.self_attn.o_proj.weight"), h, q.clone(), &comm)?,
                 },
                 post_attention_layernorm: ld.norm(
                     &format!("{p}.post_attention_layernorm.weight"),
@@ -221,9 +271,9 @@ impl Llama {
                     cfg.rms_norm_eps,
                 )?,
                 mlp: Mlp {
-                    gate_proj: ld.column(&format!("{p}.mlp.gate_proj.weight"), i, h)?,
-                    up_proj: ld.column(&format!("{p}.mlp.up_proj.weight"), i, h)?,
-                    down_proj: ld.row(&format!("{p}.mlp.down_proj.weight"), h, i, &comm)?,
+                    gate_proj: ld.column(&format!("{p}.mlp.gate_proj.weight"), i.clone(), h)?,
+                    up_proj: ld.column(&format!("{p}.mlp.up_proj.weight"), i.clone(), h)?,
+                    down_proj: ld.row(&format!("{p}.mlp.down_proj.weight"), h, i.clone(), &comm)?,
                 },
             });
         }
@@ -232,10 +282,10 @@ impl Llama {
         // the embedding as the output layer.
         let tied = cfg.tie_word_embeddings || !store.contains("lm_head.weight");
         let lm_head = if !tied {
-            ld.column("lm_head.weight", cfg.vocab_size, h)?
+            ld.column("lm_head.weight", plan.vocab.clone(), h)?
         } else {
             ColumnParallelLinear {
-                inner: Linear::new(embed_name, embed_w, cfg.vocab_size, h, dtype)?,
+                inner: Linear::new(embed_name, embed_w, plan.vocab.len(), h, dtype)?,
             }
         };
         let rope = Rope::new(
@@ -269,6 +319,7 @@ impl Llama {
         Ok(Self {
             embed_tokens: VocabParallelEmbedding {
                 table,
+                vocab: plan.vocab.clone(),
                 hidden: h,
                 comm: comm.clone(),
             },
@@ -277,6 +328,7 @@ impl Llama {
             lm_head,
             rope,
             comm,
+            plan,
             weight_bytes,
             cfg,
         })
@@ -304,10 +356,15 @@ impl Llama {
             self.cfg.num_layers,
             num_blocks,
             block_size,
-            self.cfg.num_kv_heads,
+            self.plan.kv_heads.len(),
             self.cfg.head_dim,
             dtype,
         )
+    }
+
+    /// This rank's share of the model.
+    pub fn plan(&self) -> &TpPlan {
+        &self.plan
     }
 
     /// Runs one step for a batch of sequences, writing their new keys and
@@ -412,20 +469,29 @@ impl Llama {
         Ok(out)
     }
 
-    /// Reassembles `[rows, vocab]` from each rank's `[rows, vocab/N]`.
+    /// Reassembles `[rows, vocab]` from each rank's `[rows, held]`: each
+    /// rank's part padded to the same width, gathered, the padding dropped.
     fn gather_vocab(&self, local: Vec<f32>, rows: usize) -> Result<Vec<f32>> {
         let n = self.comm.world_size();
         if n == 1 {
             return Ok(local);
         }
-        let all = self.comm.all_gather(&local)?;
-        let part = local.len() / rows;
-        let mut out = Vec::with_capacity(all.len());
+        let (held, part) = (self.plan.vocab.len(), self.plan.vocab_part);
+        let mut padded = Vec::with_capacity(rows * part);
         for r in 0..rows {
+            padded.extend_from_slice(&local[r * held..(r + 1) * held]);
+            padded.resize((r + 1) * part, f32::NEG_INFINITY);
+        }
+        let all = self.comm.all_gather(&padded)?;
+        let vocab = self.cfg.vocab_size;
+        let mut out = Vec::with_capacity(rows * vocab);
+        for r in 0..rows {
+            let start = out.len();
             for rank in 0..n {
-                let base = rank * rows * part + r * part;
+                let base = (rank * rows + r) * part;
                 out.extend_from_slice(&all[base..base + part]);
             }
+            out.truncate(start + vocab);
         }
         Ok(out)
     }

@@ -6,11 +6,13 @@ mod client;
 use std::net::SocketAddr;
 use std::path::PathBuf;
 use std::sync::Arc;
+use std::sync::atomic::{AtomicBool, Ordering};
 
 use anyhow::{Context, Result};
 use aquila_gateway::GatewayArgs;
 use aquila_worker::WorkerArgs;
 use aquila_worker::presets::{GgufType, Preset, WeightFormat};
+use aquila_worker::tp::{Role, TpArgs};
 use clap::{Parser, Subcommand};
 use tokio::net::TcpListener;
 
@@ -48,7 +50,12 @@ enum Command {
         #[command(flatten)]
         worker: WorkerArgs,
     },
-    /// Run a worker: load a model and serve the internal worker API.
+    /// Run a worker: load a model and serve the internal worker API. With
+    /// --tp N, as N tensor-parallel rank processes (supervised here); with
+    /// --rank, --world-size and --leader, as one rank of a group.
+    // A launcher passes its own command line on to its ranks with --listen
+    // and the rank flags appended; the last occurrence of a flag wins.
+    #[command(args_override_self = true)]
     Worker {
         /// Model to serve: a Hugging Face folder or a GGUF file.
         #[arg(long, env = "AQUILA_MODEL")]
@@ -58,6 +65,8 @@ enum Command {
         listen: SocketAddr,
         #[command(flatten)]
         worker: WorkerArgs,
+        #[command(flatten)]
+        tp: TpArgs,
     },
     /// Run the gateway: the public API in front of one or more workers.
     Gateway {
@@ -136,17 +145,8 @@ async fn dispatch(cmd: Command) -> Result<()> {
             model,
             listen,
             worker,
-        } => {
-            let state = Arc::new(
-                tokio::task::spawn_blocking(move || {
-                    aquila_worker::WorkerState::start(model, &worker)
-                })
-                .await??,
-            );
-            let listener = bind(listen, "worker").await?;
-            aquila_worker::run(listener, state, shutdown_signal()).await?;
-            Ok(())
-        }
+            tp,
+        } => run_worker(model, listen, worker, tp).await,
         Command::Gateway { listen, gateway } => {
             let config = gateway.into_config()?;
             let listener = bind(listen, "gateway").await?;
@@ -268,6 +268,60 @@ async fn serve(
     let _ = stop_tx.send(true);
     gateway_task.await??;
     worker_task.await??;
+    Ok(())
+}
+
+/// `aquila worker` in each of its roles (see `aquila_worker::tp`).
+async fn run_worker(
+    model: PathBuf,
+    listen: SocketAddr,
+    worker: WorkerArgs,
+    tp: TpArgs,
+) -> Result<()> {
+    let state = match tp.role()? {
+        Role::Single => {
+            tokio::task::spawn_blocking(move || aquila_worker::WorkerState::start(model, &worker))
+                .await??
+        }
+        Role::Launcher(n) => {
+            let stop = Arc::new(AtomicBool::new(false));
+            let flag = stop.clone();
+            tokio::spawn(async move {
+                shutdown_signal().await;
+                flag.store(true, Ordering::Relaxed);
+            });
+            tokio::task::spawn_blocking(move || aquila_worker::tp::supervise(n, listen, &stop))
+                .await??;
+            return Ok(());
+        }
+        Role::Rank {
+            rank,
+            world,
+            leader,
+        } => {
+            let op_timeout = tp.comm_timeout();
+            let comm = {
+                let tp = tp.clone();
+                tokio::task::spawn_blocking(move || {
+                    aquila_worker::tp::connect(rank, world, &leader, &tp)
+                })
+                .await??
+            };
+            if rank > 0 {
+                let e = tokio::task::spawn_blocking(move || {
+                    aquila_worker::service::run_follower(model, &worker, comm, op_timeout)
+                })
+                .await?;
+                return Err(e).context(format!("rank {rank} of {world}"));
+            }
+            tokio::task::spawn_blocking(move || {
+                aquila_worker::WorkerState::start_leader(model, &worker, comm, op_timeout)
+            })
+            .await??
+        }
+    };
+    let listener = bind(listen, "worker").await?;
+    aquila_worker::run(listener, Arc::new(state), shutdown_signal()).await?;
     Ok(())
 }
 

@@ -161,3 +161,104 @@ fn k_quant_columns_that_split_inside_a_block_are_refused() {
     );
     assert!(follower.join().unwrap().is_some());
 }
+
+/// The pid of rank `rank` among the launcher's children (started by any of
+/// its threads).
+fn rank_pid(launcher: u32, rank: usize) -> u32 {
+    let mut children = String::new();
+    for task in std::fs::read_dir(format!("/proc/{launcher}/task")).expect("the launcher's threads")
+    {
+        let path = task.unwrap().path().join("children");
+        children += &std::fs::read_to_string(path).unwrap_or_default();
+        children.push(' ');
+    }
+    let flag = format!("--rank\0{rank}\0");
+    children
+        .split_whitespace()
+        .map(|p| p.parse::<u32>().unwrap())
+        .find(|p| {
+            std::fs::read(format!("/proc/{p}/cmdline"))
+                .is_ok_and(|c| String::from_utf8_lossy(&c).contains(&flag))
+        })
+        .unwrap_or_else(|| panic!("no rank {rank} under {launcher}"))
+}
+
+async fn health(url: &str) -> Option<i32> {
+    use tonic_health::pb::HealthCheckRequest;
+    use tonic_health::pb::health_client::HealthClient;
+    let channel = tonic::transport::Endpoint::from_shared(url.to_string())
+        .ok()?
+        .connect()
+        .await
+        .ok()?;
+    let r = HealthClient::new(channel)
+        .check(HealthCheckRequest {
+            service: String::new(),
+        })
+        .await
+        .ok()?;
+    Some(r.into_inner().status)
+}
+
+async fn worker_greedy(url: &str) -> Result<Vec<u32>, tonic::Status> {
+    use aquila_proto::worker::v1::worker_client::WorkerClient;
+    use aquila_proto::worker::v1::{GenerateRequest, SamplingParams};
+    let mut c = WorkerClient::connect(url.to_string()).await.unwrap();
+    let mut stream = c
+        .generate(GenerateRequest {
+            prompt_token_ids: PROMPT.to_vec(),
+            params: Some(SamplingParams {
+                max_new_tokens: GEN as u32,
+                ignore_eos: true,
+                top_p: 1.0,
+                repetition_penalty: 1.0,
+                ..Default::default()
+            }),
+            ..Default::default()
+        })
+        .await?
+        .into_inner();
+    let mut tokens = Vec::new();
+    while let Some(event) = stream.message().await? {
+        tokens.extend(event.tokens.iter().map(|t| t.id));
+    }
+    Ok(tokens)
+}
+
+/// `aquila worker --tp 2`: two rank processes under a launcher give the
+/// unsharded model's greedy tokens. When rank 1 is killed, a request fails
+/// with UNAVAILABLE naming rank 1, health turns NOT_SERVING within 5 s, and
+/// the launcher starts the group again, which then serves the same tokens.
+#[tokio::test]
+async fn a_rank_group_serves_fails_cleanly_and_comes_back() {
+    use std::time::Instant;
+    use tonic_health::pb::health_check_response::ServingStatus;
+    let dir = tiny_model(WeightFormat::Safetensors, GgufType::F32);
+    let path = model_path(dir.path(), WeightFormat::Safetensors);
+    let (_, want) = local_greedy(&path, WeightDtype::F32, &PROMPT, GEN);
+    // One compute thread per rank: two ranks share this machine's cores.
+    let worker = common::spawn_worker(dir.path(), &["--tp", "2", "--threads", "1"]);
+    let url = worker.url();
+    common::wait_serving(&url).await;
+    assert_eq!(worker_greedy(&url).await.unwrap(), want);
+
+    let killed = Instant::now();
+    let pid = rank_pid(worker.child.id(), 1);
+    // SAFETY: kill(2) on a child of our child.
+    unsafe { libc::kill(pid as i32, libc::SIGKILL) };
+    let err = worker_greedy(&url).await.expect_err("a broken group fails");
+    assert_eq!(err.code(), tonic::Code::Unavailable, "{err:?}");
+    assert!(err.message().contains("rank 1"), "{}", err.message());
+    loop {
+        if health(&url).await == Some(ServingStatus::NotServing as i32) {
+            break;
+        }
+        assert!(
+            killed.elapsed() < Duration::from_secs(5),
+            "not NOT_SERVING within 5 s"
+        );
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    }
+    common::wait_serving(&url).await;
+    assert_eq!(worker_greedy(&url).await.unwrap(), want);
+}

@@ -18,11 +18,13 @@ use aquila_proto::worker::v1::{Finish, FinishReason, GenerateEvent, Load, Sampli
 use tokio::sync::mpsc::UnboundedSender;
 use tonic::Status;
 
+use crate::comm::Communicator;
 use crate::error::{Result, WorkerError};
 use crate::kv::{KvDtype, PagedKv};
 use crate::model::{Llama, LogitsFor, SeqInput};
 use crate::sampler::Sampler;
 use crate::scheduler::{Scheduler, SchedulerConfig, SeqId, Sequence, StepPlan};
+use crate::tp::{Control, HEARTBEAT};
 
 #[derive(Debug, Clone)]
 pub struct EngineConfig {
@@ -62,6 +64,8 @@ struct Stats {
     prefix_hit_tokens: AtomicU64,
     preemptions: AtomicU64,
     computed_tokens: AtomicU64,
+    /// Why the engine stopped, if a tensor-parallel rank failed.
+    failure: std::sync::Mutex<Option<String>>,
 }
 
 #[derive(Clone)]
@@ -72,8 +76,16 @@ pub struct EngineHandle {
 }
 
 impl EngineHandle {
-    /// Starts the engine thread; it ends when every handle is dropped.
-    pub fn start(model: Llama, eos_ids: Vec<u32>, cfg: EngineConfig) -> Result<Self> {
+    /// Starts the engine thread; it ends when every handle is dropped, or
+    /// when the tensor-parallel group breaks. `control` (the leader of a
+    /// group) carries each step to the other ranks, and a heartbeat while
+    /// idle.
+    pub fn start(
+        model: Llama,
+        eos_ids: Vec<u32>,
+        cfg: EngineConfig,
+        control: Option<Arc<dyn Communicator>>,
+    ) -> Result<Self> {
         let (tx, rx) = mpsc::channel();
         let stats = Arc::new(Stats::default());
         stats.kv_blocks_free.store(cfg.kv_blocks as u32, Relaxed);
@@ -93,6 +105,8 @@ impl EngineHandle {
             scheduler,
             active: HashMap::new(),
             next_id: 0,
+            control,
+            broken: false,
         };
         std::thread::Builder::new()
             .name("aquila-engine".into())
@@ -136,8 +150,15 @@ impl EngineHandle {
         self.tx.send(req).map_err(|_| {
             s.queued.fetch_sub(1, Relaxed);
             s.queued_tokens.fetch_sub(n, Relaxed);
-            WorkerError::EngineStopped
+            self.failure()
+                .map(WorkerError::Comm)
+                .unwrap_or(WorkerError::EngineStopped)
         })
+    }
+
+    /// Why the engine stopped serving, if it did (a rank of its group failed).
+    pub fn failure(&self) -> Option<String> {
+        self.stats.failure.lock().ok().and_then(|f| f.clone())
     }
 
     pub fn load(&self) -> Load {
@@ -177,15 +198,34 @@ struct Engine {
     scheduler: Scheduler,
     active: HashMap<SeqId, Active>,
     next_id: SeqId,
+    /// The other ranks of a tensor-parallel group, as their leader.
+    control: Option<Arc<dyn Communicator>>,
+    /// Set when the group broke: the engine stops.
+    broken: bool,
 }
 
 impl Engine {
     fn run(mut self) {
         loop {
             if self.scheduler.is_idle() {
-                match self.rx.recv() {
+                let next = match &self.control {
+                    None => self.rx.recv().map_err(|_| false),
+                    Some(_) => self
+                        .rx
+                        .recv_timeout(HEARTBEAT)
+                        .map_err(|e| matches!(e, mpsc::RecvTimeoutError::Timeout)),
+                };
+                match next {
                     Ok(r) => self.add(r),
-                    Err(_) => return,
+                    // Idle: tell the followers we are alive.
+                    Err(true) => {
+                        if let Err(e) = self.send_control(&Control::Heartbeat) {
+                            self.fail(e);
+                            return;
+                        }
+                        continue;
+                    }
+                    Err(false) => return,
                 }
             }
             while let Ok(r) = self.rx.try_recv() {
@@ -196,6 +236,9 @@ impl Engine {
             self.mark_admitted(&plan);
             if !plan.seqs.is_empty() {
                 self.step(&plan);
+                if self.broken {
+                    return;
+                }
             }
             self.publish();
         }
@@ -272,6 +315,10 @@ impl Engine {
                 table: &seq.table,
             });
         }
+        if let Err(e) = self.send_control(&Control::step(&inputs)) {
+            drop(inputs);
+            return self.fail(e);
+        }
         // A panic in model code fails this step's requests, not the engine.
         let (model, kv) = (&self.model, &mut self.kv);
         let result = std::panic::catch_unwind(std::panic::AssertUnwindSafe(|| {
@@ -281,6 +328,8 @@ impl Engine {
         drop(inputs);
         let logits = match result {
             Ok(l) => l,
+            // A rank failed during the step: the group is broken.
+            Err(e @ WorkerError::Comm(_)) => return self.fail(e),
             Err(e) => {
                 tracing::error!(error = %e, "step failed; failing its requests");
                 for s in &plan.seqs {
@@ -312,6 +361,40 @@ impl Engine {
         for (id, token) in sampled {
             self.deliver(id, token);
         }
+    }
+
+    fn send_control(&self, msg: &Control) -> Result<()> {
+        match &self.control {
+            Some(c) => c.broadcast(&mut msg.encode(), 0),
+            None => Ok(()),
+        }
+    }
+
+    /// The tensor-parallel group broke: every request in flight gets
+    /// UNAVAILABLE with the reason (which names the rank), the failure is
+    /// published for health checks, and the engine stops; submits are
+    /// refused from now on.
+    fn fail(&mut self, e: WorkerError) {
+        let reason = match e {
+            WorkerError::Comm(m) => format!("the tensor-parallel group failed: {m}"),
+            e => format!("the tensor-parallel group failed: {e}"),
+        };
+        tracing::error!("{reason}; failing {} requests", self.active.len());
+        if let Ok(mut f) = self.stats.failure.lock() {
+            *f = Some(reason.clone());
+        }
+        let queued = self.rx.try_iter().collect::<Vec<_>>();
+        for events in self
+            .active
+            .drain()
+            .map(|(_, a)| a.req.events)
+            .chain(queued.into_iter().map(|r| r.events))
+        {
+            let _ = events.send(Err(Status::unavailable(reason.clone())));
+        }
+        self.stats.running.store(0, Relaxed);
+        self.stats.queued.store(0, Relaxed);
+        self.broken = true;
     }
 
     /// Sends a sampled token to its client and ends the sequence if done.

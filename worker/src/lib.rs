@@ -19,6 +19,7 @@ pub mod sampler;
 pub mod scheduler;
 pub mod service;
 pub mod tokenizer;
+pub mod tp;
 pub mod weights;
 
 pub use error::{Result, WorkerError};

@@ -6,7 +6,7 @@
 use std::future::Future;
 use std::path::PathBuf;
 use std::sync::Arc;
-use std::time::Instant;
+use std::time::{Duration, Instant};
 
 use aquila_proto::worker::v1::worker_server::{Worker, WorkerServer};
 use aquila_proto::worker::v1::{
@@ -18,7 +18,8 @@ use tokio_stream::wrappers::UnboundedReceiverStream;
 use tonic::transport::server::TcpIncoming;
 use tonic::{Request, Response, Status};
 
-use crate::comm::SingleRank;
+use crate::comm::tcp::TcpComm;
+use crate::comm::{Communicator, SingleRank};
 use crate::engine::{EngineConfig, EngineHandle};
 use crate::error::{Result, WorkerError};
 use crate::kv::KvDtype;
@@ -96,6 +97,85 @@ fn keep_freed_memory() {
     }
 }
 
+/// Checks the engine flags, loads this rank's share of `model` (all of it
+/// for a group of one) and sizes its KV pool: `--kv-cache-mib` per rank,
+/// for the KV heads this rank holds, so every rank of a group gets the same
+/// number of blocks.
+fn load_rank(
+    model: &std::path::Path,
+    args: &WorkerArgs,
+    comm: Arc<dyn Communicator>,
+) -> Result<(loader::LoadedModel, usize)> {
+    init_threads(args.threads);
+    for (flag, value) in [
+        ("--kv-block-size", args.kv_block_size),
+        ("--max-running", args.max_running),
+        ("--max-batch-tokens", args.max_batch_tokens),
+    ] {
+        if value == 0 {
+            return Err(WorkerError::Config(format!("{flag} = 0 must be positive")));
+        }
+    }
+    let max_block = crate::model::attention::MAX_BLOCK_SIZE;
+    if args.kv_block_size > max_block {
+        return Err(WorkerError::Config(format!(
+            "--kv-block-size = {} exceeds the limit of {max_block} tokens",
+            args.kv_block_size
+        )));
+    }
+    let opts = LoadOptions {
+        dtype: args.dtype,
+        name: args.served_model_name.clone(),
+    };
+    let loaded = loader::load(model, &opts, comm)?;
+    let cfg = loaded.model.config();
+    let held = loaded.model.plan().kv_heads.len();
+    let block_bytes =
+        cfg.kv_bytes_per_token(args.kv_cache_dtype) * held / cfg.num_kv_heads * args.kv_block_size;
+    let kv_blocks = args
+        .kv_cache_blocks
+        .unwrap_or(args.kv_cache_mib * 1024 * 1024 / block_bytes);
+    if kv_blocks == 0 {
+        return Err(WorkerError::Config(format!(
+            "the KV cache holds no block: --kv-cache-mib {} is less than one block of {} tokens ({block_bytes} bytes)",
+            args.kv_cache_mib, args.kv_block_size
+        )));
+    }
+    tracing::info!(
+        "KV cache: {kv_blocks} blocks of {} tokens, {} ({:.1} MiB)",
+        args.kv_block_size,
+        args.kv_cache_dtype.label(),
+        (kv_blocks * block_bytes) as f64 / (1024.0 * 1024.0)
+    );
+    Ok((loaded, kv_blocks))
+}
+
+/// Every rank has loaded (the startup deadline still applies); from now on
+/// an operation has `op_timeout`.
+fn ready(comm: &TcpComm, op_timeout: Duration) -> Result<()> {
+    comm.barrier()?;
+    comm.set_timeout(op_timeout)
+}
+
+/// A follower rank: loads its shard and runs the leader's steps until the
+/// group breaks. Blocking; returns only with the error that broke it.
+pub fn run_follower(
+    model: PathBuf,
+    args: &WorkerArgs,
+    comm: Arc<TcpComm>,
+    op_timeout: Duration,
+) -> WorkerError {
+    let run = || -> Result<()> {
+        let (loaded, kv_blocks) = load_rank(&model, args, comm.clone())?;
+        ready(&comm, op_timeout)?;
+        crate::tp::follow(&loaded.model, kv_blocks, args, &comm)
+    };
+    match run() {
+        Ok(()) => WorkerError::Comm("the group ended".into()),
+        Err(e) => e,
+    }
+}
+
 /// A loaded model with its engine, ready to serve.
 pub struct WorkerState {
     info: ModelInfo,
@@ -105,45 +185,31 @@ pub struct WorkerState {
 impl WorkerState {
     /// Loads the model and starts the engine thread. Blocking.
     pub fn start(model: PathBuf, args: &WorkerArgs) -> Result<Self> {
-        init_threads(args.threads);
-        for (flag, value) in [
-            ("--kv-block-size", args.kv_block_size),
-            ("--max-running", args.max_running),
-            ("--max-batch-tokens", args.max_batch_tokens),
-        ] {
-            if value == 0 {
-                return Err(WorkerError::Config(format!("{flag} = 0 must be positive")));
-            }
-        }
-        let max_block = crate::model::attention::MAX_BLOCK_SIZE;
-        if args.kv_block_size > max_block {
-            return Err(WorkerError::Config(format!(
-                "--kv-block-size = {} exceeds the limit of {max_block} tokens",
-                args.kv_block_size
-            )));
-        }
-        let opts = LoadOptions {
-            dtype: args.dtype,
-            name: args.served_model_name.clone(),
-        };
-        let loaded = loader::load(&model, &opts, Arc::new(SingleRank))?;
+        let (loaded, kv_blocks) = load_rank(&model, args, Arc::new(SingleRank))?;
+        Self::with_engine(loaded, kv_blocks, args, None)
+    }
+
+    /// Rank 0 of a tensor-parallel group: loads its shard and starts the
+    /// engine, which sends each step to the other ranks through `comm`.
+    pub fn start_leader(
+        model: PathBuf,
+        args: &WorkerArgs,
+        comm: Arc<TcpComm>,
+        op_timeout: Duration,
+    ) -> Result<Self> {
+        let (loaded, kv_blocks) = load_rank(&model, args, comm.clone())?;
+        ready(&comm, op_timeout)?;
+        Self::with_engine(loaded, kv_blocks, args, Some(comm))
+    }
+
+    fn with_engine(
+        loaded: loader::LoadedModel,
+        kv_blocks: usize,
+        args: &WorkerArgs,
+        control: Option<Arc<TcpComm>>,
+    ) -> Result<Self> {
         let cfg = loaded.model.config().clone();
-        let block_bytes = cfg.kv_bytes_per_token(args.kv_cache_dtype) * args.kv_block_size;
-        let kv_blocks = args
-            .kv_cache_blocks
-            .unwrap_or(args.kv_cache_mib * 1024 * 1024 / block_bytes);
-        if kv_blocks == 0 {
-            return Err(WorkerError::Config(format!(
-                "the KV cache holds no block: --kv-cache-mib {} is less than one block of {} tokens ({block_bytes} bytes)",
-                args.kv_cache_mib, args.kv_block_size
-            )));
-        }
-        tracing::info!(
-            "KV cache: {kv_blocks} blocks of {} tokens, {} ({:.1} MiB)",
-            args.kv_block_size,
-            args.kv_cache_dtype.label(),
-            (kv_blocks * block_bytes) as f64 / (1024.0 * 1024.0)
-        );
+        let world = control.as_ref().map_or(1, |c| c.world_size());
         let tok = &loaded.tokenizer;
         let info = ModelInfo {
             name: loaded.name.clone(),
@@ -151,7 +217,7 @@ impl WorkerState {
             context_length: cfg.context_length as u32,
             vocab_size: cfg.vocab_size as u32,
             dtype: loaded.dtype.clone(),
-            tensor_parallel_size: 1,
+            tensor_parallel_size: world as u32,
             tokenizer_json: tok
                 .tokenizer
                 .to_string(false)
@@ -175,6 +241,7 @@ impl WorkerState {
                 kv_blocks,
                 kv_dtype: args.kv_cache_dtype,
             },
+            control.map(|c| c as Arc<dyn Communicator>),
         )?;
         Ok(Self { info, engine })
     }
@@ -292,12 +359,18 @@ impl Worker for WorkerService {
     }
 }
 
-/// Serves `state` on `listener` until `shutdown` resolves.
+/// Serves `state` on `listener` until `shutdown` resolves. If the engine
+/// stops because a tensor-parallel rank failed, health turns NOT_SERVING at
+/// once, the server keeps answering (UNAVAILABLE) for `FAILED_GRACE`, so
+/// that health checks see it, and then returns the failure: the process
+/// exits non-zero and its supervisor (the launcher, or Kubernetes)
+/// restarts the group.
 pub async fn run(
     listener: TcpListener,
     state: Arc<WorkerState>,
     shutdown: impl Future<Output = ()> + Send + 'static,
 ) -> Result<()> {
+    const FAILED_GRACE: Duration = Duration::from_secs(2);
     let (reporter, health) = tonic_health::server::health_reporter();
     reporter.set_serving::<WorkerServer<WorkerService>>().await;
     reporter
@@ -313,6 +386,29 @@ pub async fn run(
         .register_encoded_file_descriptor_set(tonic_health::pb::FILE_DESCRIPTOR_SET)
         .build_v1alpha()
         .map_err(|e| WorkerError::Config(format!("reflection: {e}")))?;
+    let watched = state.clone();
+    let failed = async move {
+        loop {
+            if let Some(reason) = watched.engine.failure() {
+                reporter
+                    .set_not_serving::<WorkerServer<WorkerService>>()
+                    .await;
+                reporter
+                    .set_service_status("", tonic_health::ServingStatus::NotServing)
+                    .await;
+                tokio::time::sleep(FAILED_GRACE).await;
+                return reason;
+            }
+            tokio::time::sleep(Duration::from_millis(100)).await;
+        }
+    };
+    let (failure_tx, failure_rx) = tokio::sync::oneshot::channel();
+    let stop = async move {
+        tokio::select! {
+            _ = shutdown => {}
+            reason = failed => { let _ = failure_tx.send(reason); }
+        }
+    };
     tonic::transport::Server::builder()
         .add_service(health)
         .add_service(reflection_v1)
@@ -320,10 +416,10 @@ pub async fn run(
         .add_service(WorkerServer::new(WorkerService { state }))
         // Tokens are small writes: without TCP_NODELAY, Nagle and delayed ACKs
         // hold them back ~40 ms.
-        .serve_with_incoming_shutdown(
-            TcpIncoming::from(listener).with_nodelay(Some(true)),
-            shutdown,
-        )
+        .serve_with_incoming_shutdown(TcpIncoming::from(listener).with_nodelay(Some(true)), stop)
         .await?;
-    Ok(())
+    match failure_rx.await {
+        Ok(reason) => Err(WorkerError::Comm(reason)),
+        Err(_) => Ok(()),
+    }
 }

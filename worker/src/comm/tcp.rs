@@ -22,7 +22,6 @@ use crate::error::{Result, WorkerError};
 pub struct TcpComm {
     rank: usize,
     world: usize,
-    timeout: Duration,
     /// The leader: one stream per follower, index r - 1. A follower: one
     /// stream, to the leader.
     links: Mutex<Links>,
@@ -90,7 +89,6 @@ impl TcpComm {
         Ok(Self {
             rank: 0,
             world,
-            timeout,
             links: Mutex::new(Links {
                 streams: slots.into_iter().map(|s| s.expect("all joined")).collect(),
                 seq: 0,
@@ -126,7 +124,6 @@ impl TcpComm {
         Ok(Self {
             rank,
             world,
-            timeout,
             links: Mutex::new(Links {
                 streams: vec![stream],
                 seq: 0,
@@ -169,8 +166,13 @@ impl TcpComm {
         }
     }
 
-    pub fn timeout(&self) -> Duration {
-        self.timeout
+    /// The deadline of every later read and write (a long one while the
+    /// ranks load the model, a short one once they serve).
+    pub fn set_timeout(&self, timeout: Duration) -> Result<()> {
+        for s in &self.lock()?.streams {
+            configure(s, timeout)?;
+        }
+        Ok(())
     }
 }
 

@@ -300,7 +300,7 @@ async fn run_worker(
             leader,
         } => {
             let op_timeout = tp.comm_timeout();
-            let comm = {
+            let group = {
                 let tp = tp.clone();
                 tokio::task::spawn_blocking(move || {
                     aquila_worker::tp::connect(rank, world, &leader, &tp)
@@ -309,13 +309,13 @@ async fn run_worker(
             };
             if rank > 0 {
                 let e = tokio::task::spawn_blocking(move || {
-                    aquila_worker::service::run_follower(model, &worker, comm, op_timeout)
+                    aquila_worker::service::run_follower(model, &worker, group, op_timeout)
                 })
                 .await?;
                 return Err(e).context(format!("rank {rank} of {world}"));
             }
             tokio::task::spawn_blocking(move || {
-                aquila_worker::WorkerState::start_leader(model, &worker, comm, op_timeout)
+                aquila_worker::WorkerState::start_leader(model, &worker, group, op_timeout)
             })
             .await??
         }

@@ -26,5 +26,8 @@ echo "    $AQUILA_DEMO_MODEL"
 echo "==> tests"
 cargo test --release --locked --workspace "$@"
 
+echo "==> the cuda feature (builds with no CUDA toolkit; its CPU-runnable tests)"
+cargo test --release --locked -p aquila-worker --features cuda --lib comm::
+
 echo "==> kernel bench (smoke: every path this machine runs, briefly)"
 AQUILA_BENCH_QUICK=1 cargo bench --locked -p aquila-worker --bench kernels > /dev/null

@@ -1,8 +1,11 @@
 //! The communicator between the ranks of one tensor-parallel group. Layers
 //! call it where sharding needs it (row-parallel outputs are all-reduced,
 //! vocabulary-parallel logits gathered). World size 1 is a no-op
-//! ([`SingleRank`]); between processes on CPU, [`tcp::TcpComm`].
+//! ([`SingleRank`]); between processes on CPU, [`tcp::TcpComm`]; between
+//! GPUs, NCCL ([`nccl::NcclComm`], feature `cuda`).
 
+#[cfg(feature = "cuda")]
+pub mod nccl;
 pub mod tcp;
 
 use crate::error::Result;

@@ -25,6 +25,7 @@ use crate::error::{Result, WorkerError};
 use crate::kv::KvDtype;
 use crate::loader::{self, LoadOptions};
 use crate::model::WeightDtype;
+use crate::tp::Group;
 
 /// How a worker loads its model and runs its engine.
 #[derive(clap::Args, Debug, Clone)]
@@ -162,13 +163,13 @@ fn ready(comm: &TcpComm, op_timeout: Duration) -> Result<()> {
 pub fn run_follower(
     model: PathBuf,
     args: &WorkerArgs,
-    comm: Arc<TcpComm>,
+    group: Group,
     op_timeout: Duration,
 ) -> WorkerError {
     let run = || -> Result<()> {
-        let (loaded, kv_blocks) = load_rank(&model, args, comm.clone())?;
-        ready(&comm, op_timeout)?;
-        crate::tp::follow(&loaded.model, kv_blocks, args, &comm)
+        let (loaded, kv_blocks) = load_rank(&model, args, group.collectives.clone())?;
+        ready(&group.control, op_timeout)?;
+        crate::tp::follow(&loaded.model, kv_blocks, args, &group.control)
     };
     match run() {
         Ok(()) => WorkerError::Comm("the group ended".into()),
@@ -190,16 +191,17 @@ impl WorkerState {
     }
 
     /// Rank 0 of a tensor-parallel group: loads its shard and starts the
-    /// engine, which sends each step to the other ranks through `comm`.
+    /// engine, which sends each step to the other ranks over the group's
+    /// control plane.
     pub fn start_leader(
         model: PathBuf,
         args: &WorkerArgs,
-        comm: Arc<TcpComm>,
+        group: Group,
         op_timeout: Duration,
     ) -> Result<Self> {
-        let (loaded, kv_blocks) = load_rank(&model, args, comm.clone())?;
-        ready(&comm, op_timeout)?;
-        Self::with_engine(loaded, kv_blocks, args, Some(comm))
+        let (loaded, kv_blocks) = load_rank(&model, args, group.collectives.clone())?;
+        ready(&group.control, op_timeout)?;
+        Self::with_engine(loaded, kv_blocks, args, Some(group.control))
     }
 
     fn with_engine(

@@ -55,6 +55,25 @@ pub struct TpArgs {
     /// Deadline for every rank to join and load the model, in seconds.
     #[arg(long, env = "AQUILA_STARTUP_TIMEOUT_S", default_value_t = 600)]
     pub startup_timeout_s: u64,
+    /// What carries the model's all-reduces and gathers: TCP (any machine)
+    /// or NCCL (rank r on GPU r; builds with `--features cuda`). The
+    /// control plane is TCP either way.
+    #[arg(long, env = "AQUILA_COLLECTIVES", value_enum, default_value = "tcp")]
+    pub collectives: Collectives,
+}
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq, clap::ValueEnum)]
+pub enum Collectives {
+    Tcp,
+    Nccl,
+}
+
+/// A rank's links to its group: the control plane (steps, heartbeats, the
+/// startup barrier) and the model's collectives (the same TCP links, or
+/// NCCL).
+pub struct Group {
+    pub control: Arc<TcpComm>,
+    pub collectives: Arc<dyn Communicator>,
 }
 
 /// What this process is.
@@ -74,6 +93,9 @@ pub enum Role {
 impl TpArgs {
     pub fn role(&self) -> Result<Role> {
         let bad = |m: String| Err(WorkerError::Config(m));
+        if self.collectives == Collectives::Nccl && !cfg!(feature = "cuda") {
+            return bad("--collectives nccl needs a build with --features cuda".into());
+        }
         match (self.rank, self.world_size, &self.leader) {
             (None, None, None) => match self.tp {
                 0 => bad("--tp = 0 must be at least 1".into()),
@@ -109,21 +131,31 @@ impl TpArgs {
 }
 
 /// Joins (rank > 0) or forms (rank 0, listening on `leader`) the group.
-pub fn connect(rank: usize, world: usize, leader: &str, args: &TpArgs) -> Result<Arc<TcpComm>> {
+pub fn connect(rank: usize, world: usize, leader: &str, args: &TpArgs) -> Result<Group> {
     let addr: SocketAddr = leader
         .to_socket_addrs()
         .map_err(|e| WorkerError::Config(format!("--leader = {leader}: {e}")))?
         .next()
         .ok_or_else(|| WorkerError::Config(format!("--leader = {leader} has no address")))?;
-    let comm = if rank == 0 {
+    let control = Arc::new(if rank == 0 {
         let listener = TcpListener::bind(addr)
             .map_err(|e| WorkerError::io(format!("listening for ranks on {addr}"), e))?;
         TcpComm::lead(listener, world, args.startup_timeout())?
     } else {
         TcpComm::join(addr, rank, world, args.startup_timeout())?
+    });
+    tracing::info!(rank, world, %addr, collectives = ?args.collectives, "joined the tensor-parallel group");
+    let collectives: Arc<dyn Communicator> = match args.collectives {
+        Collectives::Tcp => control.clone(),
+        #[cfg(feature = "cuda")]
+        Collectives::Nccl => Arc::new(crate::comm::nccl::NcclComm::new(&control, rank)?),
+        #[cfg(not(feature = "cuda"))]
+        Collectives::Nccl => unreachable!("refused by TpArgs::role"),
     };
-    tracing::info!(rank, world, %addr, "joined the tensor-parallel group");
-    Ok(Arc::new(comm))
+    Ok(Group {
+        control,
+        collectives,
+    })
 }
 
 /// The leader's messages to the followers.

@@ -284,6 +284,7 @@ async fn run_worker(
                 .await??
         }
         Role::Launcher(n) => {
+            aquila_worker::tp::check_layout(&model, n)?;
             let stop = Arc::new(AtomicBool::new(false));
             let flag = stop.clone();
             tokio::spawn(async move {

@@ -27,6 +27,9 @@ echo "==> tests"
 cargo test --release --locked --workspace "$@"
 
 echo "==> the cuda feature (builds with no CUDA toolkit; its CPU-runnable tests)"
+# A target folder of its own, so the default binary above stays as it is.
+cargo build --release --locked --features cuda --bins \
+    --target-dir "${CARGO_TARGET_DIR:-target}/cuda"
 cargo test --release --locked -p aquila-worker --features cuda --lib comm::
 
 echo "==> kernel bench (smoke: every path this machine runs, briefly)"

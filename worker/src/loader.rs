@@ -43,6 +43,25 @@ pub struct LoadOptions {
     pub name: Option<String>,
 }
 
+/// The model's shape alone (a GGUF header or `config.json`), without its
+/// weights: what a launcher checks before it starts ranks.
+pub fn read_config(path: &Path) -> Result<ModelConfig> {
+    if path.is_file() && path.extension().is_some_and(|e| e == "gguf") {
+        let store = WeightStore::open_gguf(path)?;
+        let content = store
+            .gguf_content()
+            .ok_or_else(|| WorkerError::load(path, "not a GGUF file"))?;
+        ModelConfig::from_gguf(content)
+    } else if path.is_dir() {
+        HfConfig::read(&path.join("config.json"))?.into_runtime()
+    } else {
+        Err(WorkerError::load(
+            path,
+            "not a Hugging Face model folder or a .gguf file",
+        ))
+    }
+}
+
 pub fn load(path: &Path, opts: &LoadOptions, comm: Arc<dyn Communicator>) -> Result<LoadedModel> {
     let started = Instant::now();
     let is_gguf = path.is_file() && path.extension().is_some_and(|e| e == "gguf");

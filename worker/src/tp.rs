@@ -158,6 +158,23 @@ pub fn connect(rank: usize, world: usize, leader: &str, args: &TpArgs) -> Result
     })
 }
 
+/// Refuses, before any rank starts, a model that `n` ranks cannot split
+/// (the same checks every rank makes at load, with the same messages).
+pub fn check_layout(model: &std::path::Path, n: usize) -> Result<()> {
+    let cfg = crate::loader::read_config(model)?;
+    crate::model::TpPlan::new(
+        crate::model::Shard {
+            rank: n - 1,
+            world_size: n,
+        },
+        cfg.num_heads,
+        cfg.num_kv_heads,
+        cfg.intermediate_size,
+        cfg.vocab_size,
+    )
+    .map(|_| ())
+}
+
 /// The leader's messages to the followers.
 #[derive(Debug, PartialEq)]
 pub enum Control {

@@ -372,9 +372,9 @@ mod tests {
 
     #[test]
     fn impossible_splits_name_both_numbers() {
-        let err = plan(0, 3).unwrap_err().to_string();
+        let err = plan(0, 5).unwrap_err().to_string();
         assert!(
-            err.contains("num_attention_heads = 32 is not divisible by the tensor-parallel size 3"),
+            err.contains("num_attention_heads = 32 is not divisible by the tensor-parallel size 5"),
             "{err}"
         );
         let err = TpPlan::new(

@@ -479,3 +479,44 @@ fn impossible_layouts_fail_at_start_naming_the_numbers() {
         assert!(stderr.contains(message), "--tp {tp}: {stderr}");
     }
 }
+
+/// A rank's slice, read from the file, equals the same slice of the whole
+/// tensor, bit for bit, in every format (rows and columns).
+#[test]
+fn slices_read_from_every_format_equal_the_whole_tensor() {
+    use aquila_worker::weights::{Weight, WeightStore};
+    use candle_core::{DType, Device, Tensor};
+    let dense = |w: Weight| match w {
+        Weight::Dense(t) => t,
+        Weight::Quantized(q) => q.dequantize(&Device::Cpu).unwrap(),
+    };
+    let values = |t: Tensor| -> Vec<f32> {
+        t.to_dtype(DType::F32)
+            .unwrap()
+            .flatten_all()
+            .unwrap()
+            .to_vec1()
+            .unwrap()
+    };
+    for (format, gguf) in [
+        (WeightFormat::Safetensors, GgufType::F32),
+        (WeightFormat::BinSharded, GgufType::F32),
+        (WeightFormat::Gguf, GgufType::Q8_0),
+    ] {
+        let dir = tiny_model(format, gguf);
+        let path = model_path(dir.path(), format);
+        let store = if format == WeightFormat::Gguf {
+            WeightStore::open_gguf(&path).unwrap()
+        } else {
+            WeightStore::open_hf(&path).unwrap()
+        };
+        let name = "model.layers.1.mlp.down_proj.weight";
+        let whole = dense(store.get(name).unwrap());
+        for (dim, range) in [(0, 96..160), (1, 128..384)] {
+            let part = dense(store.get_slice(name, dim, range.clone()).unwrap());
+            let want = whole.narrow(dim, range.start, range.len()).unwrap();
+            assert_eq!(part.dims(), want.dims(), "{format:?} dim {dim}");
+            assert_eq!(values(part), values(want), "{format:?} dim {dim}");
+        }
+    }
+}

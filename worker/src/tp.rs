@@ -313,6 +313,7 @@ pub fn supervise(n: usize, listen: SocketAddr, stop: &std::sync::atomic::AtomicB
     };
     let mut restarts = 0u32;
     loop {
+        let started = Instant::now();
         let leader = free_port(std::net::Ipv4Addr::LOCALHOST.into())?;
         let mut ranks: Vec<Child> = Vec::with_capacity(n);
         for rank in 0..n {
@@ -375,6 +376,11 @@ pub fn supervise(n: usize, listen: SocketAddr, stop: &std::sync::atomic::AtomicB
         match failed {
             None => return Ok(()),
             Some((rank, status)) => {
+                // The pause grows while the group keeps failing, and starts
+                // again from the shortest once it has run for a while.
+                if started.elapsed() > Duration::from_secs(60) {
+                    restarts = 0;
+                }
                 restarts += 1;
                 let pause = Duration::from_millis(500 * u64::from(restarts.min(10)));
                 tracing::error!(

@@ -39,6 +39,8 @@ pub enum WeightStore {
     Safetensors(MmapedSafetensors),
     Pth {
         files: Vec<PthTensors>,
+        /// The files' paths, index-aligned with `files`.
+        paths: Vec<PathBuf>,
         /// Tensor name → index into `files`.
         index: HashMap<String, usize>,
     },
@@ -123,7 +125,11 @@ impl WeightStore {
                 }
                 files.push(f);
             }
-            return Ok(Self::Pth { files, index });
+            return Ok(Self::Pth {
+                files,
+                paths,
+                index,
+            });
         }
         Err(WorkerError::load(
             dir,
@@ -172,7 +178,7 @@ impl WeightStore {
         };
         match self {
             Self::Safetensors(st) => Ok(Weight::Dense(st.load(name, &Device::Cpu).map_err(werr)?)),
-            Self::Pth { files, index } => {
+            Self::Pth { files, index, .. } => {
                 let file = index.get(name).ok_or_else(missing)?;
                 let t = files[*file].get(name).map_err(werr)?.ok_or_else(missing)?;
                 Ok(Weight::Dense(t))
@@ -198,10 +204,9 @@ impl WeightStore {
 
     /// Rows (`dim` 0) or columns (`dim` 1) `range` of the 2-D tensor `name`:
     /// a tensor-parallel rank's slice. Safetensors and GGUF read only the
-    /// slice's bytes (safetensors from the memory map, GGUF with seeks); a
-    /// PyTorch `.bin` tensor is read whole and then cut, one at a time. A
-    /// GGUF block-quantized tensor is cut along its columns only at block
-    /// boundaries.
+    /// slice's bytes: safetensors from the memory map, GGUF and PyTorch
+    /// `.bin` (an uncompressed zip) with seeks. A GGUF block-quantized tensor
+    /// is cut along its columns only at block boundaries.
     pub fn get_slice(&self, name: &str, dim: usize, range: Range<usize>) -> Result<Weight> {
         let werr = |source| WorkerError::Weight {
             name: name.to_string(),
@@ -247,14 +252,57 @@ impl WeightStore {
                     Tensor::from_raw_buffer(&bytes, dtype, &shape, &Device::Cpu).map_err(werr)?;
                 Ok(Weight::Dense(t))
             }
-            Self::Pth { .. } => {
-                let Weight::Dense(t) = self.get(name)? else {
-                    unreachable!("a .bin holds float tensors")
+            Self::Pth {
+                files,
+                paths,
+                index,
+            } => {
+                let file = *index
+                    .get(name)
+                    .ok_or_else(|| msg("not in the checkpoint".into()))?;
+                let info = files[file]
+                    .tensor_infos()
+                    .get(name)
+                    .ok_or_else(|| msg("not in the checkpoint".into()))?;
+                let (rows, cols) = check(info.layout.dims())?;
+                let elem = info.dtype.size_in_bytes();
+                if !info.layout.is_contiguous() {
+                    return Err(msg("a strided tensor in the .bin; cannot slice it".into()));
+                }
+                // PyTorch stores its zip entries uncompressed: seek to the
+                // slice's rows instead of reading the whole tensor.
+                let path = &paths[file];
+                let io = |e: std::io::Error| {
+                    WorkerError::io(format!("reading {name} from {}", path.display()), e)
                 };
-                check(t.dims())?;
-                let t = t
-                    .narrow(dim, range.start, range.len())
-                    .and_then(|t| t.contiguous())
+                let zerr = |e: zip::result::ZipError| WorkerError::load(path, e);
+                let reader = std::io::BufReader::new(File::open(path).map_err(io)?);
+                let mut zip = zip::ZipArchive::new(reader).map_err(zerr)?;
+                let mut entry = zip.by_name_seek(&info.path).map_err(zerr)?;
+                let base = (info.layout.start_offset() * elem) as u64;
+                let mut read = |at: usize, len: usize| -> Result<Vec<u8>> {
+                    let mut buf = vec![0u8; len];
+                    entry
+                        .seek(SeekFrom::Start(base + at as u64))
+                        .and_then(|_| entry.read_exact(&mut buf))
+                        .map_err(io)?;
+                    Ok(buf)
+                };
+                let row_bytes = cols * elem;
+                let (bytes, shape) = if dim == 0 {
+                    let b = read(range.start * row_bytes, range.len() * row_bytes)?;
+                    (b, [range.len(), cols])
+                } else {
+                    let mut b = Vec::with_capacity(rows * range.len() * elem);
+                    for r in 0..rows {
+                        b.extend(read(
+                            r * row_bytes + range.start * elem,
+                            range.len() * elem,
+                        )?);
+                    }
+                    (b, [rows, range.len()])
+                };
+                let t = Tensor::from_raw_buffer(&bytes, info.dtype, &shape, &Device::Cpu)
                     .map_err(werr)?;
                 Ok(Weight::Dense(t))
             }

@@ -291,8 +291,11 @@ async fn run_worker(
                 shutdown_signal().await;
                 flag.store(true, Ordering::Relaxed);
             });
-            tokio::task::spawn_blocking(move || aquila_worker::tp::supervise(n, listen, &stop))
-                .await??;
+            let threads = worker.threads;
+            tokio::task::spawn_blocking(move || {
+                aquila_worker::tp::supervise(n, listen, threads, &stop)
+            })
+            .await??;
             return Ok(());
         }
         Role::Rank {

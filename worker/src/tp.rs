@@ -299,9 +299,15 @@ pub fn follow(
 
 /// The launcher: runs `n` ranks of this very command line on this host,
 /// rank 0 on `listen` (a fixed port, so it stays the same across
-/// restarts), and starts the group again whenever a rank exits. Returns
+/// restarts), each with `threads` compute threads (0: the cores divided
+/// among the ranks), and starts the group again whenever a rank exits. Returns
 /// when `stop` is set (SIGTERM), after stopping the ranks.
-pub fn supervise(n: usize, listen: SocketAddr, stop: &std::sync::atomic::AtomicBool) -> Result<()> {
+pub fn supervise(
+    n: usize,
+    listen: SocketAddr,
+    threads: usize,
+    stop: &std::sync::atomic::AtomicBool,
+) -> Result<()> {
     use std::process::{Child, Command};
     use std::sync::atomic::Ordering;
     let exe = std::env::current_exe().map_err(|e| WorkerError::io("finding this binary", e))?;
@@ -310,6 +316,14 @@ pub fn supervise(n: usize, listen: SocketAddr, stop: &std::sync::atomic::AtomicB
         free_port(listen.ip())?
     } else {
         listen
+    };
+    // Ranks share this host's cores: without --threads, each gets its
+    // share, not one thread per core (their spinning pools would fight).
+    let threads = match threads {
+        0 => std::thread::available_parallelism()
+            .map_or(1, |c| c.get() / n)
+            .max(1),
+        t => t,
     };
     let mut restarts = 0u32;
     loop {
@@ -332,6 +346,7 @@ pub fn supervise(n: usize, listen: SocketAddr, stop: &std::sync::atomic::AtomicB
                 .args(&args)
                 .arg("--listen")
                 .arg(listen.to_string())
+                .args(["--threads", &threads.to_string()])
                 .args(["--rank", &rank.to_string(), "--world-size", &n.to_string()])
                 .arg("--leader")
                 .arg(leader.to_string())

@@ -253,3 +253,49 @@ fn an_oversized_kv_block_is_refused_at_start() {
         "{stderr}"
     );
 }
+
+/// The engine over a tensor-parallel group (2 rank processes): chunked
+/// prefill, prefix-cache hits and preemption happen on the leader's blocks,
+/// and the followers' KV shards must follow them exactly. Every request
+/// gets the tokens a single worker gives it.
+#[tokio::test]
+async fn two_ranks_prefill_in_chunks_share_prefixes_preempt_and_agree_with_one() {
+    let flags = [
+        "--kv-cache-blocks",
+        "24",
+        "--max-running",
+        "12",
+        "--max-batch-tokens",
+        "48",
+        "--threads",
+        "1",
+    ];
+    let shared: Vec<u32> = (0..40).map(|j| 32 + (j * 11 % 90) as u32).collect();
+    let reqs: Vec<_> = (0..12)
+        .map(|i| {
+            let p = if i % 2 == 0 {
+                [shared.as_slice(), &prompt(i)[..3]].concat()
+            } else {
+                prompt(i)
+            };
+            request(p, 30, None)
+        })
+        .collect();
+    let mut answers = Vec::new();
+    let mut loads = Vec::new();
+    for tp in [&[][..], &["--tp", "2"][..]] {
+        let s = tiny_stack(&[&flags[..], tp].concat()).await;
+        let got: Vec<Vec<u32>> = run_all(&s.client, reqs.clone())
+            .await
+            .into_iter()
+            .map(|r| r.unwrap())
+            .collect();
+        answers.push(got);
+        loads.push(load(&s).await);
+    }
+    assert_eq!(answers[1], answers[0]);
+    let l = &loads[1];
+    assert!(l.preemptions_total > 0, "nothing was preempted: {l:?}");
+    assert!(l.prefix_cache_hit_tokens_total > 0, "no prefix hit: {l:?}");
+    assert_eq!(l.kv_blocks_free, l.kv_blocks_total, "blocks leaked: {l:?}");
+}

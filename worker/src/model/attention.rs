@@ -8,10 +8,11 @@
 //! merged in order. The chunks depend on the sequence alone, so a query's
 //! arithmetic is the same whatever else is in the batch, and the same
 //! whether its chunks ran one after another or side by side:
-//! - a decoding sequence (one query) is split into one job per chunk, all
-//!   heads at once: every thread has work even for a single long sequence,
-//!   and a job reads each block's keys and values for all heads as one
-//!   contiguous run, which the hardware prefetcher follows;
+//! - a decoding sequence (one query) is split into jobs of consecutive
+//!   chunks, all heads at once: several per sequence when there are few
+//!   sequences, so every thread has work even for a single long one; one
+//!   when there are many. A job reads each block's keys and values for all
+//!   heads as one contiguous run, which the hardware prefetcher follows;
 //! - a sequence with several queries (prefill) is split by runs of heads,
 //!   each job walking its queries and chunks in order.
 

@@ -188,6 +188,7 @@ async fn dispatch(cmd: Command) -> Result<()> {
             let opts = aquila_worker::loader::LoadOptions {
                 dtype: worker.dtype,
                 name: worker.served_model_name.clone(),
+                tp_invariant: worker.tp_invariant,
             };
             let r = aquila_worker::bench::run(
                 &model,

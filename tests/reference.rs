@@ -195,6 +195,7 @@ fn tiny() -> (tempfile::TempDir, LoadedModel) {
     let opts = LoadOptions {
         dtype: WeightDtype::F32,
         name: None,
+        tp_invariant: false,
     };
     let loaded = loader::load(dir.path(), &opts, Arc::new(SingleRank)).unwrap();
     (dir, loaded)

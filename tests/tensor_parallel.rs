@@ -30,15 +30,17 @@ const GEN: usize = 64;
 /// logits and tokens, after checking that every rank saw the same, and the
 /// largest weight bytes a rank holds.
 fn sharded_greedy(path: &Path, world: usize) -> (Vec<f32>, Vec<u32>, usize) {
-    sharded_greedy_n(path, world, &PROMPT, GEN)
+    sharded_greedy_n(path, world, &PROMPT, GEN, false)
 }
 
-/// [`sharded_greedy`] for `steps` tokens after `prompt`.
+/// [`sharded_greedy`] for `steps` tokens after `prompt`, with or without
+/// `--tp-invariant`.
 fn sharded_greedy_n(
     path: &Path,
     world: usize,
     prompt: &[u32],
     steps: usize,
+    tp_invariant: bool,
 ) -> (Vec<f32>, Vec<u32>, usize) {
     let listener = TcpListener::bind("127.0.0.1:0").unwrap();
     let addr = listener.local_addr().unwrap();
@@ -48,12 +50,12 @@ fn sharded_greedy_n(
             let (path, prompt) = (path.to_path_buf(), prompt.to_vec());
             std::thread::spawn(move || {
                 let comm = TcpComm::join(addr, rank, world, timeout).expect("join");
-                rank_greedy(Arc::new(comm), &path, &prompt, steps)
+                rank_greedy(Arc::new(comm), &path, &prompt, steps, tp_invariant)
             })
         })
         .collect();
     let lead = TcpComm::lead(listener, world, timeout).expect("lead");
-    let mut leader = rank_greedy(Arc::new(lead), path, prompt, steps);
+    let mut leader = rank_greedy(Arc::new(lead), path, prompt, steps, tp_invariant);
     for f in followers {
         let got = f.join().expect("follower");
         assert_eq!(got.1, leader.1, "every rank samples the same tokens");
@@ -69,10 +71,12 @@ fn rank_greedy(
     path: &Path,
     prompt: &[u32],
     steps: usize,
+    tp_invariant: bool,
 ) -> (Vec<f32>, Vec<u32>, usize) {
     let opts = LoadOptions {
         dtype: WeightDtype::F32,
         name: None,
+        tp_invariant,
     };
     let m = loader::load(path, &opts, comm).expect("load a shard").model;
     let mut seq = SingleSeq::new(&m, prompt.len() + steps);
@@ -104,6 +108,7 @@ fn check_path(path: &Path, worlds: &[usize], tolerance: f32, share: f64) {
     let opts = LoadOptions {
         dtype: WeightDtype::F32,
         name: None,
+        tp_invariant: false,
     };
     let whole = loader::load(path, &opts, Arc::new(aquila_worker::comm::SingleRank))
         .unwrap()
@@ -146,51 +151,22 @@ fn the_base_preset_shards_equal_the_whole_model() {
     check_path(dir.path(), &[2, 4], 1e-4, 1.02);
 }
 
-/// The demo GGUF (Q4_1 and Q8_0 weights; 9 heads, 3 KV heads) at 3 ranks,
-/// on a chat prompt: the same answer, token for token, through its
-/// end-of-turn token. Not the 64 tokens issue 4 asks for: its activations
-/// are quantized to 8 bits before each product, so the all-reduce's other
-/// order of sums moves some values across a rounding boundary, and over 30
-/// layers the logits drift by up to 3% of the largest (the f32 models above
-/// stay within 1e-5 / 1e-4). Past the answer, where the model babbles and
-/// its top logits nearly tie, TP 3 and TP 1 part after 30 tokens.
+/// The demo GGUF (Q4_1 and Q8_0 weights; 9 heads, 3 KV heads) at 3 ranks
+/// with `--tp-invariant`: the same 64 greedy tokens as one process with it,
+/// and the same logits, bit for bit. (Its activations are quantized to 8
+/// bits; without the option the all-reduce's other order of sums flips some
+/// roundings, the logits drift by up to 3% over 30 layers, and on this
+/// prompt the tokens part after 3.)
 #[test]
 fn the_demo_model_at_three_ranks_equals_the_whole_model() {
     let Some(demo) = common::env_or_skip("AQUILA_DEMO_MODEL", "tests/run.sh") else {
         return;
     };
     let path = Path::new(&demo);
-    let opts = LoadOptions {
-        dtype: WeightDtype::F32,
-        name: None,
-    };
-    let tok = loader::load(path, &opts, Arc::new(aquila_worker::comm::SingleRank))
-        .unwrap()
-        .tokenizer;
-    let text = "<|im_start|>user\nWhat is the capital of France? Answer in one \
-                sentence.<|im_end|>\n<|im_start|>assistant\n";
-    let prompt = tok
-        .tokenizer
-        .encode(text, false)
-        .unwrap()
-        .get_ids()
-        .to_vec();
-    let (want_logits, want) = local_greedy(path, WeightDtype::F32, &prompt, GEN);
-    let (logits, got, _) = sharded_greedy_n(path, 3, &prompt, GEN);
-    let scale = want_logits.iter().fold(0f32, |m, l| m.max(l.abs()));
-    let worst = logits
-        .iter()
-        .zip(&want_logits)
-        .map(|(a, b)| (a - b).abs())
-        .fold(0f32, f32::max);
-    assert!(
-        worst <= 3e-2 * scale,
-        "logits differ by {worst} (largest {scale})"
-    );
-    let end_of_turn = tok.tokenizer.token_to_id("<|im_end|>").unwrap();
-    let answer = want.iter().position(|&t| t == end_of_turn).unwrap() + 1;
-    assert!(answer >= 5, "a real answer: {want:?}");
-    assert_eq!(got[..answer], want[..answer], "the answer at TP 3");
+    let (want_logits, want, _) = sharded_greedy_n(path, 1, &PROMPT, GEN, true);
+    let (logits, got, _) = sharded_greedy_n(path, 3, &PROMPT, GEN, true);
+    assert_eq!(got, want, "greedy tokens at TP 3");
+    assert_eq!(logits, want_logits, "logits at TP 3");
 }
 
 #[test]
@@ -230,6 +206,7 @@ fn k_quant_columns_that_split_inside_a_block_are_refused() {
         let opts = LoadOptions {
             dtype: WeightDtype::F32,
             name: None,
+            tp_invariant: false,
         };
         loader::load(&p, &opts, Arc::new(comm))
             .err()
@@ -239,6 +216,7 @@ fn k_quant_columns_that_split_inside_a_block_are_refused() {
     let opts = LoadOptions {
         dtype: WeightDtype::F32,
         name: None,
+        tp_invariant: false,
     };
     let err = loader::load(&path, &opts, Arc::new(comm))
         .err()

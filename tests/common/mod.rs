@@ -150,7 +150,11 @@ pub fn local_greedy(
     prompt: &[u32],
     n: usize,
 ) -> (Vec<f32>, Vec<u32>) {
-    let opts = LoadOptions { dtype, name: None };
+    let opts = LoadOptions {
+        dtype,
+        name: None,
+        tp_invariant: false,
+    };
     let m = loader::load(path, &opts, Arc::new(SingleRank))
         .expect("load model")
         .model;

@@ -41,6 +41,9 @@ pub struct LoadOptions {
     pub dtype: WeightDtype,
     /// Name served to clients; default: the folder or file name.
     pub name: Option<String>,
+    /// Sum quantized row-parallel products in fixed runs, so results are
+    /// the same bits at every tensor-parallel size (`--tp-invariant`).
+    pub tp_invariant: bool,
 }
 
 /// The model's shape alone (a GGUF header or `config.json`), without its
@@ -108,7 +111,7 @@ pub fn load(path: &Path, opts: &LoadOptions, comm: Arc<dyn Communicator>) -> Res
         }
     };
     let params = cfg.parameter_count();
-    let model = Llama::load(cfg, &store, opts.dtype, comm, &mut progress)?;
+    let model = Llama::load(cfg, &store, opts, comm, &mut progress)?;
     let name = opts.name.clone().unwrap_or_else(|| default_name(path));
     tracing::info!(
         "loaded {name}: {:.1}M parameters, {} of weights ({dtype}), {:.1} s",

@@ -65,6 +65,14 @@ pub struct WorkerArgs {
     /// Compute threads (0: one per core).
     #[arg(long, env = "AQUILA_THREADS", default_value_t = 0)]
     pub threads: usize,
+    /// Give the same bits at every tensor-parallel size on GGUF quantized
+    /// models: row-parallel products are summed in fixed runs of their
+    /// input, in one order, whatever the ranks (about 10% slower
+    /// single-stream decode on the demo). Without it, a different TP size
+    /// moves some 8-bit roundings, and greedy text can part where the top
+    /// two tokens nearly tie. Float weights are not affected.
+    #[arg(long, env = "AQUILA_TP_INVARIANT")]
+    pub tp_invariant: bool,
 }
 
 /// Sizes the compute pools (ours, and rayon's for what candle runs); 0 keeps
@@ -127,6 +135,7 @@ fn load_rank(
     let opts = LoadOptions {
         dtype: args.dtype,
         name: args.served_model_name.clone(),
+        tp_invariant: args.tp_invariant,
     };
     let loaded = loader::load(model, &opts, comm)?;
     let cfg = loaded.model.config();

@@ -172,6 +172,11 @@ impl Linear {
     }
 }
 
+/// The format of a GGML tensor our kernels take, if they take it.
+pub fn quant_format(q: &candle_core::quantized::QTensor) -> Option<quant::Format> {
+    quant::Format::from_ggml(q.dtype())
+}
+
 /// Float weights `[out, in]` as `T`, packed for the kernel.
 fn pack<T: kernels::Elem + candle_core::WithDType>(
     t: &Tensor,
@@ -302,19 +307,67 @@ impl ColumnParallelLinear {
 }
 
 /// Splits the input dimension (weight columns) across ranks; each rank's
-/// partial product is summed by an all-reduce, so every rank ends with the
-/// full output.
+/// partial product is summed across ranks, so every rank ends with the full
+/// output.
+///
+/// Quantized weights quantize their activations to 8 bits, and there a sum
+/// in another order (an all-reduce's) moves values across rounding
+/// boundaries: over many layers greedy tokens part. So where the layout
+/// allows, the input is cut into `K` fixed runs whatever the number of
+/// ranks: a process computes one partial product per run it holds, the
+/// ranks gather them, and everyone adds all `K` in order. One process or
+/// several, the same additions in the same order: the same bits.
 pub struct RowParallelLinear {
     pub inner: Linear,
     pub comm: Arc<dyn Communicator>,
+    /// Runs of the input this rank holds, when the layer sums by runs.
+    pub runs: Option<usize>,
 }
 
 impl RowParallelLinear {
     pub fn forward(&self, x: &[f32], rows: usize) -> Result<Vec<f32>> {
-        let mut out = self.inner.forward(x, rows)?;
-        self.comm.all_reduce_sum(&mut out)?;
+        let (Some(runs), Kind::Packed(p)) = (self.runs, &self.inner.kind) else {
+            let mut out = self.inner.forward(x, rows)?;
+            self.comm.all_reduce_sum(&mut out)?;
+            return Ok(out);
+        };
+        let parts = p.matmul_segments(x, rows, runs);
+        let all = if self.comm.world_size() == 1 {
+            parts.concat()
+        } else {
+            self.comm.all_gather(&parts.concat())?
+        };
+        // Every rank's runs in rank order: the input's runs in order.
+        let n = rows * self.inner.out_dim;
+        let mut chunks = all.chunks_exact(n);
+        let mut out = chunks.next().expect("at least one run").to_vec();
+        for part in chunks {
+            out.iter_mut().zip(part).for_each(|(o, p)| *o += p);
+        }
         Ok(out)
     }
+}
+
+/// How many fixed runs a row-parallel layer's input (`in_dim` wide, all
+/// ranks together) is summed in: the largest tensor-parallel size the model
+/// allows (every size that splits the heads, the MLP and this input into
+/// whole blocks of `block` weights divides it), capped at 16. 1: no runs.
+/// Few runs keep the one-process cost small: each run is a pass of its own.
+pub fn row_runs(heads: usize, intermediate: usize, in_dim: usize, block: usize) -> usize {
+    if !in_dim.is_multiple_of(block) {
+        return 1;
+    }
+    let gcd = |mut a: usize, mut b: usize| {
+        while b != 0 {
+            (a, b) = (b, a % b);
+        }
+        a
+    };
+    let g = gcd(gcd(heads, intermediate), in_dim / block);
+    (1..=g.min(16))
+        .rev()
+        .find(|d| g.is_multiple_of(*d))
+        .unwrap_or(1)
 }
 
 #[cfg(test)]
@@ -368,6 +421,20 @@ mod tests {
             })
             .collect();
         assert_eq!(kv, vec![0..1, 0..1, 1..2, 1..2]);
+    }
+
+    /// Runs: every TP size the model allows divides them, at most 16.
+    #[test]
+    fn row_runs_fit_every_allowed_split() {
+        // The demo: 9 heads, MLP 1536, o_proj 576 wide, Q4_1 blocks of 32:
+        // TP 1 and 3 only (1536 is not a multiple of 9).
+        assert_eq!(row_runs(9, 1536, 576, 32), 3);
+        assert_eq!(row_runs(9, 1536, 1536, 32), 3);
+        // Aquila-7B: 32 heads, MLP 11008 (= 32 × 344), 4096 wide.
+        assert_eq!(row_runs(32, 11008, 4096, 32), 16);
+        assert_eq!(row_runs(32, 11008, 11008, 32), 8);
+        // K-quant blocks of 256 that do not divide the input: no runs.
+        assert_eq!(row_runs(9, 1536, 576, 256), 1);
     }
 
     #[test]

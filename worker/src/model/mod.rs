@@ -134,6 +134,12 @@ struct Loader<'a> {
     store: &'a WeightStore,
     dtype: WeightDtype,
     whole: bool,
+    /// Query heads and MLP width (all ranks): every tensor-parallel size
+    /// divides both.
+    heads: usize,
+    intermediate: usize,
+    /// Whether row-parallel layers sum by runs (see `RowParallelLinear`).
+    tp_invariant: bool,
     progress: &'a mut dyn FnMut(&str),
 }
 
@@ -169,19 +175,33 @@ impl Loader<'_> {
         })
     }
 
-    /// Columns `cols` of `[out, inp]` weight `name`, all-reduced.
+    /// Columns `cols` of `[out, in_all]` weight `name`, summed across ranks
+    /// (by fixed runs where its format allows, see [`RowParallelLinear`]).
     fn row(
         &mut self,
         name: &str,
         out: usize,
         cols: Range<usize>,
+        in_all: usize,
         comm: &Arc<dyn Communicator>,
     ) -> Result<RowParallelLinear> {
         let inp = cols.len();
         let w = self.slice(name, 1, cols)?;
+        let block = match &w {
+            Weight::Quantized(q) if self.tp_invariant => {
+                linear::quant_format(q).map(|f| f.block_weights())
+            }
+            _ => None,
+        };
+        let world = comm.world_size();
+        let runs = block
+            .map(|b| linear::row_runs(self.heads, self.intermediate, in_all, b))
+            .filter(|&k| k > 1 && k.is_multiple_of(world))
+            .map(|k| k / world);
         Ok(RowParallelLinear {
             inner: Linear::new(name, w, out, inp, self.dtype)?,
             comm: comm.clone(),
+            runs,
         })
     }
 
@@ -205,10 +225,11 @@ impl Llama {
     pub fn load(
         cfg: ModelConfig,
         store: &WeightStore,
-        dtype: WeightDtype,
+        opts: &crate::loader::LoadOptions,
         comm: Arc<dyn Communicator>,
         progress: &mut dyn FnMut(&str),
     ) -> Result<Self> {
+        let dtype = opts.dtype;
         let shard = Shard {
             rank: comm.rank(),
             world_size: comm.world_size(),
@@ -231,6 +252,9 @@ impl Llama {
             store,
             dtype,
             whole: plan.world == 1,
+            heads: cfg.num_heads,
+            intermediate: cfg.intermediate_size,
+            tp_invariant: opts.tp_invariant,
             progress,
         };
         let embed_name = "model.embed_tokens.weight";
@@ -263,7 +287,13 @@ impl Llama {
                     q_proj: ld.column(&format!("{p}.self_attn.q_proj.weight"), q.clone(), h)?,
                     k_proj: ld.column(&format!("{p}.self_attn.k_proj.weight"), kv.clone(), h)?,
                     v_proj: ld.column(&format!("{p}.self_attn.v_proj.weight"), kv.clone(), h)?,
-                    o_proj: ld.row(&format!("{p}.self_attn.o_proj.weight"), h, q.clone(), &comm)?,
+                    o_proj: ld.row(
+                        &format!("{p}.self_attn.o_proj.weight"),
+                        h,
+                        q.clone(),
+                        cfg.q_dim(),
+                        &comm,
+                    )?,
                 },
                 post_attention_layernorm: ld.norm(
                     &format!("{p}.post_attention_layernorm.weight"),
@@ -273,7 +303,13 @@ impl Llama {
                 mlp: Mlp {
                     gate_proj: ld.column(&format!("{p}.mlp.gate_proj.weight"), i.clone(), h)?,
                     up_proj: ld.column(&format!("{p}.mlp.up_proj.weight"), i.clone(), h)?,
-                    down_proj: ld.row(&format!("{p}.mlp.down_proj.weight"), h, i.clone(), &comm)?,
+                    down_proj: ld.row(
+                        &format!("{p}.mlp.down_proj.weight"),
+                        h,
+                        i.clone(),
+                        cfg.intermediate_size,
+                        &comm,
+                    )?,
                 },
             });
         }

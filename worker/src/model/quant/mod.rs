@@ -305,6 +305,57 @@ impl PackedMatrix {
             .collect()
     }
 
+    /// `x · Wᵀ` as `k` partial products, one per equal run of the input's
+    /// blocks (`[rows, out]` each), for a row-parallel layer to add in a
+    /// fixed order whatever the tensor-parallel size: a rank holding `k`
+    /// of the `K` runs computes exactly the partials a single process
+    /// does for them. `k` must divide the blocks.
+    pub fn matmul_segments(&self, x: &[f32], rows: usize, k: usize) -> Vec<Vec<f32>> {
+        let isa = Isa::selected();
+        assert_eq!(x.len(), rows * self.in_dim);
+        assert!(
+            k > 0 && self.blocks.is_multiple_of(k),
+            "{k} runs of {} blocks",
+            self.blocks
+        );
+        let (sb, seg_in) = (self.blocks / k, self.in_dim / k);
+        // Each run's activations, quantized as the whole row's would be
+        // (a block at a time).
+        let qxs: Vec<QuantizedRows> = (0..k)
+            .map(|s| {
+                let xs: Vec<f32> = x
+                    .chunks_exact(self.in_dim)
+                    .flat_map(|row| &row[s * seg_in..(s + 1) * seg_in])
+                    .copied()
+                    .collect();
+                QuantizedRows::new(&xs, rows, seg_in)
+            })
+            .collect();
+        let groups = self.groups();
+        let gb = self.format.group_block_bytes();
+        let per_task = (groups * k)
+            .div_ceil(pool::threads() * 4)
+            .max(1)
+            .min(groups);
+        let mut outs: Vec<Vec<f32>> = (0..k).map(|_| vec![0f32; groups * rows * GROUP]).collect();
+        let mut tasks = Vec::new();
+        for (s, out) in outs.iter_mut().enumerate() {
+            for (t, chunk) in out.chunks_mut(per_task * rows * GROUP).enumerate() {
+                tasks.push(Mutex::new((s, t * per_task, chunk)));
+            }
+        }
+        pool::run(tasks.len(), |t| {
+            // Each task locks only its own entry: never contended.
+            let mut task = tasks[t].lock().unwrap_or_else(|e| e.into_inner());
+            let (s, g0, ref mut chunk) = *task;
+            for (i, out) in chunk.chunks_mut(rows * GROUP).enumerate() {
+                let start = ((g0 + i) * self.blocks + s * sb) * gb;
+                self.group_rows(isa, &self.data[start..start + sb * gb], &qxs[s], out);
+            }
+        });
+        outs.iter().map(|o| self.untranspose(o, rows)).collect()
+    }
+
     /// `[groups][rows][8]` to `[rows, out]`.
     fn untranspose(&self, out_t: &[f32], rows: usize) -> Vec<f32> {
         let mut out = vec![0f32; rows * self.out_dim];

@@ -203,10 +203,10 @@ impl WeightStore {
     }
 
     /// Rows (`dim` 0) or columns (`dim` 1) `range` of the 2-D tensor `name`:
-    /// a tensor-parallel rank's slice. Safetensors and GGUF read only the
-    /// slice's bytes: safetensors from the memory map, GGUF and PyTorch
-    /// `.bin` (an uncompressed zip) with seeks. A GGUF block-quantized tensor
-    /// is cut along its columns only at block boundaries.
+    /// a tensor-parallel rank's slice. Only the slice's bytes are read:
+    /// from the memory map (safetensors), or with seeks (GGUF, and PyTorch
+    /// `.bin`, an uncompressed zip). A GGUF block-quantized tensor is cut
+    /// along its columns only at block boundaries.
     pub fn get_slice(&self, name: &str, dim: usize, range: Range<usize>) -> Result<Weight> {
         let werr = |source| WorkerError::Weight {
             name: name.to_string(),

@@ -242,12 +242,16 @@ impl WeightStore {
                     safetensors::Dtype::BF16 => DType::BF16,
                     other => return Err(msg(format!("cannot slice a {other:?} tensor"))),
                 };
-                let bytes = cut(view.data(), rows, cols, dtype.size_in_bytes(), dim, &range);
-                let shape = if dim == 0 {
-                    [range.len(), cols]
-                } else {
-                    [rows, range.len()]
-                };
+                let data = view.data();
+                let (bytes, shape) = read_slice(
+                    rows,
+                    cols,
+                    1,
+                    dtype.size_in_bytes(),
+                    dim,
+                    &range,
+                    |at, len| Ok(data[at..at + len].to_vec()),
+                )?;
                 let t =
                     Tensor::from_raw_buffer(&bytes, dtype, &shape, &Device::Cpu).map_err(werr)?;
                 Ok(Weight::Dense(t))
@@ -280,28 +284,9 @@ impl WeightStore {
                 let mut zip = zip::ZipArchive::new(reader).map_err(zerr)?;
                 let mut entry = zip.by_name_seek(&info.path).map_err(zerr)?;
                 let base = (info.layout.start_offset() * elem) as u64;
-                let mut read = |at: usize, len: usize| -> Result<Vec<u8>> {
-                    let mut buf = vec![0u8; len];
-                    entry
-                        .seek(SeekFrom::Start(base + at as u64))
-                        .and_then(|_| entry.read_exact(&mut buf))
-                        .map_err(io)?;
-                    Ok(buf)
-                };
-                let row_bytes = cols * elem;
-                let (bytes, shape) = if dim == 0 {
-                    let b = read(range.start * row_bytes, range.len() * row_bytes)?;
-                    (b, [range.len(), cols])
-                } else {
-                    let mut b = Vec::with_capacity(rows * range.len() * elem);
-                    for r in 0..rows {
-                        b.extend(read(
-                            r * row_bytes + range.start * elem,
-                            range.len() * elem,
-                        )?);
-                    }
-                    (b, [rows, range.len()])
-                };
+                let (bytes, shape) = read_slice(rows, cols, 1, elem, dim, &range, |at, len| {
+                    read_at(&mut entry, base + at as u64, len).map_err(io)
+                })?;
                 let t = Tensor::from_raw_buffer(&bytes, info.dtype, &shape, &Device::Cpu)
                     .map_err(werr)?;
                 Ok(Weight::Dense(t))
@@ -330,39 +315,25 @@ impl WeightStore {
                         ggml_label(info.ggml_dtype)
                     )));
                 }
-                let row_bytes = cols / block * bytes_per_block;
                 let start = content.tensor_data_offset + info.offset;
                 let mut f = file
                     .lock()
                     .map_err(|_| WorkerError::load(path, "GGUF reader poisoned"))?;
-                let mut read = |at: u64, len: usize| -> Result<Vec<u8>> {
-                    let mut buf = vec![0u8; len];
-                    f.seek(SeekFrom::Start(at))
-                        .and_then(|_| f.read_exact(&mut buf))
-                        .map_err(|e| {
+                let (raw, shape) = read_slice(
+                    rows,
+                    cols,
+                    block,
+                    bytes_per_block,
+                    dim,
+                    &range,
+                    |at, len| {
+                        read_at(&mut *f, start + at as u64, len).map_err(|e| {
                             WorkerError::io(format!("reading {g} from {}", path.display()), e)
-                        })?;
-                    Ok(buf)
-                };
-                let (raw, shape) = if dim == 0 {
-                    let raw = read(
-                        start + (range.start * row_bytes) as u64,
-                        range.len() * row_bytes,
-                    )?;
-                    (raw, vec![range.len(), cols])
-                } else {
-                    let (from, len) = (
-                        range.start / block * bytes_per_block,
-                        range.len() / block * bytes_per_block,
-                    );
-                    let mut raw = Vec::with_capacity(rows * len);
-                    for r in 0..rows {
-                        raw.extend(read(start + (r * row_bytes + from) as u64, len)?);
-                    }
-                    (raw, vec![rows, range.len()])
-                };
-                let q =
-                    qtensor_from_ggml(info.ggml_dtype, &raw, shape, &Device::Cpu).map_err(werr)?;
+                        })
+                    },
+                )?;
+                let q = qtensor_from_ggml(info.ggml_dtype, &raw, shape.to_vec(), &Device::Cpu)
+                    .map_err(werr)?;
                 Ok(Weight::Quantized(Arc::new(q)))
             }
         }
@@ -388,26 +359,42 @@ pub fn ggml_label(t: GgmlDType) -> String {
     format!("{t:?}").to_lowercase()
 }
 
-/// Rows or columns `range` (along `dim`) of a row-major `[rows, cols]`
-/// buffer of `elem`-byte elements.
-fn cut(
-    data: &[u8],
+/// Rows (`dim` 0) or columns (`dim` 1) `range` of a row-major `[rows,
+/// cols]` tensor stored as units of `unit` weights in `unit_bytes` bytes (a
+/// float element, or a GGML block), fetched by `read(at, len)` at byte
+/// offsets within the tensor: one read for rows, one per row for columns.
+/// Returns the bytes and the slice's shape.
+fn read_slice(
     rows: usize,
     cols: usize,
-    elem: usize,
+    unit: usize,
+    unit_bytes: usize,
     dim: usize,
     range: &Range<usize>,
-) -> Vec<u8> {
-    let row_bytes = cols * elem;
+    mut read: impl FnMut(usize, usize) -> Result<Vec<u8>>,
+) -> Result<(Vec<u8>, [usize; 2])> {
+    let row_bytes = cols / unit * unit_bytes;
     if dim == 0 {
-        return data[range.start * row_bytes..range.end * row_bytes].to_vec();
+        let bytes = read(range.start * row_bytes, range.len() * row_bytes)?;
+        return Ok((bytes, [range.len(), cols]));
     }
-    let (from, len) = (range.start * elem, range.len() * elem);
-    let mut out = Vec::with_capacity(rows * len);
+    let (from, len) = (
+        range.start / unit * unit_bytes,
+        range.len() / unit * unit_bytes,
+    );
+    let mut bytes = Vec::with_capacity(rows * len);
     for r in 0..rows {
-        out.extend_from_slice(&data[r * row_bytes + from..r * row_bytes + from + len]);
+        bytes.extend(read(r * row_bytes + from, len)?);
     }
-    out
+    Ok((bytes, [rows, range.len()]))
+}
+
+/// `len` bytes at `at`.
+fn read_at(f: &mut (impl Read + Seek), at: u64, len: usize) -> std::io::Result<Vec<u8>> {
+    let mut buf = vec![0u8; len];
+    f.seek(SeekFrom::Start(at))?;
+    f.read_exact(&mut buf)?;
+    Ok(buf)
 }
 
 fn unique_files(dir: &Path, index: &ShardIndex) -> Vec<PathBuf> {

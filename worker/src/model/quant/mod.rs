@@ -26,6 +26,7 @@
 #[cfg(target_arch = "x86_64")]
 mod x86;
 
+use std::ops::Range;
 use std::sync::Mutex;
 
 use candle_core::quantized::GgmlDType;
@@ -249,11 +250,6 @@ impl PackedMatrix {
         self.out_dim.div_ceil(GROUP)
     }
 
-    fn group(&self, g: usize) -> &[u8] {
-        let n = self.blocks * self.format.group_block_bytes();
-        &self.data[g * n..(g + 1) * n]
-    }
-
     /// `x` is `[rows, in]` f32; returns `[rows, out]`.
     pub fn matmul(&self, x: &[f32], rows: usize) -> Vec<f32> {
         self.matmul_with(Isa::selected(), x, rows)
@@ -278,31 +274,15 @@ impl PackedMatrix {
         assert!(mats.iter().all(|m| m.in_dim == in_dim));
         assert_eq!(x.len(), rows * in_dim);
         let qx = QuantizedRows::new(x, rows, in_dim);
-        let groups: usize = mats.iter().map(|m| m.groups()).sum();
-        // A few tasks per thread, so a slow thread does not hold up the step.
-        let per_task = groups.div_ceil(pool::threads() * 4).max(1);
-        let mut outs: Vec<Vec<f32>> = mats
+        let jobs: Vec<Job<'_>> = mats
             .iter()
-            .map(|m| vec![0f32; m.groups() * rows * GROUP])
+            .map(|&m| Job {
+                m,
+                blocks: 0..m.blocks,
+                x: &qx,
+            })
             .collect();
-        let mut tasks = Vec::new();
-        for (&m, out) in mats.iter().zip(outs.iter_mut()) {
-            for (t, chunk) in out.chunks_mut(per_task * rows * GROUP).enumerate() {
-                tasks.push(Mutex::new((m, t * per_task, chunk)));
-            }
-        }
-        pool::run(tasks.len(), |t| {
-            // Each task locks only its own entry: never contended.
-            let mut task = tasks[t].lock().unwrap_or_else(|e| e.into_inner());
-            let (m, g0, ref mut chunk) = *task;
-            for (i, out) in chunk.chunks_mut(rows * GROUP).enumerate() {
-                m.group_rows(isa, m.group(g0 + i), &qx, out);
-            }
-        });
-        mats.iter()
-            .zip(outs)
-            .map(|(m, o)| m.untranspose(&o, rows))
-            .collect()
+        run_jobs(isa, &jobs, rows)
     }
 
     /// `x · Wᵀ` as `k` partial products, one per equal run of the input's
@@ -331,29 +311,16 @@ impl PackedMatrix {
                 QuantizedRows::new(&xs, rows, seg_in)
             })
             .collect();
-        let groups = self.groups();
-        let gb = self.format.group_block_bytes();
-        let per_task = (groups * k)
-            .div_ceil(pool::threads() * 4)
-            .max(1)
-            .min(groups);
-        let mut outs: Vec<Vec<f32>> = (0..k).map(|_| vec![0f32; groups * rows * GROUP]).collect();
-        let mut tasks = Vec::new();
-        for (s, out) in outs.iter_mut().enumerate() {
-            for (t, chunk) in out.chunks_mut(per_task * rows * GROUP).enumerate() {
-                tasks.push(Mutex::new((s, t * per_task, chunk)));
-            }
-        }
-        pool::run(tasks.len(), |t| {
-            // Each task locks only its own entry: never contended.
-            let mut task = tasks[t].lock().unwrap_or_else(|e| e.into_inner());
-            let (s, g0, ref mut chunk) = *task;
-            for (i, out) in chunk.chunks_mut(rows * GROUP).enumerate() {
-                let start = ((g0 + i) * self.blocks + s * sb) * gb;
-                self.group_rows(isa, &self.data[start..start + sb * gb], &qxs[s], out);
-            }
-        });
-        outs.iter().map(|o| self.untranspose(o, rows)).collect()
+        let jobs: Vec<Job<'_>> = qxs
+            .iter()
+            .enumerate()
+            .map(|(s, x)| Job {
+                m: self,
+                blocks: s * sb..(s + 1) * sb,
+                x,
+            })
+            .collect();
+        run_jobs(isa, &jobs, rows)
     }
 
     /// `[groups][rows][8]` to `[rows, out]`.
@@ -528,6 +495,45 @@ fn quantize(x: &[f32], q: &mut QuantizedRows) {
         q.half_sum[2 * i..2 * i + 2].copy_from_slice(&halves);
         q.s[i] = d * sum as f32;
     }
+}
+
+/// One matrix, or one run of its blocks, against quantized activations
+/// holding exactly those blocks.
+struct Job<'a> {
+    m: &'a PackedMatrix,
+    blocks: Range<usize>,
+    x: &'a QuantizedRows,
+}
+
+/// Runs `jobs` in one parallel loop, a few groups per task so a slow
+/// thread does not hold up the step; returns each job's `[rows, out]`.
+fn run_jobs(isa: Isa, jobs: &[Job<'_>], rows: usize) -> Vec<Vec<f32>> {
+    let groups: usize = jobs.iter().map(|j| j.m.groups()).sum();
+    let per_task = groups.div_ceil(pool::threads() * 4).max(1);
+    let mut outs: Vec<Vec<f32>> = jobs
+        .iter()
+        .map(|j| vec![0f32; j.m.groups() * rows * GROUP])
+        .collect();
+    let mut tasks = Vec::new();
+    for (j, out) in jobs.iter().zip(outs.iter_mut()) {
+        for (t, chunk) in out.chunks_mut(per_task * rows * GROUP).enumerate() {
+            tasks.push(Mutex::new((j, t * per_task, chunk)));
+        }
+    }
+    pool::run(tasks.len(), |t| {
+        // Each task locks only its own entry: never contended.
+        let mut task = tasks[t].lock().unwrap_or_else(|e| e.into_inner());
+        let (j, g0, ref mut chunk) = *task;
+        let gb = j.m.format.group_block_bytes();
+        for (i, out) in chunk.chunks_mut(rows * GROUP).enumerate() {
+            let start = ((g0 + i) * j.m.blocks + j.blocks.start) * gb;
+            j.m.group_rows(isa, &j.m.data[start..start + j.blocks.len() * gb], j.x, out);
+        }
+    });
+    jobs.iter()
+        .zip(outs)
+        .map(|(j, o)| j.m.untranspose(&o, rows))
+        .collect()
 }
 
 fn f16_at(bytes: &[u8], i: usize) -> f32 {

@@ -214,17 +214,17 @@ fn chunks_job(
         let b0 = c * CHUNK_BLOCKS;
         let b1 = (b0 + CHUNK_BLOCKS).min(blocks);
         part.reset();
-        chunk(
+        Chunk {
             kv,
             layer,
-            seq.q,
-            0..heads,
+            q: seq.q,
+            hs: 0..heads,
             heads,
-            &seq.table[b0..b1],
-            b0,
+            blocks: &seq.table[b0..b1],
+            first: b0,
             visible,
-            &mut part,
-        );
+        }
+        .run(&mut part);
         if from_start {
             total.merge(&part);
         } else {
@@ -259,17 +259,17 @@ fn heads_job(
         for b0 in (0..blocks).step_by(CHUNK_BLOCKS) {
             let b1 = (b0 + CHUNK_BLOCKS).min(blocks);
             part.reset();
-            chunk(
+            Chunk {
                 kv,
                 layer,
                 q,
-                hs.clone(),
+                hs: hs.clone(),
                 heads,
-                &seq.table[b0..b1],
-                b0,
+                blocks: &seq.table[b0..b1],
+                first: b0,
                 visible,
-                &mut part,
-            );
+            }
+            .run(&mut part);
             total.merge(&part);
         }
         total.finish(&mut out[t * width..(t + 1) * width]);
@@ -277,86 +277,65 @@ fn heads_job(
     out
 }
 
-/// Runs the online softmax of heads `hs` for one query `q` (`[heads,
-/// head_dim]`) over `blocks`, the first being the sequence's block `first`,
-/// into `state`, fresh; only the first `visible` positions count.
-#[allow(clippy::too_many_arguments)]
-fn chunk(
-    kv: &PagedKv,
+/// One query's heads `hs` (of `q`, `[heads, head_dim]`) over one chunk of
+/// keys: `blocks`, the first being the sequence's block `first`; only the
+/// first `visible` positions count.
+struct Chunk<'a> {
+    kv: &'a PagedKv,
     layer: usize,
-    q: &[f32],
+    q: &'a [f32],
     hs: Range<usize>,
     heads: usize,
-    blocks: &[BlockId],
+    blocks: &'a [BlockId],
     first: usize,
     visible: usize,
-    state: &mut Partial,
-) {
-    match kv.dtype() {
-        KvDtype::F32 => chunk_as::<f32>(kv, layer, q, hs, heads, blocks, first, visible, state),
-        KvDtype::Bf16 => chunk_as::<bf16>(kv, layer, q, hs, heads, blocks, first, visible, state),
+}
+
+impl Chunk<'_> {
+    /// The online softmax over the chunk, into `state`, fresh.
+    fn run(&self, state: &mut Partial) {
+        match self.kv.dtype() {
+            KvDtype::F32 => chunk_as::<f32>(self, state),
+            KvDtype::Bf16 => chunk_as::<bf16>(self, state),
+        }
     }
 }
 
 /// Compiled a second time with AVX2 and FMA enabled, used when the machine
 /// has them; the arithmetic is the same lane for lane, so both give the same
 /// bits.
-#[allow(clippy::too_many_arguments)]
-fn chunk_as<T: KvElem>(
-    kv: &PagedKv,
-    layer: usize,
-    q: &[f32],
-    hs: Range<usize>,
-    heads: usize,
-    blocks: &[BlockId],
-    first: usize,
-    visible: usize,
-    state: &mut Partial,
-) {
+fn chunk_as<T: KvElem>(c: &Chunk<'_>, state: &mut Partial) {
     #[cfg(target_arch = "x86_64")]
     if super::quant::Isa::selected() >= super::quant::Isa::Avx2 {
         // SAFETY: the AVX2 path is selected only where AVX2 and FMA exist.
-        return unsafe { chunk_avx2::<T>(kv, layer, q, hs, heads, blocks, first, visible, state) };
+        return unsafe { chunk_avx2::<T>(c, state) };
     }
-    chunk_body::<T>(kv, layer, q, hs, heads, blocks, first, visible, state)
+    chunk_body::<T>(c, state)
 }
 
 #[cfg(target_arch = "x86_64")]
 #[target_feature(enable = "avx2,fma")]
-#[allow(clippy::too_many_arguments)]
-unsafe fn chunk_avx2<T: KvElem>(
-    kv: &PagedKv,
-    layer: usize,
-    q: &[f32],
-    hs: Range<usize>,
-    heads: usize,
-    blocks: &[BlockId],
-    first: usize,
-    visible: usize,
-    state: &mut Partial,
-) {
-    chunk_body::<T>(kv, layer, q, hs, heads, blocks, first, visible, state)
+unsafe fn chunk_avx2<T: KvElem>(c: &Chunk<'_>, state: &mut Partial) {
+    chunk_body::<T>(c, state)
 }
 
 /// A block of keys at a time, each head in turn: all of the block's scores
-/// first, then one
-/// rescale of the head's running sum if its maximum moved, the block's
-/// exponentials together, then the block's weighted values, eight
-/// dimensions at a time so those eight sums stay in a register across the
-/// block's keys (each sum still takes the keys in order).
+/// first, then one rescale of the head's running sum if its maximum moved,
+/// the block's exponentials together, then the block's weighted values,
+/// eight dimensions at a time so those eight sums stay in a register across
+/// the block's keys (each sum still takes the keys in order).
 #[inline(always)]
-#[allow(clippy::too_many_arguments)]
-fn chunk_body<T: KvElem>(
-    kv: &PagedKv,
-    layer: usize,
-    q: &[f32],
-    hs: Range<usize>,
-    heads: usize,
-    blocks: &[BlockId],
-    first: usize,
-    visible: usize,
-    state: &mut Partial,
-) {
+fn chunk_body<T: KvElem>(c: &Chunk<'_>, state: &mut Partial) {
+    let Chunk {
+        kv,
+        layer,
+        q,
+        ref hs,
+        heads,
+        blocks,
+        first,
+        visible,
+    } = *c;
     let hd = kv.head_dim();
     let bs = kv.block_size();
     let group = heads / kv.kv_heads();

@@ -19,7 +19,7 @@ use std::time::Duration;
 use aquila_worker::comm::Communicator;
 use aquila_worker::comm::tcp::TcpComm;
 use aquila_worker::loader::{self, LoadOptions};
-use aquila_worker::model::{LogitsFor, SingleSeq, WeightDtype};
+use aquila_worker::model::WeightDtype;
 use aquila_worker::presets::{GgufType, WeightFormat};
 use common::{local_greedy, model_path, tiny_model};
 
@@ -79,17 +79,8 @@ fn rank_greedy(
         tp_invariant,
     };
     let m = loader::load(path, &opts, comm).expect("load a shard").model;
-    let mut seq = SingleSeq::new(&m, prompt.len() + steps);
-    let mut tokens = prompt.to_vec();
-    let (mut first, mut out) = (None, Vec::new());
-    for _ in 0..steps {
-        let logits = seq.step(&m, &tokens, LogitsFor::Last).expect("forward");
-        let next = aquila_worker::sampler::argmax(&logits);
-        first.get_or_insert(logits);
-        out.push(next);
-        tokens = vec![next];
-    }
-    (first.unwrap(), out, m.weight_bytes())
+    let (first, out) = common::greedy(&m, prompt, steps);
+    (first, out, m.weight_bytes())
 }
 
 fn check(format: WeightFormat, gguf: GgufType, tolerance: f32) {

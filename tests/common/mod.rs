@@ -13,7 +13,7 @@ use std::sync::Arc;
 use aquila_proto::v1::generation_client::GenerationClient;
 use aquila_worker::comm::SingleRank;
 use aquila_worker::loader::{self, LoadOptions};
-use aquila_worker::model::{LogitsFor, SingleSeq, WeightDtype};
+use aquila_worker::model::{Llama, LogitsFor, SingleSeq, WeightDtype};
 use aquila_worker::presets::{GgufType, Preset, WeightFormat};
 use tempfile::TempDir;
 use tonic::transport::Channel;
@@ -158,12 +158,19 @@ pub fn local_greedy(
     let m = loader::load(path, &opts, Arc::new(SingleRank))
         .expect("load model")
         .model;
-    let mut seq = SingleSeq::new(&m, prompt.len() + n);
+    greedy(&m, prompt, n)
+}
+
+/// Decodes `n` greedy tokens after `prompt` with `m` (a whole model, or one
+/// rank's shard while the other ranks do the same). Returns the first
+/// step's logits and the tokens.
+pub fn greedy(m: &Llama, prompt: &[u32], n: usize) -> (Vec<f32>, Vec<u32>) {
+    let mut seq = SingleSeq::new(m, prompt.len() + n);
     let mut tokens = prompt.to_vec();
     let mut first = None;
     let mut out = Vec::new();
     for _ in 0..n {
-        let logits = seq.step(&m, &tokens, LogitsFor::Last).expect("forward");
+        let logits = seq.step(m, &tokens, LogitsFor::Last).expect("forward");
         let next = aquila_worker::sampler::argmax(&logits);
         first.get_or_insert(logits);
         out.push(next);

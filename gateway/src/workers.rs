@@ -24,7 +24,7 @@ use tonic_health::server::HealthReporter;
 use crate::config::GatewayConfig;
 use crate::error::GatewayError;
 use crate::model::Model;
-use crate::routing::{RoundRobin, RoutingPolicy};
+use crate::routing::{Candidate, RoundRobin, Route, RoutingPolicy};
 use crate::template::ChatTemplate;
 
 /// Tokenizer documents run to several MB.
@@ -139,12 +139,12 @@ impl WorkerPool {
     /// A healthy replica of `model`, other than `exclude`.
     pub fn pick(&self, model: &str, exclude: Option<usize>) -> Result<Picked, GatewayError> {
         let candidates = eligible(&self.snapshot(), model, exclude);
-        let index = self
-            .policy
-            .pick(&candidates)
-            .ok_or_else(|| GatewayError::NoHealthyWorker {
-                model: model.to_owned(),
-            })?;
+        let index = pick_eligible(self.policy.as_ref(), &candidates, |i| {
+            self.workers[i].address.clone()
+        })
+        .ok_or_else(|| GatewayError::NoHealthyWorker {
+            model: model.to_owned(),
+        })?;
         let w = &self.workers[index];
         Ok(Picked {
             index,
@@ -309,6 +309,25 @@ fn eligible(workers: &[(bool, Option<String>)], model: &str, exclude: Option<usi
         .collect()
 }
 
+/// Bridges worker indices to the policy's candidates until the pool tracks
+/// in-flight counts and polled load; until then every candidate looks idle.
+fn pick_eligible(
+    policy: &dyn RoutingPolicy,
+    eligible: &[usize],
+    address: impl Fn(usize) -> String,
+) -> Option<usize> {
+    let candidates: Vec<Candidate> = eligible
+        .iter()
+        .map(|&i| Candidate {
+            address: address(i),
+            in_flight: 0,
+            load: None,
+        })
+        .collect();
+    let picked = policy.pick(&Route { prompt: &[] }, &candidates)?;
+    eligible.get(picked).copied()
+}
+
 /// Index into `known` of the model `requested` names; "" = the first.
 fn resolve_name(known: &[&str], requested: &str) -> Result<usize, GatewayError> {
     if requested.is_empty() {
@@ -361,7 +380,9 @@ mod tests {
         ];
         let policy = RoundRobin::default();
         let picks: Vec<_> = (0..4)
-            .map(|_| policy.pick(&eligible(&workers, "a", None)).unwrap())
+            .map(|_| {
+                pick_eligible(&policy, &eligible(&workers, "a", None), |i| i.to_string()).unwrap()
+            })
             .collect();
         assert_eq!(picks, [0, 2, 0, 2]);
     }

@@ -1,0 +1,83 @@
+//! Routing policies: which of the eligible replicas gets the next request.
+//!
+//! A policy sees only replicas that are healthy, not draining, with a closed
+//! (or half-open) circuit breaker, and serving the requested model: health,
+//! model lookup, breakers and retries are the registry's job. One file per
+//! policy, each with its tests; [`build`] turns the `--routing` flag into one.
+
+pub mod round_robin;
+
+pub use round_robin::RoundRobin;
+
+/// What a policy knows about one eligible replica.
+#[derive(Debug, Clone, PartialEq)]
+pub struct Candidate {
+    /// The replica's address ("http://host:port"): stable while it is registered.
+    pub address: String,
+    /// Requests this gateway has in flight on the replica: exact, and counted
+    /// from the moment of the pick, so concurrent picks see each other.
+    pub in_flight: usize,
+    /// The worker's own figures, from the last poll of `GetLoad` (they
+    /// include other gateways' requests); `None` before the first poll.
+    pub load: Option<ReplicaLoad>,
+}
+
+/// The routing-relevant part of a worker's `Load`.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Default)]
+pub struct ReplicaLoad {
+    pub running: u32,
+    pub waiting: u32,
+    pub kv_blocks_free: u32,
+    pub kv_blocks_total: u32,
+    /// Tokens per KV block: the unit of the worker's prefix cache.
+    pub kv_block_size: u32,
+}
+
+/// What a policy knows about the request being routed.
+#[derive(Debug, Clone, Copy)]
+pub struct Route<'a> {
+    /// The prompt's token ids, as the worker will see them.
+    pub prompt: &'a [u32],
+}
+
+pub trait RoutingPolicy: Send + Sync + std::fmt::Debug {
+    /// The flag value that selects this policy.
+    fn name(&self) -> &'static str;
+
+    /// Picks one of `candidates` (sorted by address, never empty when
+    /// called by the registry) and returns its index; `None` when empty.
+    fn pick(&self, route: &Route<'_>, candidates: &[Candidate]) -> Option<usize>;
+}
+
+/// The `--routing` flag.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, clap::ValueEnum)]
+pub enum PolicyKind {
+    /// Each eligible replica in turn.
+    RoundRobin,
+}
+
+/// Tuning of the prefix-aware policy (flags `--prefix-*`).
+#[derive(Debug, Clone, Copy, PartialEq)]
+pub struct PrefixOptions {
+    /// Leading prompt tokens hashed to choose a replica (rounded down to
+    /// whole KV blocks when the prompt is longer than one block).
+    pub prefix_tokens: usize,
+    /// A replica may take at most `(1 + load_factor) ×` the mean load (in
+    /// flight, this request included) before its prefix moves on along the ring.
+    pub load_factor: f64,
+}
+
+impl Default for PrefixOptions {
+    fn default() -> Self {
+        PrefixOptions {
+            prefix_tokens: 256,
+            load_factor: 0.25,
+        }
+    }
+}
+
+pub fn build(kind: PolicyKind, _prefix: PrefixOptions) -> Box<dyn RoutingPolicy> {
+    match kind {
+        PolicyKind::RoundRobin => Box::new(RoundRobin::default()),
+    }
+}

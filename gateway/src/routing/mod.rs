@@ -5,8 +5,10 @@
 //! model lookup, breakers and retries are the registry's job. One file per
 //! policy, each with its tests; [`build`] turns the `--routing` flag into one.
 
+pub mod least_load;
 pub mod round_robin;
 
+pub use least_load::LeastLoad;
 pub use round_robin::RoundRobin;
 
 /// What a policy knows about one eligible replica.
@@ -54,6 +56,8 @@ pub trait RoutingPolicy: Send + Sync + std::fmt::Debug {
 pub enum PolicyKind {
     /// Each eligible replica in turn.
     RoundRobin,
+    /// The replica with the fewest requests in flight or queued.
+    LeastLoad,
 }
 
 /// Tuning of the prefix-aware policy (flags `--prefix-*`).
@@ -79,5 +83,6 @@ impl Default for PrefixOptions {
 pub fn build(kind: PolicyKind, _prefix: PrefixOptions) -> Box<dyn RoutingPolicy> {
     match kind {
         PolicyKind::RoundRobin => Box::new(RoundRobin::default()),
+        PolicyKind::LeastLoad => Box::new(LeastLoad::default()),
     }
 }

@@ -6,9 +6,11 @@
 //! policy, each with its tests; [`build`] turns the `--routing` flag into one.
 
 pub mod least_load;
+pub mod prefix_aware;
 pub mod round_robin;
 
 pub use least_load::LeastLoad;
+pub use prefix_aware::PrefixAware;
 pub use round_robin::RoundRobin;
 
 /// What a policy knows about one eligible replica.
@@ -58,6 +60,9 @@ pub enum PolicyKind {
     RoundRobin,
     /// The replica with the fewest requests in flight or queued.
     LeastLoad,
+    /// Consistent hashing over the prompt's first KV blocks, so requests
+    /// sharing a prefix reach the replica that caches it; bounded by load.
+    PrefixAware,
 }
 
 /// Tuning of the prefix-aware policy (flags `--prefix-*`).
@@ -80,9 +85,10 @@ impl Default for PrefixOptions {
     }
 }
 
-pub fn build(kind: PolicyKind, _prefix: PrefixOptions) -> Box<dyn RoutingPolicy> {
+pub fn build(kind: PolicyKind, prefix: PrefixOptions) -> Box<dyn RoutingPolicy> {
     match kind {
         PolicyKind::RoundRobin => Box::new(RoundRobin::default()),
         PolicyKind::LeastLoad => Box::new(LeastLoad::default()),
+        PolicyKind::PrefixAware => Box::new(PrefixAware::new(prefix)),
     }
 }

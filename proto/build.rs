@@ -8,6 +8,7 @@ fn main() -> Result<(), Box<dyn std::error::Error>> {
     let protos = [
         "aquila/v1/generation.proto",
         "aquila/worker/v1/worker.proto",
+        "aquila/admin/v1/admin.proto",
     ];
     for p in &protos {
         println!("cargo:rerun-if-changed={p}");

@@ -73,6 +73,10 @@ enum Command {
         /// Address to listen on (port 0: any free port, printed at start).
         #[arg(long, env = "AQUILA_LISTEN", default_value = "127.0.0.1:50051")]
         listen: SocketAddr,
+        /// Address of the admin API (list, add, drain replicas); off when
+        /// unset. Keep it inside the cluster: it moves traffic.
+        #[arg(long, env = "AQUILA_ADMIN_LISTEN")]
+        admin_listen: Option<SocketAddr>,
         #[command(flatten)]
         gateway: GatewayArgs,
     },
@@ -147,10 +151,22 @@ async fn dispatch(cmd: Command) -> Result<()> {
             worker,
             tp,
         } => run_worker(model, listen, worker, tp).await,
-        Command::Gateway { listen, gateway } => {
-            let config = gateway.into_config()?;
-            let listener = bind(listen, "gateway").await?;
-            aquila_gateway::run(listener, config, shutdown_signal()).await?;
+        Command::Gateway {
+            listen,
+            admin_listen,
+            gateway,
+        } => {
+            let config = gateway.into_config_with(admin_listen.is_some())?;
+            let admin = match admin_listen {
+                Some(addr) => Some(bind(addr, "gateway admin").await?),
+                None => None,
+            };
+            let listeners = aquila_gateway::Listeners {
+                public: bind(listen, "gateway").await?,
+                admin,
+            };
+            let resolver = Arc::new(aquila_gateway::discovery::SystemResolver);
+            aquila_gateway::serve(listeners, config, shutdown_signal(), resolver).await?;
             Ok(())
         }
         Command::Generate(args) => client::generate(args).await,

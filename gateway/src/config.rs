@@ -8,8 +8,12 @@ use std::path::PathBuf;
 use std::sync::Arc;
 use std::time::Duration;
 
+use crate::breaker::BreakerConfig;
+use crate::discovery::DnsTarget;
 use crate::error::GatewayError;
+use crate::routing::{PolicyKind, PrefixOptions};
 use crate::template::{self, ChatTemplate};
+use crate::workers::ReplicaSettings;
 
 pub const DEFAULT_MAX_NEW_TOKENS: u32 = 256;
 pub const DEFAULT_TEMPERATURE: f32 = 1.0;
@@ -18,6 +22,14 @@ pub const DEFAULT_MAX_STOP_STRING_BYTES: usize = 256;
 pub const DEFAULT_MAX_TOP_LOGPROBS: u32 = 20;
 pub const DEFAULT_HEALTH_INTERVAL_MS: u64 = 1000;
 pub const DEFAULT_HEALTH_TIMEOUT_MS: u64 = 1000;
+pub const DEFAULT_HEALTHY_THRESHOLD: u32 = 1;
+pub const DEFAULT_UNHEALTHY_THRESHOLD: u32 = 2;
+pub const DEFAULT_LOAD_POLL_MS: u64 = 500;
+pub const DEFAULT_BREAKER_FAILURES: u32 = 5;
+pub const DEFAULT_BREAKER_OPEN_MS: u64 = 10_000;
+pub const DEFAULT_DISCOVER_INTERVAL_MS: u64 = 5000;
+pub const DEFAULT_MAX_CONCURRENT_REQUESTS: usize = 1024;
+pub const DEFAULT_SHUTDOWN_GRACE_S: u64 = 30;
 /// Same bound as the validation of request temperatures.
 const MAX_TEMPERATURE: f32 = 100.0;
 
@@ -27,6 +39,38 @@ pub struct GatewayArgs {
     /// Workers reporting the same model name are replicas of one model.
     #[arg(long = "worker", env = "AQUILA_GATEWAY_WORKERS", value_delimiter = ',')]
     pub workers: Vec<String>,
+
+    /// Discover workers by DNS: "dns:///NAME:PORT" (e.g. a Kubernetes headless
+    /// Service, one address per pod), re-resolved every --discover-interval-ms.
+    /// Addresses that appear are added; those that disappear are drained.
+    #[arg(
+        long = "discover",
+        env = "AQUILA_GATEWAY_DISCOVER",
+        value_delimiter = ','
+    )]
+    pub discover: Vec<String>,
+
+    /// Milliseconds between DNS resolutions of each --discover name.
+    #[arg(long, env = "AQUILA_GATEWAY_DISCOVER_INTERVAL_MS", default_value_t = DEFAULT_DISCOVER_INTERVAL_MS)]
+    pub discover_interval_ms: u64,
+
+    /// How a request's replica is chosen among the healthy ones.
+    #[arg(
+        long,
+        env = "AQUILA_GATEWAY_ROUTING",
+        value_enum,
+        default_value = "least-load"
+    )]
+    pub routing: PolicyKind,
+
+    /// prefix-aware: leading prompt tokens that choose the replica (whole KV blocks).
+    #[arg(long, env = "AQUILA_GATEWAY_PREFIX_TOKENS", default_value_t = PrefixOptions::default().prefix_tokens)]
+    pub prefix_tokens: usize,
+
+    /// prefix-aware: a replica takes at most (1 + this) × the mean in-flight
+    /// load before a prefix spills to the next replica on the ring.
+    #[arg(long, env = "AQUILA_GATEWAY_PREFIX_LOAD_FACTOR", default_value_t = PrefixOptions::default().load_factor)]
+    pub prefix_load_factor: f64,
 
     /// Jinja chat template file used for every model instead of the models' own templates.
     #[arg(long, env = "AQUILA_GATEWAY_CHAT_TEMPLATE")]
@@ -56,9 +100,39 @@ pub struct GatewayArgs {
     #[arg(long, env = "AQUILA_GATEWAY_HEALTH_INTERVAL_MS", default_value_t = DEFAULT_HEALTH_INTERVAL_MS)]
     pub health_interval_ms: u64,
 
-    /// Milliseconds a worker health check may take before the worker counts as unhealthy.
+    /// Milliseconds a worker health check may take before it counts as failed.
     #[arg(long, env = "AQUILA_GATEWAY_HEALTH_TIMEOUT_MS", default_value_t = DEFAULT_HEALTH_TIMEOUT_MS)]
     pub health_timeout_ms: u64,
+
+    /// Passed health checks in a row that put a worker (back) in rotation.
+    #[arg(long, env = "AQUILA_GATEWAY_HEALTHY_THRESHOLD", default_value_t = DEFAULT_HEALTHY_THRESHOLD)]
+    pub healthy_threshold: u32,
+
+    /// Failed health checks in a row that take a worker out of rotation
+    /// (a call that cannot reach it takes it out at once).
+    #[arg(long, env = "AQUILA_GATEWAY_UNHEALTHY_THRESHOLD", default_value_t = DEFAULT_UNHEALTHY_THRESHOLD)]
+    pub unhealthy_threshold: u32,
+
+    /// Milliseconds between polls of each worker's load (running, waiting, free KV blocks).
+    #[arg(long, env = "AQUILA_GATEWAY_LOAD_POLL_MS", default_value_t = DEFAULT_LOAD_POLL_MS)]
+    pub load_poll_ms: u64,
+
+    /// Failed calls in a row (unreachable, internal errors) that open a
+    /// worker's circuit breaker; 0 disables the breaker.
+    #[arg(long, env = "AQUILA_GATEWAY_BREAKER_FAILURES", default_value_t = DEFAULT_BREAKER_FAILURES)]
+    pub breaker_failures: u32,
+
+    /// Milliseconds an open breaker keeps traffic away before one trial call.
+    #[arg(long, env = "AQUILA_GATEWAY_BREAKER_OPEN_MS", default_value_t = DEFAULT_BREAKER_OPEN_MS)]
+    pub breaker_open_ms: u64,
+
+    /// Requests the gateway serves at once; more get RESOURCE_EXHAUSTED at once.
+    #[arg(long, env = "AQUILA_GATEWAY_MAX_CONCURRENT_REQUESTS", default_value_t = DEFAULT_MAX_CONCURRENT_REQUESTS)]
+    pub max_concurrent_requests: usize,
+
+    /// Seconds that requests in flight get to finish after SIGTERM before the gateway exits.
+    #[arg(long, env = "AQUILA_GATEWAY_SHUTDOWN_GRACE_S", default_value_t = DEFAULT_SHUTDOWN_GRACE_S)]
+    pub shutdown_grace_s: u64,
 }
 
 impl GatewayArgs {
@@ -66,6 +140,11 @@ impl GatewayArgs {
     pub fn with_workers(workers: Vec<String>) -> Self {
         GatewayArgs {
             workers,
+            discover: Vec::new(),
+            discover_interval_ms: DEFAULT_DISCOVER_INTERVAL_MS,
+            routing: PolicyKind::LeastLoad,
+            prefix_tokens: PrefixOptions::default().prefix_tokens,
+            prefix_load_factor: PrefixOptions::default().load_factor,
             chat_template: None,
             default_max_new_tokens: DEFAULT_MAX_NEW_TOKENS,
             default_temperature: DEFAULT_TEMPERATURE,
@@ -74,17 +153,56 @@ impl GatewayArgs {
             max_top_logprobs: DEFAULT_MAX_TOP_LOGPROBS,
             health_interval_ms: DEFAULT_HEALTH_INTERVAL_MS,
             health_timeout_ms: DEFAULT_HEALTH_TIMEOUT_MS,
+            healthy_threshold: DEFAULT_HEALTHY_THRESHOLD,
+            unhealthy_threshold: DEFAULT_UNHEALTHY_THRESHOLD,
+            load_poll_ms: DEFAULT_LOAD_POLL_MS,
+            breaker_failures: DEFAULT_BREAKER_FAILURES,
+            breaker_open_ms: DEFAULT_BREAKER_OPEN_MS,
+            max_concurrent_requests: DEFAULT_MAX_CONCURRENT_REQUESTS,
+            shutdown_grace_s: DEFAULT_SHUTDOWN_GRACE_S,
         }
     }
 
     /// Validates every flag; reads and compiles the chat template file.
+    /// With `admin`, the gateway may start with no worker (the admin API adds them).
     pub fn into_config(self) -> Result<GatewayConfig, GatewayError> {
-        if self.workers.is_empty() {
+        self.into_config_with(false)
+    }
+
+    pub fn into_config_with(self, admin: bool) -> Result<GatewayConfig, GatewayError> {
+        if self.workers.is_empty() && self.discover.is_empty() && !admin {
             return Err(config_error(
                 "worker",
                 "[]",
-                "at least one --worker is required",
+                "at least one --worker or --discover is required (or --admin-listen to add workers later)",
             ));
+        }
+        let discover = self
+            .discover
+            .iter()
+            .map(|d| DnsTarget::parse(d))
+            .collect::<Result<Vec<_>, _>>()?;
+        let positive = [
+            ("discover_interval_ms", self.discover_interval_ms),
+            ("load_poll_ms", self.load_poll_ms),
+            ("healthy_threshold", u64::from(self.healthy_threshold)),
+            ("unhealthy_threshold", u64::from(self.unhealthy_threshold)),
+            (
+                "max_concurrent_requests",
+                self.max_concurrent_requests as u64,
+            ),
+        ];
+        for (field, value) in positive {
+            if value == 0 {
+                return Err(config_error(field, 0, "must be at least 1"));
+            }
+        }
+        if self.prefix_tokens == 0 {
+            return Err(config_error("prefix_tokens", 0, "must be at least 1"));
+        }
+        let f = self.prefix_load_factor;
+        if !(f > 0.0 && f <= 100.0) {
+            return Err(config_error("prefix_load_factor", f, "must be in (0, 100]"));
         }
         let workers = self
             .workers
@@ -134,8 +252,26 @@ impl GatewayArgs {
                 max_stop_string_bytes: self.max_stop_string_bytes,
                 max_top_logprobs: self.max_top_logprobs,
             },
-            health_interval: Duration::from_millis(self.health_interval_ms),
-            health_timeout: Duration::from_millis(self.health_timeout_ms),
+            discover,
+            discover_interval: Duration::from_millis(self.discover_interval_ms),
+            routing: self.routing,
+            prefix: PrefixOptions {
+                prefix_tokens: self.prefix_tokens,
+                load_factor: self.prefix_load_factor,
+            },
+            replicas: ReplicaSettings {
+                health_interval: Duration::from_millis(self.health_interval_ms),
+                health_timeout: Duration::from_millis(self.health_timeout_ms),
+                healthy_threshold: self.healthy_threshold,
+                unhealthy_threshold: self.unhealthy_threshold,
+                load_interval: Duration::from_millis(self.load_poll_ms),
+                breaker: BreakerConfig {
+                    failures: self.breaker_failures,
+                    open_for: Duration::from_millis(self.breaker_open_ms),
+                },
+            },
+            max_concurrent_requests: self.max_concurrent_requests,
+            shutdown_grace: Duration::from_secs(self.shutdown_grace_s),
         })
     }
 }
@@ -148,8 +284,13 @@ pub struct GatewayConfig {
     /// Overrides every model's own template when set.
     pub chat_template: Option<Arc<ChatTemplate>>,
     pub limits: Limits,
-    pub health_interval: Duration,
-    pub health_timeout: Duration,
+    pub discover: Vec<DnsTarget>,
+    pub discover_interval: Duration,
+    pub routing: PolicyKind,
+    pub prefix: PrefixOptions,
+    pub replicas: ReplicaSettings,
+    pub max_concurrent_requests: usize,
+    pub shutdown_grace: Duration,
 }
 
 /// Request limits and defaults that validation applies.
@@ -208,7 +349,7 @@ fn load_template(path: &std::path::Path) -> Result<ChatTemplate, GatewayError> {
     })
 }
 
-fn config_error(
+pub(crate) fn config_error(
     field: &'static str,
     value: impl std::fmt::Display,
     reason: impl Into<String>,
@@ -238,7 +379,8 @@ mod tests {
         let config = cli.gateway.into_config().unwrap();
         assert_eq!(config.workers, ["http://w1:1", "http://w2:2"]);
         assert_eq!(config.limits, Limits::default());
-        assert_eq!(config.health_interval, Duration::from_millis(1000));
+        assert_eq!(config.replicas.health_interval, Duration::from_millis(1000));
+        assert_eq!(config.routing, PolicyKind::LeastLoad);
         assert!(config.chat_template.is_none());
     }
 

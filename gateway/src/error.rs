@@ -35,6 +35,27 @@ pub enum GatewayError {
     #[error("tokenizer of model {model} failed: {reason}")]
     Tokenizer { model: String, reason: String },
 
+    /// The gateway's own concurrency limit is reached.
+    #[error(
+        "the gateway is at its limit of {limit} concurrent requests (--max-concurrent-requests); retry later or on another gateway"
+    )]
+    Overloaded { limit: usize },
+
+    /// SIGTERM arrived: requests in flight finish, new ones are refused.
+    #[error("the gateway is shutting down; retry on another gateway")]
+    ShuttingDown,
+
+    /// The client's deadline (`grpc-timeout`) passed.
+    #[error("the request's deadline of {timeout:?} passed after {tokens} generated tokens")]
+    DeadlineExceeded {
+        timeout: std::time::Duration,
+        tokens: usize,
+    },
+
+    /// An admin call named a replica the registry does not hold.
+    #[error("no replica {address:?} is registered")]
+    UnknownReplica { address: String },
+
     /// The worker answered with a status; its code passes through to the client.
     #[error("worker {worker}: {}", status.message())]
     WorkerStatus { worker: String, status: Status },
@@ -87,15 +108,32 @@ impl GatewayError {
         matches!(self, GatewayError::WorkerUnavailable { .. })
     }
 
+    /// True when the failure says the replica is broken (not the request,
+    /// not the client, not overload): what the circuit breaker counts.
+    pub fn blames_worker(&self) -> bool {
+        match self {
+            GatewayError::WorkerUnavailable { .. } | GatewayError::WorkerProtocol { .. } => true,
+            GatewayError::WorkerStatus { status, .. } => matches!(
+                status.code(),
+                Code::Internal | Code::Unknown | Code::DataLoss | Code::Unavailable
+            ),
+            _ => false,
+        }
+    }
+
     pub fn code(&self) -> Code {
         match self {
             GatewayError::InvalidRequest(_) | GatewayError::TemplateRender { .. } => {
                 Code::InvalidArgument
             }
-            GatewayError::UnknownModel { .. } => Code::NotFound,
-            GatewayError::NoHealthyWorker { .. } | GatewayError::WorkerUnavailable { .. } => {
-                Code::Unavailable
+            GatewayError::UnknownModel { .. } | GatewayError::UnknownReplica { .. } => {
+                Code::NotFound
             }
+            GatewayError::NoHealthyWorker { .. }
+            | GatewayError::WorkerUnavailable { .. }
+            | GatewayError::ShuttingDown => Code::Unavailable,
+            GatewayError::Overloaded { .. } => Code::ResourceExhausted,
+            GatewayError::DeadlineExceeded { .. } => Code::DeadlineExceeded,
             GatewayError::NoChatTemplate { .. } | GatewayError::BrokenChatTemplate { .. } => {
                 Code::FailedPrecondition
             }
@@ -118,6 +156,10 @@ impl GatewayError {
             GatewayError::InvalidRequest(_) => "invalid_request",
             GatewayError::UnknownModel { .. } => "unknown_model",
             GatewayError::NoHealthyWorker { .. } => "no_healthy_worker",
+            GatewayError::Overloaded { .. } => "overloaded",
+            GatewayError::ShuttingDown => "shutting_down",
+            GatewayError::DeadlineExceeded { .. } => "deadline_exceeded",
+            GatewayError::UnknownReplica { .. } => "unknown_replica",
             GatewayError::NoChatTemplate { .. } => "no_chat_template",
             GatewayError::BrokenChatTemplate { .. } => "broken_chat_template",
             GatewayError::TemplateRender { .. } => "template_render",
@@ -138,18 +180,11 @@ impl From<GatewayError> for Status {
     }
 }
 
+/// UNAVAILABLE, or a status tonic made from a local error (a transport
+/// error, a connection or stream the worker's death broke): a status the
+/// worker sent carries no source error.
 fn is_unavailable(status: &Status) -> bool {
-    if status.code() == Code::Unavailable {
-        return true;
-    }
-    let mut source = std::error::Error::source(status);
-    while let Some(error) = source {
-        if error.is::<tonic::transport::Error>() {
-            return true;
-        }
-        source = error.source();
-    }
-    false
+    status.code() == Code::Unavailable || std::error::Error::source(status).is_some()
 }
 
 #[cfg(test)]
@@ -175,6 +210,29 @@ mod tests {
         let status = error.to_status();
         assert_eq!(status.code(), Code::Unavailable);
         assert!(status.message().contains("http://w1:50051"));
+    }
+
+    #[test]
+    fn only_broken_workers_count_against_the_breaker() {
+        let worker = |status| GatewayError::from_worker("w", status);
+        assert!(worker(Status::unavailable("refused")).blames_worker());
+        assert!(worker(Status::internal("engine failed")).blames_worker());
+        assert!(!worker(Status::resource_exhausted("full")).blames_worker());
+        assert!(!worker(Status::invalid_argument("bad")).blames_worker());
+        assert!(!worker(Status::cancelled("gone")).blames_worker());
+        assert!(!GatewayError::Overloaded { limit: 1 }.blames_worker());
+    }
+
+    #[test]
+    fn gateway_overload_is_resource_exhausted_naming_the_limit() {
+        let status = GatewayError::Overloaded { limit: 8 }.to_status();
+        assert_eq!(status.code(), Code::ResourceExhausted);
+        assert!(
+            status.message().contains("limit of 8"),
+            "{}",
+            status.message()
+        );
+        assert!(status.message().contains("--max-concurrent-requests"));
     }
 
     #[test]

@@ -14,13 +14,15 @@ use std::time::{Instant, SystemTime, UNIX_EPOCH};
 use aquila_proto::v1;
 use aquila_proto::v1::generation_server::Generation;
 use aquila_proto::worker::v1 as worker;
+use tokio::sync::{OwnedSemaphorePermit, Semaphore};
+use tonic::metadata::MetadataMap;
 use tonic::{Request, Response, Status};
 use tracing::{Span, instrument};
 
 use crate::config::Limits;
 use crate::error::GatewayError;
 use crate::model::Model;
-use crate::stream::{self, ResponseStream, Upstream};
+use crate::stream::{self, Deadline, ResponseStream, Upstream};
 use crate::template::Message;
 use crate::transcribe::RequestContext;
 use crate::validation::{self, Prompt, ValidRequest};
@@ -33,27 +35,68 @@ const MAX_ATTEMPTS: usize = 2;
 pub struct GenerationService {
     pool: Arc<WorkerPool>,
     limits: Limits,
+    /// One permit per request being served (`--max-concurrent-requests`).
+    slots: Arc<Semaphore>,
+    max_concurrent: usize,
+}
+
+/// What every request carries from admission to its response stream.
+struct Admitted {
+    model: Arc<Model>,
+    request_id: String,
+    received: Instant,
+    deadline: Option<Deadline>,
+    permit: OwnedSemaphorePermit,
 }
 
 impl GenerationService {
-    pub fn new(pool: Arc<WorkerPool>, limits: Limits) -> Self {
-        GenerationService { pool, limits }
+    pub fn new(pool: Arc<WorkerPool>, limits: Limits, slots: Arc<Semaphore>) -> Self {
+        let max_concurrent = slots.available_permits();
+        GenerationService {
+            pool,
+            limits,
+            slots,
+            max_concurrent,
+        }
     }
 
-    fn accept(&self, requested_model: &str) -> Result<(Arc<Model>, String), GatewayError> {
+    /// Admission: refuses at once when shutting down or at the concurrency
+    /// limit, before any work is spent on the request.
+    fn accept(
+        &self,
+        requested_model: &str,
+        metadata: &MetadataMap,
+    ) -> Result<Admitted, GatewayError> {
+        let received = Instant::now();
         let request_id = next_request_id();
         Span::current().record("request_id", request_id.as_str());
+        if self.pool.is_closing() {
+            return Err(GatewayError::ShuttingDown);
+        }
+        let permit =
+            Arc::clone(&self.slots)
+                .try_acquire_owned()
+                .map_err(|_| GatewayError::Overloaded {
+                    limit: self.max_concurrent,
+                })?;
         let model = self.pool.resolve(requested_model)?;
         Span::current().record("model", model.name());
-        Ok((model, request_id))
+        Ok(Admitted {
+            model,
+            request_id,
+            received,
+            deadline: deadline(metadata, received),
+            permit,
+        })
     }
 
     async fn open_generate(
         &self,
-        request: v1::GenerateRequest,
+        request: Request<v1::GenerateRequest>,
     ) -> Result<ResponseStream, GatewayError> {
-        let received = Instant::now();
-        let (model, request_id) = self.accept(&request.model)?;
+        let admitted = self.accept(&request.get_ref().model, request.metadata())?;
+        let request = request.into_inner();
+        let model = &admitted.model;
         // Explicit ids are sent as given; only text prompts get the bos token.
         let ids = match validation::parse_prompt(&request)? {
             Prompt::Text(text) => model.encode(&text, true)?,
@@ -66,12 +109,16 @@ impl GenerationService {
             model.limits(),
             &[],
         )?;
-        self.open(model, valid, request_id, received).await
+        self.open(admitted, valid).await
     }
 
-    async fn open_chat(&self, request: v1::ChatRequest) -> Result<ResponseStream, GatewayError> {
-        let received = Instant::now();
-        let (model, request_id) = self.accept(&request.model)?;
+    async fn open_chat(
+        &self,
+        request: Request<v1::ChatRequest>,
+    ) -> Result<ResponseStream, GatewayError> {
+        let admitted = self.accept(&request.get_ref().model, request.metadata())?;
+        let request = request.into_inner();
+        let model = &admitted.model;
         validation::validate_messages(&request.messages)?;
         let messages: Vec<Message> = request
             .messages
@@ -89,27 +136,34 @@ impl GenerationService {
             model.limits(),
             &model.info.chat_stop,
         )?;
-        self.open(model, valid, request_id, received).await
+        self.open(admitted, valid).await
     }
 
     async fn open(
         &self,
-        model: Arc<Model>,
+        admitted: Admitted,
         valid: ValidRequest,
-        request_id: String,
-        received: Instant,
     ) -> Result<ResponseStream, GatewayError> {
         tracing::debug!(
             prompt_tokens = valid.prompt_token_ids.len(),
             max_new_tokens = valid.params.max_new_tokens,
             "request accepted"
         );
+        let Admitted {
+            model,
+            request_id,
+            received,
+            deadline,
+            permit,
+        } = admitted;
         let request = worker::GenerateRequest {
             request_id: request_id.clone(),
             prompt_token_ids: valid.prompt_token_ids,
             params: Some(valid.params),
         };
-        let upstream = self.call_with_retry(model.name(), &request).await?;
+        let upstream = self
+            .call_with_retry(model.name(), &request, deadline)
+            .await?;
         let ctx = RequestContext {
             request_id,
             logprobs: request.params.as_ref().is_some_and(|p| p.logprobs),
@@ -118,74 +172,115 @@ impl GenerationService {
             model,
             received,
         };
-        Ok(stream::respond(ctx, upstream))
+        Ok(stream::respond(ctx, upstream, deadline, permit))
     }
 
+    /// The first replica, then (if it could not be reached before its first
+    /// event) one other: a retry can never repeat tokens the client saw.
     async fn call_with_retry(
         &self,
         model: &str,
         request: &worker::GenerateRequest,
+        deadline: Option<Deadline>,
     ) -> Result<Upstream, GatewayError> {
-        let mut failed: Option<(usize, GatewayError)> = None;
+        let mut tried: Vec<String> = Vec::new();
+        let mut failed: Option<GatewayError> = None;
         for _ in 0..MAX_ATTEMPTS {
-            let picked = match (self.pool.pick(model, failed.as_ref().map(|f| f.0)), failed) {
-                (Ok(picked), _) => picked,
+            let picked = match self.pool.pick(model, &request.prompt_token_ids, &tried) {
+                Ok(picked) => picked,
                 // No other replica: the unreachable one's error says more.
-                (Err(_), Some((_, error))) => return Err(error),
-                (Err(error), None) => return Err(error),
+                Err(error) => return Err(failed.unwrap_or(error)),
             };
-            let index = picked.index;
-            match self.call(picked, request.clone()).await {
+            tried.push(picked.address.clone());
+            match self.call(picked, request.clone(), deadline).await {
                 Ok(upstream) => return Ok(upstream),
                 Err(error) if error.is_worker_unavailable() => {
-                    self.pool.mark_unavailable(index, &error.to_string()).await;
                     tracing::warn!(%error, "worker unreachable; trying another replica");
-                    failed = Some((index, error));
+                    failed = Some(error);
                 }
                 Err(error) => return Err(error),
             }
         }
-        Err(failed.map_or_else(
-            || GatewayError::NoHealthyWorker {
-                model: model.to_owned(),
-            },
-            |(_, error)| error,
-        ))
+        Err(failed.unwrap_or_else(|| GatewayError::NoHealthyWorker {
+            model: model.to_owned(),
+        }))
     }
 
     /// Starts the generation and waits for its first event, so that a worker
-    /// failing before any token can still be replaced.
+    /// failing before any token can still be replaced. The client's deadline
+    /// goes to the worker as its `grpc-timeout`.
     async fn call(
         &self,
         picked: Picked,
         request: worker::GenerateRequest,
+        deadline: Option<Deadline>,
     ) -> Result<Upstream, GatewayError> {
         let Picked {
-            index,
             address,
             mut client,
+            mut in_flight,
         } = picked;
-        let to_error = |status: Status| GatewayError::from_worker(&address, status);
-        let mut events = client
-            .generate(request)
-            .await
-            .map_err(to_error)?
-            .into_inner();
-        let first = events.message().await.map_err(to_error)?.ok_or_else(|| {
-            GatewayError::WorkerProtocol {
-                worker: address.clone(),
-                reason: "the event stream ended before its first event".into(),
+        let mut request = Request::new(request);
+        if let Some(d) = deadline {
+            let left = d.at.saturating_duration_since(Instant::now());
+            if left.is_zero() {
+                return Err(GatewayError::DeadlineExceeded {
+                    timeout: d.timeout,
+                    tokens: 0,
+                });
             }
-        })?;
-        Ok(Upstream {
-            pool: Arc::clone(&self.pool),
-            worker_index: index,
-            worker_address: address,
-            events,
-            first,
-            first_received: Instant::now(),
-        })
+            request.set_timeout(left);
+        }
+        let started = async {
+            let to_error = |status: Status| GatewayError::from_worker(&address, status);
+            let mut events = client
+                .generate(request)
+                .await
+                .map_err(to_error)?
+                .into_inner();
+            let first = events.message().await.map_err(to_error)?.ok_or_else(|| {
+                GatewayError::WorkerProtocol {
+                    worker: address.clone(),
+                    reason: "the event stream ended before its first event".into(),
+                }
+            })?;
+            Ok((events, first))
+        };
+        let started = match deadline {
+            Some(d) => tokio::time::timeout_at(d.at.into(), started)
+                .await
+                .unwrap_or(Err(GatewayError::DeadlineExceeded {
+                    timeout: d.timeout,
+                    tokens: 0,
+                })),
+            None => started.await,
+        };
+        match started {
+            Ok((events, first)) => {
+                in_flight.succeeded();
+                Ok(Upstream {
+                    in_flight,
+                    worker_address: address,
+                    events,
+                    first,
+                    first_received: Instant::now(),
+                })
+            }
+            Err(error) => {
+                in_flight.failed(&error).await;
+                Err(error)
+            }
+        }
     }
+}
+
+/// The client's deadline, from its `grpc-timeout` header.
+fn deadline(metadata: &MetadataMap, received: Instant) -> Option<Deadline> {
+    let timeout = aquila_proto::grpc_timeout(metadata)?;
+    Some(Deadline {
+        at: received + timeout,
+        timeout,
+    })
 }
 
 #[tonic::async_trait]
@@ -198,7 +293,7 @@ impl Generation for GenerationService {
         &self,
         request: Request<v1::GenerateRequest>,
     ) -> Result<Response<v1::GenerateResponse>, Status> {
-        let stream = self.open_generate(request.into_inner()).await?;
+        let stream = self.open_generate(request).await?;
         Ok(Response::new(stream::collect(stream).await?))
     }
 
@@ -207,9 +302,7 @@ impl Generation for GenerationService {
         &self,
         request: Request<v1::GenerateRequest>,
     ) -> Result<Response<ResponseStream>, Status> {
-        Ok(Response::new(
-            self.open_generate(request.into_inner()).await?,
-        ))
+        Ok(Response::new(self.open_generate(request).await?))
     }
 
     #[instrument(skip_all, fields(request_id, model))]
@@ -217,7 +310,7 @@ impl Generation for GenerationService {
         &self,
         request: Request<v1::ChatRequest>,
     ) -> Result<Response<v1::GenerateResponse>, Status> {
-        let stream = self.open_chat(request.into_inner()).await?;
+        let stream = self.open_chat(request).await?;
         Ok(Response::new(stream::collect(stream).await?))
     }
 
@@ -226,7 +319,7 @@ impl Generation for GenerationService {
         &self,
         request: Request<v1::ChatRequest>,
     ) -> Result<Response<ResponseStream>, Status> {
-        Ok(Response::new(self.open_chat(request.into_inner()).await?))
+        Ok(Response::new(self.open_chat(request).await?))
     }
 
     #[instrument(skip_all, fields(model))]

@@ -7,24 +7,24 @@
 //! retrying workers happens before this module is involved.
 
 use std::pin::Pin;
-use std::sync::Arc;
-use std::time::Instant;
+use std::time::{Duration, Instant};
 
 use aquila_proto::v1;
 use aquila_proto::worker::v1 as worker;
 use futures::{Stream, StreamExt};
+use tokio::sync::OwnedSemaphorePermit;
 use tonic::{Status, Streaming};
 
 use crate::error::GatewayError;
 use crate::transcribe::{RequestContext, Transcriber};
-use crate::workers::WorkerPool;
+use crate::workers::InFlight;
 
 pub type ResponseStream = Pin<Box<dyn Stream<Item = Result<v1::GenerateResponse, Status>> + Send>>;
 
 /// A worker call that has produced its first event.
 pub struct Upstream {
-    pub pool: Arc<WorkerPool>,
-    pub worker_index: usize,
+    /// Counts the call against its replica until the stream ends.
+    pub in_flight: InFlight,
     pub worker_address: String,
     pub events: Streaming<worker::GenerateEvent>,
     pub first: worker::GenerateEvent,
@@ -32,19 +32,38 @@ pub struct Upstream {
     pub first_received: Instant,
 }
 
+/// The client's deadline, from its `grpc-timeout`.
+#[derive(Debug, Clone, Copy)]
+pub struct Deadline {
+    pub at: Instant,
+    pub timeout: Duration,
+}
+
 struct State {
     transcriber: Transcriber,
     upstream: Upstream,
     pending_first: Option<worker::GenerateEvent>,
+    deadline: Option<Deadline>,
+    tokens: usize,
+    /// The gateway's concurrency slot, released when the stream ends.
+    _permit: OwnedSemaphorePermit,
 }
 
-pub fn respond(ctx: RequestContext, mut upstream: Upstream) -> ResponseStream {
+pub fn respond(
+    ctx: RequestContext,
+    mut upstream: Upstream,
+    deadline: Option<Deadline>,
+    permit: OwnedSemaphorePermit,
+) -> ResponseStream {
     let first = std::mem::take(&mut upstream.first);
     let transcriber = Transcriber::new(ctx, upstream.worker_address.clone());
     let state = State {
         transcriber,
         upstream,
         pending_first: Some(first),
+        deadline,
+        tokens: 0,
+        _permit: permit,
     };
     // `None` state = the stream has ended; dropping `State` drops the worker stream.
     Box::pin(futures::stream::unfold(Some(state), |state| async move {
@@ -81,35 +100,64 @@ impl State {
         let event = match self.pending_first.take() {
             Some(event) => Ok(Some((event, self.upstream.first_received))),
             None => {
-                let event = self.upstream.events.message().await;
-                event.map(|e| e.map(|e| (e, Instant::now())))
+                let next = self.upstream.events.message();
+                let event = match self.deadline {
+                    // The worker enforces the deadline too (it got the
+                    // grpc-timeout); this covers a worker that stopped answering.
+                    Some(d) => tokio::time::timeout_at(d.at.into(), next)
+                        .await
+                        .map_err(|_| d),
+                    None => Ok(next.await),
+                };
+                match event {
+                    Ok(event) => event.map(|e| e.map(|e| (e, Instant::now()))),
+                    Err(d) => {
+                        let error = GatewayError::DeadlineExceeded {
+                            timeout: d.timeout,
+                            tokens: self.tokens,
+                        };
+                        return self.end(error);
+                    }
+                }
             }
         };
         let result = match event {
-            Ok(Some((event, arrived))) => self.transcriber.on_event(event, arrived),
+            Ok(Some((event, arrived))) => {
+                self.tokens += event.tokens.len();
+                self.transcriber.on_event(event, arrived)
+            }
             Ok(None) => Err(GatewayError::WorkerProtocol {
                 worker: self.upstream.worker_address.clone(),
                 reason: "the event stream ended without a finish event".into(),
             }),
             Err(status) => {
-                let error = GatewayError::from_worker(&self.upstream.worker_address, status);
-                if error.is_worker_unavailable() {
-                    let reason = error.to_string();
-                    self.upstream
-                        .pool
-                        .mark_unavailable(self.upstream.worker_index, &reason)
-                        .await;
-                }
+                let error = match GatewayError::from_worker(&self.upstream.worker_address, status) {
+                    // Tokens were already sent: no retry is possible, and the
+                    // client must know the text is cut short.
+                    GatewayError::WorkerUnavailable { worker, reason } => {
+                        GatewayError::WorkerUnavailable {
+                            worker,
+                            reason: format!(
+                                "{reason} (the stream broke after {} generated tokens; the text is incomplete)",
+                                self.tokens
+                            ),
+                        }
+                    }
+                    other => other,
+                };
+                self.upstream.in_flight.failed(&error).await;
                 Err(error)
             }
         };
         match result {
             Ok((response, done)) => (Ok(response), done),
-            Err(error) => {
-                tracing::warn!(request_id = %self.transcriber.request_id(), %error, "generation failed");
-                (Err(error.to_status()), true)
-            }
+            Err(error) => self.end(error),
         }
+    }
+
+    fn end(&self, error: GatewayError) -> (Result<v1::GenerateResponse, Status>, bool) {
+        tracing::warn!(request_id = %self.transcriber.request_id(), %error, "generation failed");
+        (Err(error.to_status()), true)
     }
 }
 

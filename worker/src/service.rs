@@ -5,7 +5,9 @@
 
 use std::future::Future;
 use std::path::PathBuf;
+use std::pin::Pin;
 use std::sync::Arc;
+use std::sync::atomic::{AtomicBool, Ordering};
 use std::time::{Duration, Instant};
 
 use aquila_proto::worker::v1::worker_server::{Worker, WorkerServer};
@@ -13,10 +15,12 @@ use aquila_proto::worker::v1::{
     GenerateEvent, GenerateRequest, GetLoadRequest, GetModelInfoRequest, Load, ModelInfo,
     SamplingParams,
 };
+use futures::{Stream, StreamExt};
 use tokio::net::TcpListener;
 use tokio_stream::wrappers::UnboundedReceiverStream;
 use tonic::transport::server::TcpIncoming;
 use tonic::{Request, Response, Status};
+use tonic_health::ServingStatus;
 
 use crate::comm::tcp::TcpComm;
 use crate::comm::{Communicator, SingleRank};
@@ -73,6 +77,10 @@ pub struct WorkerArgs {
     /// two tokens nearly tie. Float weights are not affected.
     #[arg(long, env = "AQUILA_TP_INVARIANT")]
     pub tp_invariant: bool,
+    /// Seconds that requests in flight get to finish after SIGTERM (new
+    /// ones are refused with UNAVAILABLE, so a gateway sends them elsewhere).
+    #[arg(long, env = "AQUILA_SHUTDOWN_GRACE_S", default_value_t = 30)]
+    pub shutdown_grace_s: u64,
 }
 
 /// Sizes the compute pools (ours, and rayon's for what candle runs); 0 keeps
@@ -190,6 +198,9 @@ pub fn run_follower(
 pub struct WorkerState {
     info: ModelInfo,
     engine: EngineHandle,
+    /// Set on SIGTERM: new requests are refused while running ones finish.
+    draining: AtomicBool,
+    shutdown_grace: Duration,
 }
 
 impl WorkerState {
@@ -254,7 +265,12 @@ impl WorkerState {
             },
             control.map(|c| c as Arc<dyn Communicator>),
         )?;
-        Ok(Self { info, engine })
+        Ok(Self {
+            info,
+            engine,
+            draining: AtomicBool::new(false),
+            shutdown_grace: Duration::from_secs(args.shutdown_grace_s),
+        })
     }
 
     pub fn model_info(&self) -> &ModelInfo {
@@ -335,9 +351,11 @@ struct WorkerService {
     state: Arc<WorkerState>,
 }
 
+type EventStream = Pin<Box<dyn Stream<Item = Result<GenerateEvent, Status>> + Send>>;
+
 #[tonic::async_trait]
 impl Worker for WorkerService {
-    type GenerateStream = UnboundedReceiverStream<Result<GenerateEvent, Status>>;
+    type GenerateStream = EventStream;
 
     #[tracing::instrument(skip_all, fields(request_id = %req.get_ref().request_id))]
     async fn generate(
@@ -345,6 +363,12 @@ impl Worker for WorkerService {
         req: Request<GenerateRequest>,
     ) -> Result<Response<Self::GenerateStream>, Status> {
         let arrived = Instant::now();
+        if self.state.draining.load(Ordering::Acquire) {
+            return Err(Status::unavailable(
+                "the worker is shutting down; retry on another replica",
+            ));
+        }
+        let timeout = aquila_proto::grpc_timeout(req.metadata());
         let req = req.into_inner();
         let params = self.state.validate(&req)?;
         let (tx, rx) = tokio::sync::mpsc::unbounded_channel();
@@ -355,7 +379,11 @@ impl Worker for WorkerService {
             events: tx,
             arrived,
         })?;
-        Ok(Response::new(UnboundedReceiverStream::new(rx)))
+        let events = UnboundedReceiverStream::new(rx);
+        Ok(Response::new(match timeout {
+            None => Box::pin(events),
+            Some(timeout) => with_deadline(events, arrived + timeout, timeout),
+        }))
     }
 
     async fn get_model_info(
@@ -370,7 +398,37 @@ impl Worker for WorkerService {
     }
 }
 
-/// Serves `state` on `listener` until `shutdown` resolves. If the engine
+/// Ends `events` with DEADLINE_EXCEEDED at `at`. Dropping the engine's
+/// receiver then cancels the sequence and frees its blocks, as when the
+/// client goes away. (tonic enforces `grpc-timeout` only until the
+/// response starts, not over a stream.)
+fn with_deadline(
+    events: UnboundedReceiverStream<Result<GenerateEvent, Status>>,
+    at: Instant,
+    timeout: Duration,
+) -> EventStream {
+    let at = tokio::time::Instant::from_std(at);
+    Box::pin(futures::stream::unfold(
+        Some(events),
+        move |events| async move {
+            let mut events = events?;
+            match tokio::time::timeout_at(at, events.next()).await {
+                Ok(Some(item)) => Some((item, Some(events))),
+                Ok(None) => None,
+                Err(_) => {
+                    let status = Status::deadline_exceeded(format!(
+                        "the request's deadline of {timeout:?} passed"
+                    ));
+                    Some((Err(status), None))
+                }
+            }
+        },
+    ))
+}
+
+/// Serves `state` on `listener` until `shutdown` resolves, then drains:
+/// readiness turns NOT_SERVING, new requests get UNAVAILABLE, running and
+/// waiting ones get `--shutdown-grace-s` to finish. If the engine
 /// stops because a tensor-parallel rank failed, health turns NOT_SERVING at
 /// once, the server keeps answering (UNAVAILABLE) for `FAILED_GRACE`, so
 /// that health checks see it, and then returns the failure: the process
@@ -382,10 +440,11 @@ pub async fn run(
     shutdown: impl Future<Output = ()> + Send + 'static,
 ) -> Result<()> {
     const FAILED_GRACE: Duration = Duration::from_secs(2);
+    const DRAIN_POLL: Duration = Duration::from_millis(20);
     let (reporter, health) = tonic_health::server::health_reporter();
-    reporter.set_serving::<WorkerServer<WorkerService>>().await;
+    set_readiness(&reporter, ServingStatus::Serving).await;
     reporter
-        .set_service_status("", tonic_health::ServingStatus::Serving)
+        .set_service_status(LIVENESS_SERVICE, ServingStatus::Serving)
         .await;
     let reflection_v1 = tonic_reflection::server::Builder::configure()
         .register_encoded_file_descriptor_set(aquila_proto::FILE_DESCRIPTOR_SET)
@@ -398,25 +457,41 @@ pub async fn run(
         .build_v1alpha()
         .map_err(|e| WorkerError::Config(format!("reflection: {e}")))?;
     let watched = state.clone();
+    let failing = reporter.clone();
     let failed = async move {
         loop {
             if let Some(reason) = watched.engine.failure() {
-                reporter
-                    .set_not_serving::<WorkerServer<WorkerService>>()
-                    .await;
-                reporter
-                    .set_service_status("", tonic_health::ServingStatus::NotServing)
-                    .await;
+                set_readiness(&failing, ServingStatus::NotServing).await;
                 tokio::time::sleep(FAILED_GRACE).await;
                 return reason;
             }
             tokio::time::sleep(Duration::from_millis(100)).await;
         }
     };
+    let draining = state.clone();
+    let drain = async move {
+        shutdown.await;
+        draining.draining.store(true, Ordering::Release);
+        set_readiness(&reporter, ServingStatus::NotServing).await;
+        let busy = || {
+            let load = draining.engine.load();
+            load.running + load.waiting
+        };
+        let grace = draining.shutdown_grace;
+        tracing::info!(in_flight = busy(), ?grace, "draining");
+        let deadline = Instant::now() + grace;
+        while busy() > 0 && Instant::now() < deadline {
+            tokio::time::sleep(DRAIN_POLL).await;
+        }
+        match busy() {
+            0 => tracing::info!("drained"),
+            left => tracing::warn!(left, "grace period over; cutting the remaining requests"),
+        }
+    };
     let (failure_tx, failure_rx) = tokio::sync::oneshot::channel();
     let stop = async move {
         tokio::select! {
-            _ = shutdown => {}
+            _ = drain => {}
             reason = failed => { let _ = failure_tx.send(reason); }
         }
     };
@@ -432,5 +507,18 @@ pub async fn run(
     match failure_rx.await {
         Ok(reason) => Err(WorkerError::Comm(reason)),
         Err(_) => Ok(()),
+    }
+}
+
+/// Health services that say whether the worker takes requests: all ranks
+/// alive (a failed rank stops the engine), model loaded, KV pool sized
+/// (both before `run`), and not shutting down.
+const READINESS_SERVICES: [&str; 3] = ["", "readiness", "aquila.worker.v1.Worker"];
+/// The service that says only that the process serves.
+const LIVENESS_SERVICE: &str = "liveness";
+
+async fn set_readiness(reporter: &tonic_health::server::HealthReporter, status: ServingStatus) {
+    for service in READINESS_SERVICES {
+        reporter.set_service_status(service, status).await;
     }
 }

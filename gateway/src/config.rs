@@ -72,6 +72,10 @@ pub struct GatewayArgs {
     #[arg(long, env = "AQUILA_GATEWAY_PREFIX_LOAD_FACTOR", default_value_t = PrefixOptions::default().load_factor)]
     pub prefix_load_factor: f64,
 
+    /// prefix-aware: requests in flight below which a replica always keeps its prefixes.
+    #[arg(long, env = "AQUILA_GATEWAY_PREFIX_MIN_LOAD", default_value_t = PrefixOptions::default().min_load)]
+    pub prefix_min_load: usize,
+
     /// Jinja chat template file used for every model instead of the models' own templates.
     #[arg(long, env = "AQUILA_GATEWAY_CHAT_TEMPLATE")]
     pub chat_template: Option<PathBuf>,
@@ -145,6 +149,7 @@ impl GatewayArgs {
             routing: PolicyKind::LeastLoad,
             prefix_tokens: PrefixOptions::default().prefix_tokens,
             prefix_load_factor: PrefixOptions::default().load_factor,
+            prefix_min_load: PrefixOptions::default().min_load,
             chat_template: None,
             default_max_new_tokens: DEFAULT_MAX_NEW_TOKENS,
             default_temperature: DEFAULT_TEMPERATURE,
@@ -258,6 +263,7 @@ impl GatewayArgs {
             prefix: PrefixOptions {
                 prefix_tokens: self.prefix_tokens,
                 load_factor: self.prefix_load_factor,
+                min_load: self.prefix_min_load,
             },
             replicas: ReplicaSettings {
                 health_interval: Duration::from_millis(self.health_interval_ms),

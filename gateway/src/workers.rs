@@ -562,12 +562,16 @@ impl WorkerPool {
         let call = client.get_load(worker::GetLoadRequest {});
         if let Ok(Ok(response)) = tokio::time::timeout(self.settings.health_timeout, call).await {
             let load = response.into_inner();
+            // Ours as of the answer: a call that ended during the poll may
+            // still be counted by the worker, so `others` errs low, never high.
+            let ours = u32::try_from(replica.in_flight.load(Ordering::Acquire)).unwrap_or(u32::MAX);
             lock(&replica.state).load = Some(ReplicaLoad {
                 running: load.running,
                 waiting: load.waiting,
                 kv_blocks_free: load.kv_blocks_free,
                 kv_blocks_total: load.kv_blocks_total,
                 kv_block_size: load.kv_block_size,
+                others: (load.running + load.waiting).saturating_sub(ours),
             });
         }
     }

@@ -42,11 +42,33 @@ pub struct Proc {
     pub child: Child,
     /// "127.0.0.1:PORT" as the process printed it.
     pub addr: String,
+    /// Other "aquila WHAT listening on ADDR" lines printed before it, as (WHAT, ADDR).
+    pub others: Vec<(String, String)>,
 }
 
 impl Proc {
     pub fn url(&self) -> String {
         format!("http://{}", self.addr)
+    }
+
+    /// The URL of another listener the process printed (e.g. "gateway admin").
+    pub fn url_of(&self, what: &str) -> String {
+        let (_, addr) = self
+            .others
+            .iter()
+            .find(|(w, _)| w == what)
+            .unwrap_or_else(|| panic!("no {what} listener in {:?}", self.others));
+        format!("http://{addr}")
+    }
+
+    /// Sends SIGTERM (a graceful stop) and waits for the exit status.
+    pub fn terminate(&mut self) -> std::process::ExitStatus {
+        let status = Command::new("kill")
+            .args(["-TERM", &self.child.id().to_string()])
+            .status()
+            .expect("run kill");
+        assert!(status.success(), "kill -TERM failed");
+        self.child.wait().expect("wait for the process")
     }
 
     pub fn kill(&mut self) {
@@ -73,11 +95,18 @@ pub fn spawn(args: &[&str], what: &str) -> Proc {
     let stdout = child.stdout.take().expect("stdout");
     let mut lines = BufReader::new(stdout).lines();
     let prefix = format!("aquila {what} listening on ");
+    let mut others = Vec::new();
     let addr = loop {
         match lines.next() {
             Some(Ok(line)) => {
                 if let Some(a) = line.strip_prefix(&prefix) {
                     break a.trim().to_string();
+                }
+                let other = line
+                    .strip_prefix("aquila ")
+                    .and_then(|rest| rest.split_once(" listening on "));
+                if let Some((w, a)) = other {
+                    others.push((w.to_string(), a.trim().to_string()));
                 }
             }
             _ => panic!("aquila {args:?} exited before listening"),
@@ -85,7 +114,11 @@ pub fn spawn(args: &[&str], what: &str) -> Proc {
     };
     // Keep draining stdout so the child never blocks on a full pipe.
     std::thread::spawn(move || for _ in lines {});
-    Proc { child, addr }
+    Proc {
+        child,
+        addr,
+        others,
+    }
 }
 
 pub fn spawn_worker(model: &Path, extra: &[&str]) -> Proc {

@@ -10,11 +10,14 @@
 //! the front of the queue to be recomputed later (full blocks it had filled
 //! stay in the prefix cache, so recomputation is often cheap). Admission
 //! looks up the prompt's full blocks in the prefix cache and skips what hits.
+//! A prompt whose next block another sequence computes in this very step
+//! waits one step instead, and then finds it cached: a burst of requests
+//! with one shared prefix computes it once, not once per request.
 //!
 //! The step it produces ([`StepPlan`]) is a plain value — which sequences,
 //! which positions — that can be sent to other ranks.
 
-use std::collections::{HashMap, VecDeque};
+use std::collections::{HashMap, HashSet, VecDeque};
 
 use crate::kv::{BlockId, BlockManager, chain_hash};
 
@@ -47,6 +50,18 @@ pub struct Sequence {
 }
 
 impl Sequence {
+    /// The chain hash of full block `b` (hashing it, and those before it,
+    /// on first use).
+    fn block_hash(&mut self, b: usize, bs: usize) -> u64 {
+        while self.hashes.len() <= b {
+            let i = self.hashes.len();
+            let parent = i.checked_sub(1).map(|p| self.hashes[p]);
+            self.hashes
+                .push(chain_hash(parent, &self.tokens[i * bs..(i + 1) * bs]));
+        }
+        self.hashes[b]
+    }
+
     pub fn new(prompt: Vec<u32>) -> Self {
         Self {
             prompt_len: prompt.len(),
@@ -175,11 +190,18 @@ impl Scheduler {
             budget -= n;
             i += 1;
         }
+        // Hashes of the full blocks this step computes.
+        let mut computing: HashSet<u64> = HashSet::new();
+        for s in &plan.seqs {
+            self.blocks_computed(s, &mut computing);
+        }
         while budget > 0 && self.running.len() < self.cfg.max_running {
             let Some(&id) = self.waiting.front() else {
                 break;
             };
-            let Some(n) = self.admit(id, budget) else {
+            // Arrival order holds: a waiting sequence that cannot start
+            // (no room, or its next block being computed) holds the others.
+            let Some(n) = self.admit(id, budget, &computing) else {
                 break;
             };
             self.waiting.pop_front();
@@ -190,10 +212,25 @@ impl Scheduler {
                 seq.admitted = true;
                 plan.newly_admitted.push(id);
             }
-            plan.seqs.push(self.scheduled(id, n));
+            let scheduled = self.scheduled(id, n);
+            self.blocks_computed(&scheduled, &mut computing);
+            plan.seqs.push(scheduled);
             budget -= n;
         }
         plan
+    }
+
+    /// Adds the chain hashes of the full prompt blocks `s` completes in its
+    /// step to `into` (decodes complete none worth sharing: generated text).
+    fn blocks_computed(&mut self, s: &ScheduledSeq, into: &mut HashSet<u64>) {
+        let bs = self.cfg.block_size;
+        let Some(seq) = self.seqs.get_mut(&s.id) else {
+            return;
+        };
+        let end = (s.start + s.len).min(seq.prompt_len) / bs;
+        for b in s.start / bs..end {
+            into.insert(seq.block_hash(b, bs));
+        }
     }
 
     /// Frees blocks until `need` are available, preempting the newest
@@ -234,27 +271,25 @@ impl Scheduler {
     }
 
     /// Tries to admit `id` with up to `budget` tokens: prefix-cache lookup,
-    /// then blocks for the first chunk. Returns the chunk length.
-    fn admit(&mut self, id: SeqId, budget: usize) -> Option<usize> {
+    /// then blocks for the first chunk. Returns the chunk length; `None`
+    /// when blocks are short or when the first block it would compute is in
+    /// `computing` (it is cached after this step).
+    fn admit(&mut self, id: SeqId, budget: usize, computing: &HashSet<u64>) -> Option<usize> {
         let bs = self.cfg.block_size;
         let seq = self.seqs.get_mut(&id)?;
         // At least one token must run to produce logits.
         let eligible = (seq.tokens.len() - 1) / bs;
         let mut hits = Vec::new();
-        let mut parent = None;
         for b in 0..eligible {
-            let h = match seq.hashes.get(b) {
-                Some(&h) => h,
-                None => chain_hash(parent, &seq.tokens[b * bs..(b + 1) * bs]),
-            };
+            let h = seq.block_hash(b, bs);
             match self.blocks.lookup(h) {
                 Some(block) => hits.push(block),
+                None if computing.contains(&h) => {
+                    self.blocks.release_all(&hits);
+                    return None;
+                }
                 None => break,
             }
-            if seq.hashes.len() == b {
-                seq.hashes.push(h);
-            }
-            parent = Some(h);
         }
         let computed = hits.len() * bs;
         let n = (seq.tokens.len() - computed).min(budget);
@@ -299,12 +334,8 @@ impl Scheduler {
             let full = seq.computed / bs;
             while seq.registered < full {
                 let b = seq.registered;
-                if seq.hashes.len() == b {
-                    let parent = b.checked_sub(1).map(|p| seq.hashes[p]);
-                    seq.hashes
-                        .push(chain_hash(parent, &seq.tokens[b * bs..(b + 1) * bs]));
-                }
-                self.blocks.register(seq.table[b], seq.hashes[b]);
+                let h = seq.block_hash(b, bs);
+                self.blocks.register(seq.table[b], h);
                 seq.registered += 1;
             }
         }
@@ -419,6 +450,31 @@ mod tests {
         let p = step(&mut s);
         let p3 = p.seqs.iter().find(|x| x.id == 3).unwrap();
         assert_eq!((p3.start, p3.len, p3.sample), (8, 4, true));
+    }
+
+    #[test]
+    fn a_prompt_waits_a_step_for_the_prefix_another_is_computing() {
+        let mut s = sched(32, 64);
+        // Two prompts sharing 3 full blocks arrive together.
+        let mut b: Vec<u32> = (0..12).collect();
+        b.extend([500, 501, 502]);
+        s.add(1, prompt(13, 0));
+        s.add(2, Sequence::new(b));
+        let p = step(&mut s);
+        assert_eq!(p.seqs.len(), 1, "the second waits while the first computes");
+        let p = step(&mut s);
+        let p2 = p.seqs.iter().find(|x| x.id == 2).unwrap();
+        assert_eq!(
+            (p2.start, p2.len),
+            (12, 3),
+            "and then skips the shared blocks"
+        );
+        assert_eq!(s.counters.prefix_hit_tokens, 12);
+        // Prompts sharing nothing start together.
+        s.add(3, prompt(9, 100));
+        s.add(4, prompt(9, 200));
+        let p = step(&mut s);
+        assert!([3, 4].iter().all(|id| p.seqs.iter().any(|x| x.id == *id)));
     }
 
     #[test]

@@ -19,19 +19,18 @@ pub struct LeastLoad {
     turn: AtomicUsize,
 }
 
-/// Requests the replica is working on or holding, as best known.
+/// Requests the replica is working on or holding, as best known: this
+/// gateway's own, exact and current, plus the others the last poll saw.
 ///
-/// `in_flight` is exact and current but counts only this gateway's requests;
-/// the polled `running + waiting` counts every gateway's but is as old as
-/// the last poll. Each is (about) a lower bound of the true figure, so the
-/// larger is the better estimate.
+/// The polled `running + waiting` alone is as old as the poll: a replica
+/// that reported five requests a moment ago may have finished them all, and
+/// scoring it by that figure would starve it until the next poll while the
+/// others pile up. Only the part this gateway cannot count itself comes
+/// from the poll.
 fn score(candidate: &Candidate) -> u64 {
     // usize fits in u64 on every target Rust supports.
     let own = candidate.in_flight as u64;
-    let polled = candidate
-        .load
-        .map_or(0, |l| u64::from(l.running) + u64::from(l.waiting));
-    own.max(polled)
+    own + candidate.load.map_or(0, |l| u64::from(l.others))
 }
 
 impl RoutingPolicy for LeastLoad {
@@ -97,13 +96,15 @@ mod tests {
         set
     }
 
-    fn polled(running: u32, waiting: u32, kv_blocks_free: u32) -> Option<ReplicaLoad> {
+    /// A poll that saw `others` requests besides this gateway's.
+    fn polled(others: u32, kv_blocks_free: u32) -> Option<ReplicaLoad> {
         Some(ReplicaLoad {
-            running,
-            waiting,
+            running: others,
+            waiting: 0,
             kv_blocks_free,
             kv_blocks_total: 1000,
             kv_block_size: 16,
+            others,
         })
     }
 
@@ -160,43 +161,46 @@ mod tests {
     #[test]
     fn polled_load_counts_other_gateways_requests() {
         let mut set = with_in_flight(&[1, 3]);
-        set[0].load = polled(5, 2, 100);
-        // 0 scores max(1, 5 + 2) = 7, 1 scores 3.
+        set[0].load = polled(7, 100);
+        // 0 scores 1 + 7 = 8, 1 scores 3.
         assert_eq!(LeastLoad::default().pick(&ROUTE, &set), Some(1));
     }
 
     #[test]
-    fn own_count_wins_over_a_lagging_poll() {
+    fn own_count_adds_to_what_only_the_poll_sees() {
         let mut set = with_in_flight(&[6, 2]);
-        set[0].load = polled(1, 0, 100);
-        set[1].load = polled(4, 0, 100);
-        // 0 scores max(6, 1) = 6, 1 scores max(2, 4) = 4.
+        set[0].load = polled(0, 100);
+        set[1].load = polled(3, 100);
+        // 0 scores 6, 1 scores 2 + 3 = 5.
         assert_eq!(LeastLoad::default().pick(&ROUTE, &set), Some(1));
+        set[1].load = polled(5, 100);
+        assert_eq!(LeastLoad::default().pick(&ROUTE, &set), Some(0));
     }
 
     #[test]
     fn ties_go_to_more_free_kv_blocks() {
-        let mut set = with_in_flight(&[2, 2, 2, 1]);
-        set[0].load = polled(2, 0, 10);
-        set[1].load = polled(1, 1, 50);
-        set[2].load = polled(0, 2, 30);
-        set[3].load = polled(3, 0, 900);
-        assert_eq!(picks(&LeastLoad::default(), &set, 3), [1, 1, 1]);
+        let mut set = with_in_flight(&[2, 1, 0, 1]);
+        set[0].load = polled(0, 10);
+        set[1].load = polled(1, 50);
+        set[2].load = polled(2, 30);
+        set[3].load = polled(1, 900);
+        // All score 2; 3 has the most free blocks.
+        assert_eq!(picks(&LeastLoad::default(), &set, 3), [3, 3, 3]);
     }
 
     #[test]
     fn equally_free_ties_take_turns() {
         let mut set = with_in_flight(&[0, 0, 0]);
-        set[0].load = polled(0, 0, 50);
-        set[1].load = polled(0, 0, 20);
-        set[2].load = polled(0, 0, 50);
+        set[0].load = polled(0, 50);
+        set[1].load = polled(0, 20);
+        set[2].load = polled(0, 50);
         assert_eq!(picks(&LeastLoad::default(), &set, 4), [0, 2, 0, 2]);
     }
 
     #[test]
     fn free_blocks_decide_only_when_every_tied_replica_reports_them() {
         let mut set = idle(2);
-        set[1].load = polled(0, 0, 500);
+        set[1].load = polled(0, 500);
         assert_eq!(picks(&LeastLoad::default(), &set, 4), [0, 1, 0, 1]);
     }
 

@@ -35,6 +35,10 @@ pub struct ReplicaLoad {
     pub kv_blocks_total: u32,
     /// Tokens per KV block: the unit of the worker's prefix cache.
     pub kv_block_size: u32,
+    /// Of `running + waiting`, the requests that were not this gateway's
+    /// when polled (other gateways', direct clients'): what the exact
+    /// `in_flight` cannot see.
+    pub others: u32,
 }
 
 /// What a policy knows about the request being routed.
@@ -72,15 +76,24 @@ pub struct PrefixOptions {
     /// whole KV blocks when the prompt is longer than one block).
     pub prefix_tokens: usize,
     /// A replica may take at most `(1 + load_factor) ×` the mean load (in
-    /// flight, this request included) before its prefix moves on along the ring.
+    /// flight, this request included) before its prefix moves on along the
+    /// ring. The default, 1, allows twice the mean: a batching worker gains
+    /// more from its cached prefixes than it loses to a busier batch, and
+    /// a prefix that moves costs a recomputation on the next replica.
     pub load_factor: f64,
+    /// A replica with fewer requests than this is never too loaded for its
+    /// prefixes: at low load the bound above would be 1 and scatter
+    /// prefixes over idle replicas, while a batching worker runs a few
+    /// sequences as fast as one.
+    pub min_load: usize,
 }
 
 impl Default for PrefixOptions {
     fn default() -> Self {
         PrefixOptions {
             prefix_tokens: 256,
-            load_factor: 0.25,
+            load_factor: 1.0,
+            min_load: 4,
         }
     }
 }

@@ -48,8 +48,9 @@ impl RoutingPolicy for PrefixAware {
             self.options.prefix_tokens,
             block_size(candidates),
         );
-        let total: usize = candidates.iter().map(|c| c.in_flight).sum();
-        let bound = load_bound(total, candidates.len(), self.options.load_factor);
+        let total: usize = candidates.iter().map(load).sum();
+        let bound = load_bound(total, candidates.len(), self.options.load_factor)
+            .max(self.options.min_load);
         Some(choose(candidates, key, bound))
     }
 }
@@ -69,7 +70,7 @@ fn choose(candidates: &[Candidate], key: u64, bound: usize) -> usize {
     candidates
         .iter()
         .enumerate()
-        .filter(|(_, c)| c.in_flight < bound)
+        .filter(|(_, c)| load(c) < bound)
         .min_by_key(|&(index, c)| (distance(&c.address, key), c.address.as_str(), index))
         .map(|(index, _)| index)
         // Unreachable while `bound` is at least the mean (n replicas cannot
@@ -90,8 +91,13 @@ fn distance(address: &str, key: u64) -> u64 {
 
 fn least_in_flight(candidates: &[Candidate]) -> usize {
     (0..candidates.len())
-        .min_by_key(|&i| (candidates[i].in_flight, candidates[i].address.as_str()))
+        .min_by_key(|&i| (load(&candidates[i]), candidates[i].address.as_str()))
         .unwrap_or(0)
+}
+
+/// This gateway's requests on the replica, plus the others its last poll saw.
+fn load(candidate: &Candidate) -> usize {
+    candidate.in_flight + candidate.load.map_or(0, |l| l.others as usize)
 }
 
 /// The most requests a replica may hold once this one is placed:
@@ -164,10 +170,12 @@ mod tests {
             .collect()
     }
 
+    /// No floor under the bound, so that the bound's own arithmetic shows.
     fn policy() -> PrefixAware {
         PrefixAware::new(PrefixOptions {
             prefix_tokens: 256,
             load_factor: 0.25,
+            min_load: 0,
         })
     }
 
@@ -436,6 +444,40 @@ mod tests {
         set[1].in_flight = 2;
         set[2].in_flight = 2;
         assert_eq!(choose(&set, 12345, 0), 1);
+    }
+
+    #[test]
+    fn below_the_floor_a_replica_keeps_its_prefixes() {
+        let set = replicas(4);
+        let prompt: Vec<u32> = (0..64).collect();
+        let home = route(&policy(), &prompt, &set);
+        let floored = PrefixAware::new(PrefixOptions {
+            min_load: 2,
+            ..PrefixOptions::default()
+        });
+        let mut busy = set.clone();
+        let at = busy.iter().position(|c| c.address == home).unwrap();
+        // One in flight, three idle: the bare bound (ceil(1.25 × 2 / 4) = 1)
+        // moves the prefix; the floor of 2 keeps it home.
+        busy[at].in_flight = 1;
+        assert_ne!(route(&policy(), &prompt, &busy), home);
+        assert_eq!(route(&floored, &prompt, &busy), home);
+        busy[at].in_flight = 2;
+        assert_ne!(route(&floored, &prompt, &busy), home);
+    }
+
+    #[test]
+    fn other_clients_requests_count_as_load() {
+        let set = replicas(4);
+        let prompt: Vec<u32> = (0..64).collect();
+        let home = route(&policy(), &prompt, &set);
+        let mut busy = set.clone();
+        let at = busy.iter().position(|c| c.address == home).unwrap();
+        busy[at].load = Some(ReplicaLoad {
+            others: 1,
+            ..ReplicaLoad::default()
+        });
+        assert_ne!(route(&policy(), &prompt, &busy), home);
     }
 
     #[test]

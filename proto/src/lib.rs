@@ -1,6 +1,9 @@
 //! The wire contract: generated code for the public API (`aquila.v1`) and the
-//! internal worker API (`aquila.worker.v1`). Nothing but generated code and
-//! the descriptor set for reflection lives here.
+//! internal worker API (`aquila.worker.v1`). Nothing but generated code, the
+//! descriptor set for reflection, and the loading of TLS files that both
+//! ends of every connection share ([`tls`]) lives here.
+
+pub mod tls;
 
 pub mod v1 {
     tonic::include_proto!("aquila.v1");

@@ -9,6 +9,7 @@ use std::sync::Arc;
 use std::time::Duration;
 
 use crate::error::GatewayError;
+use crate::security::{SecurityArgs, SecurityConfig};
 use crate::template::{self, ChatTemplate};
 
 pub const DEFAULT_MAX_NEW_TOKENS: u32 = 256;
@@ -59,6 +60,9 @@ pub struct GatewayArgs {
     /// Milliseconds a worker health check may take before the worker counts as unhealthy.
     #[arg(long, env = "AQUILA_GATEWAY_HEALTH_TIMEOUT_MS", default_value_t = DEFAULT_HEALTH_TIMEOUT_MS)]
     pub health_timeout_ms: u64,
+
+    #[command(flatten)]
+    pub security: SecurityArgs,
 }
 
 impl GatewayArgs {
@@ -74,6 +78,7 @@ impl GatewayArgs {
             max_top_logprobs: DEFAULT_MAX_TOP_LOGPROBS,
             health_interval_ms: DEFAULT_HEALTH_INTERVAL_MS,
             health_timeout_ms: DEFAULT_HEALTH_TIMEOUT_MS,
+            security: SecurityArgs::default(),
         }
     }
 
@@ -136,6 +141,7 @@ impl GatewayArgs {
             },
             health_interval: Duration::from_millis(self.health_interval_ms),
             health_timeout: Duration::from_millis(self.health_timeout_ms),
+            security: self.security.into_config()?,
         })
     }
 }
@@ -150,6 +156,7 @@ pub struct GatewayConfig {
     pub limits: Limits,
     pub health_interval: Duration,
     pub health_timeout: Duration,
+    pub security: SecurityConfig,
 }
 
 /// Request limits and defaults that validation applies.

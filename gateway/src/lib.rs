@@ -11,6 +11,7 @@ pub mod detokenize;
 pub mod error;
 pub mod model;
 pub mod routing;
+pub mod security;
 pub mod service;
 pub mod stop;
 pub mod stream;
@@ -25,6 +26,7 @@ use std::sync::Arc;
 use aquila_proto::v1::generation_server::GenerationServer;
 use tokio::net::TcpListener;
 use tokio::task::JoinHandle;
+use tonic::service::interceptor::InterceptedService;
 use tonic::transport::server::TcpIncoming;
 
 pub use config::{GatewayArgs, GatewayConfig};
@@ -59,13 +61,32 @@ pub async fn run(
         AbortOnDrop(pool.spawn_health_checks(config.health_interval, config.health_timeout));
     let generation = GenerationService::new(Arc::clone(&pool), config.limits.clone());
     if let Ok(address) = listener.local_addr() {
-        tracing::info!(%address, workers = ?config.workers, "gateway listening");
+        tracing::info!(
+            %address,
+            workers = ?config.workers,
+            tls = config.security.tls.is_some(),
+            api_keys = config.security.api_keys.is_enabled(),
+            "gateway listening"
+        );
     }
-    tonic::transport::Server::builder()
+    let security = &config.security;
+    let mut server =
+        tonic::transport::Server::builder().max_concurrent_streams(security.max_concurrent_streams);
+    if let Some(tls) = &security.tls {
+        server = server.tls_config(tls.clone())?;
+    }
+    // Only Generation needs a key: health and reflection stay open because
+    // Kubernetes' native gRPC probes cannot send headers. The key is checked
+    // before the request body is decoded.
+    let generation = InterceptedService::new(
+        GenerationServer::new(generation).max_decoding_message_size(security.max_message_bytes),
+        security.api_keys.clone(),
+    );
+    server
         .add_service(health_service)
         .add_service(reflection_v1)
         .add_service(reflection_v1alpha)
-        .add_service(GenerationServer::new(generation))
+        .add_service(generation)
         // Tokens are small writes: without TCP_NODELAY, Nagle and delayed ACKs
         // hold them back ~40 ms.
         .serve_with_incoming_shutdown(

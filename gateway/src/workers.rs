@@ -14,7 +14,7 @@ use std::time::Duration;
 use aquila_proto::worker::v1 as worker;
 use aquila_proto::worker::v1::worker_client::WorkerClient;
 use tokio::task::JoinHandle;
-use tonic::transport::{Channel, Endpoint};
+use tonic::transport::Channel;
 use tonic_health::ServingStatus;
 use tonic_health::pb::HealthCheckRequest;
 use tonic_health::pb::health_check_response::ServingStatus as ProbeStatus;
@@ -74,11 +74,7 @@ impl WorkerPool {
             .iter()
             .map(|address| {
                 let endpoint =
-                    Endpoint::from_shared(address.clone()).map_err(|e| GatewayError::Config {
-                        field: "worker",
-                        value: address.clone(),
-                        reason: e.to_string(),
-                    })?;
+                    crate::security::worker_endpoint(address, &config.security.worker_tls)?;
                 Ok(Worker {
                     address: address.clone(),
                     channel: endpoint

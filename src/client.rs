@@ -4,18 +4,26 @@
 use std::io::{BufRead, Write};
 
 use anyhow::{Context, Result};
+use aquila_proto::tls::ClientTlsArgs;
 use aquila_proto::v1::generation_client::GenerationClient;
 use aquila_proto::v1::{
     ChatMessage, ChatRequest, GenerateRequest, GenerateResponse, SamplingParams,
 };
 use tonic::Streaming;
+use tonic::metadata::{Ascii, MetadataValue};
 use tonic::transport::Channel;
 
 #[derive(clap::Args)]
 pub struct CommonArgs {
-    /// Gateway address.
+    /// Gateway address (http:// or https://).
     #[arg(long, env = "AQUILA_GATEWAY", default_value = "http://127.0.0.1:50051")]
     gateway: String,
+    /// API key, sent as "authorization: Bearer KEY", for a gateway started
+    /// with --api-key or --api-key-file.
+    #[arg(long, env = "AQUILA_API_KEY", hide_env_values = true)]
+    api_key: Option<String>,
+    #[command(flatten)]
+    tls: ClientTlsArgs,
     /// Model name (default: the gateway's only model).
     #[arg(long, default_value = "")]
     model: String,
@@ -67,29 +75,55 @@ impl CommonArgs {
         }
     }
 
-    async fn connect(&self) -> Result<GenerationClient<Channel>> {
-        let addr = if self.gateway.contains("://") {
-            self.gateway.clone()
-        } else {
-            format!("http://{}", self.gateway)
+    async fn connect(&self) -> Result<Client> {
+        let endpoint = self.tls.endpoint(&self.gateway)?;
+        let authorization = match &self.api_key {
+            None => None,
+            // The error would show the key: say only what is wrong with it.
+            Some(key) => Some(
+                MetadataValue::try_from(format!("Bearer {}", key.trim())).map_err(|_| {
+                    anyhow::anyhow!("--api-key holds characters a header cannot carry")
+                })?,
+            ),
         };
-        GenerationClient::connect(addr.clone())
+        let channel = endpoint
+            .connect()
             .await
-            .with_context(|| format!("connecting to the gateway at {addr}"))
+            .with_context(|| format!("connecting to the gateway at {}", endpoint.uri()))?;
+        Ok(Client {
+            inner: GenerationClient::new(channel),
+            authorization,
+        })
+    }
+}
+
+/// A gateway client that sends the API key, if any, with every call.
+struct Client {
+    inner: GenerationClient<Channel>,
+    authorization: Option<MetadataValue<Ascii>>,
+}
+
+impl Client {
+    fn request<T>(&self, message: T) -> tonic::Request<T> {
+        let mut request = tonic::Request::new(message);
+        if let Some(value) = &self.authorization {
+            request
+                .metadata_mut()
+                .insert("authorization", value.clone());
+        }
+        request
     }
 }
 
 pub async fn generate(args: GenerateArgs) -> Result<()> {
     let mut client = args.common.connect().await?;
-    let stream = client
-        .generate_stream(GenerateRequest {
-            model: args.common.model.clone(),
-            prompt: args.prompt,
-            prompt_token_ids: vec![],
-            params: Some(args.common.params()),
-        })
-        .await?
-        .into_inner();
+    let request = client.request(GenerateRequest {
+        model: args.common.model.clone(),
+        prompt: args.prompt,
+        prompt_token_ids: vec![],
+        params: Some(args.common.params()),
+    });
+    let stream = client.inner.generate_stream(request).await?.into_inner();
     print_stream(stream).await?;
     Ok(())
 }
@@ -102,10 +136,8 @@ pub async fn chat(args: ChatArgs) -> Result<()> {
     }
     if let Some(m) = &args.message {
         messages.push(message("user", m));
-        let stream = client
-            .chat_stream(chat_request(&args, &messages))
-            .await?
-            .into_inner();
+        let request = client.request(chat_request(&args, &messages));
+        let stream = client.inner.chat_stream(request).await?.into_inner();
         print_stream(stream).await?;
         return Ok(());
     }
@@ -118,10 +150,8 @@ pub async fn chat(args: ChatArgs) -> Result<()> {
             return Ok(());
         }
         messages.push(message("user", line.trim_end()));
-        let stream = client
-            .chat_stream(chat_request(&args, &messages))
-            .await?
-            .into_inner();
+        let request = client.request(chat_request(&args, &messages));
+        let stream = client.inner.chat_stream(request).await?.into_inner();
         let answer = print_stream(stream).await?;
         messages.push(message("assistant", &answer));
     }

@@ -10,6 +10,7 @@ use std::sync::atomic::{AtomicBool, Ordering};
 
 use anyhow::{Context, Result};
 use aquila_gateway::GatewayArgs;
+use aquila_proto::tls::ServerTlsArgs;
 use aquila_worker::WorkerArgs;
 use aquila_worker::presets::{GgufType, Preset, WeightFormat};
 use aquila_worker::tp::{Role, TpArgs};
@@ -67,6 +68,8 @@ enum Command {
         worker: WorkerArgs,
         #[command(flatten)]
         tp: TpArgs,
+        #[command(flatten)]
+        tls: ServerTlsArgs,
     },
     /// Run the gateway: the public API in front of one or more workers.
     Gateway {
@@ -150,7 +153,8 @@ async fn dispatch(cmd: Command) -> Result<()> {
             listen,
             worker,
             tp,
-        } => run_worker(model, listen, worker, tp).await,
+            tls,
+        } => run_worker(model, listen, worker, tp, tls).await,
         Command::Gateway {
             listen,
             admin_listen,
@@ -275,6 +279,7 @@ async fn serve(
     let worker_task = tokio::spawn(aquila_worker::run(
         worker_listener,
         state,
+        None,
         wait(stop_rx.clone()),
     ));
     let gateway_task = tokio::spawn(aquila_gateway::run(gateway_listener, config, wait(stop_rx)));
@@ -288,13 +293,17 @@ async fn serve(
     Ok(())
 }
 
-/// `aquila worker` in each of its roles (see `aquila_worker::tp`).
+/// `aquila worker` in each of its roles (see `aquila_worker::tp`). A
+/// launcher passes the TLS flags on to its ranks; rank 0 serves with them.
 async fn run_worker(
     model: PathBuf,
     listen: SocketAddr,
     worker: WorkerArgs,
     tp: TpArgs,
+    tls: ServerTlsArgs,
 ) -> Result<()> {
+    // Before loading the model: a wrong path should not wait for it.
+    let tls = tls.load()?;
     let state = match tp.role()? {
         Role::Single => {
             tokio::task::spawn_blocking(move || aquila_worker::WorkerState::start(model, &worker))
@@ -342,7 +351,7 @@ async fn run_worker(
         }
     };
     let listener = bind(listen, "worker").await?;
-    aquila_worker::run(listener, Arc::new(state), shutdown_signal()).await?;
+    aquila_worker::run(listener, Arc::new(state), tls, shutdown_signal()).await?;
     Ok(())
 }
 

@@ -25,6 +25,10 @@ use common::{Proc, spawn, spawn_worker, tiny_model, wait_serving};
 use tonic::Code;
 use tonic::transport::Channel;
 
+/// These tests measure timing-sensitive spreads and rates on 2 cores: one
+/// at a time, so that none runs beside another's load.
+static SERIAL: tokio::sync::Mutex<()> = tokio::sync::Mutex::const_new(());
+
 fn greedy(max_new_tokens: u32) -> SamplingParams {
     SamplingParams {
         max_new_tokens: Some(max_new_tokens),
@@ -175,6 +179,7 @@ const PROMPTS: [&[u32]; 3] = [
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_killed_replica_fails_only_the_streams_it_served_and_comes_back() {
+    let _serial = SERIAL.lock().await;
     const GEN: u32 = 200;
     let interval = Duration::from_millis(500);
     let dir = tiny_model(WeightFormat::Safetensors, GgufType::F32);
@@ -326,6 +331,7 @@ async fn shared_prefix_load(c: &GenerationClient<Channel>, salt: u32) {
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn prefix_aware_routing_doubles_the_prefix_cache_hit_rate_of_round_robin() {
+    let _serial = SERIAL.lock().await;
     let dir = tiny_model(WeightFormat::Safetensors, GgufType::F32);
     let ws = workers(dir.path(), 4, &[]).await;
     let refs: Vec<&Proc> = ws.iter().collect();
@@ -352,6 +358,7 @@ async fn prefix_aware_routing_doubles_the_prefix_cache_hit_rate_of_round_robin()
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn least_load_keeps_running_counts_within_one() {
+    let _serial = SERIAL.lock().await;
     let dir = tiny_model(WeightFormat::Safetensors, GgufType::F32);
     let ws = workers(dir.path(), 3, &[]).await;
     let g = gateway(&ws.iter().collect::<Vec<_>>(), &["--routing", "least-load"]);
@@ -427,6 +434,7 @@ impl Resolver for TestResolver {
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn dns_discovery_follows_the_answer_without_a_restart() {
+    let _serial = SERIAL.lock().await;
     let dir = tiny_model(WeightFormat::Safetensors, GgufType::F32);
     let ws = workers(dir.path(), 2, &[]).await;
     let addr = |w: &Proc| -> SocketAddr { w.addr.parse().unwrap() };
@@ -513,6 +521,7 @@ async fn dns_discovery_follows_the_answer_without_a_restart() {
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_drained_replica_finishes_its_requests_and_leaves() {
+    let _serial = SERIAL.lock().await;
     let dir = tiny_model(WeightFormat::Safetensors, GgufType::F32);
     let ws = workers(dir.path(), 2, &[]).await;
     let g = gateway(
@@ -564,6 +573,7 @@ async fn a_drained_replica_finishes_its_requests_and_leaves() {
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn sigterm_drains_the_gateway_and_the_worker() {
+    let _serial = SERIAL.lock().await;
     let dir = tiny_model(WeightFormat::Safetensors, GgufType::F32);
     let mut ws = workers(dir.path(), 1, &[]).await;
     let mut g = gateway(&[&ws[0]], &[]);
@@ -658,6 +668,7 @@ async fn sigterm_drains_the_gateway_and_the_worker() {
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn the_concurrency_limit_refuses_at_once_and_deadlines_reach_the_worker() {
+    let _serial = SERIAL.lock().await;
     let dir = tiny_model(WeightFormat::Safetensors, GgufType::F32);
     let ws = workers(dir.path(), 1, &[]).await;
     let g = gateway(&[&ws[0]], &["--max-concurrent-requests", "4"]);

@@ -12,6 +12,7 @@ use crate::breaker::BreakerConfig;
 use crate::discovery::DnsTarget;
 use crate::error::GatewayError;
 use crate::routing::{PolicyKind, PrefixOptions};
+use crate::security::{SecurityArgs, SecurityConfig};
 use crate::template::{self, ChatTemplate};
 use crate::workers::ReplicaSettings;
 
@@ -137,6 +138,9 @@ pub struct GatewayArgs {
     /// Seconds that requests in flight get to finish after SIGTERM before the gateway exits.
     #[arg(long, env = "AQUILA_GATEWAY_SHUTDOWN_GRACE_S", default_value_t = DEFAULT_SHUTDOWN_GRACE_S)]
     pub shutdown_grace_s: u64,
+
+    #[command(flatten)]
+    pub security: SecurityArgs,
 }
 
 impl GatewayArgs {
@@ -165,6 +169,7 @@ impl GatewayArgs {
             breaker_open_ms: DEFAULT_BREAKER_OPEN_MS,
             max_concurrent_requests: DEFAULT_MAX_CONCURRENT_REQUESTS,
             shutdown_grace_s: DEFAULT_SHUTDOWN_GRACE_S,
+            security: SecurityArgs::default(),
         }
     }
 
@@ -278,6 +283,7 @@ impl GatewayArgs {
             },
             max_concurrent_requests: self.max_concurrent_requests,
             shutdown_grace: Duration::from_secs(self.shutdown_grace_s),
+            security: self.security.into_config()?,
         })
     }
 }
@@ -297,6 +303,7 @@ pub struct GatewayConfig {
     pub replicas: ReplicaSettings,
     pub max_concurrent_requests: usize,
     pub shutdown_grace: Duration,
+    pub security: SecurityConfig,
 }
 
 /// Request limits and defaults that validation applies.

@@ -76,6 +76,10 @@ pub enum GatewayError {
         reason: String,
     },
 
+    /// Start-up: a TLS flag's file is missing, unreadable or refused.
+    #[error("invalid TLS configuration: {0}")]
+    Tls(#[from] aquila_proto::tls::TlsError),
+
     /// Start-up: the reflection service could not be built.
     #[error("building the reflection service failed: {0}")]
     Reflection(#[from] tonic_reflection::server::Error),
@@ -141,6 +145,7 @@ impl GatewayError {
             GatewayError::Tokenizer { .. }
             | GatewayError::WorkerProtocol { .. }
             | GatewayError::Config { .. }
+            | GatewayError::Tls(_)
             | GatewayError::Reflection(_)
             | GatewayError::Serve(_) => Code::Internal,
         }
@@ -168,6 +173,7 @@ impl GatewayError {
             GatewayError::WorkerUnavailable { .. } => "worker_unavailable",
             GatewayError::WorkerProtocol { .. } => "worker_protocol",
             GatewayError::Config { .. } => "config",
+            GatewayError::Tls(_) => "tls",
             GatewayError::Reflection(_) => "reflection",
             GatewayError::Serve(_) => "serve",
         }

@@ -14,6 +14,7 @@ pub mod discovery;
 pub mod error;
 pub mod model;
 pub mod routing;
+pub mod security;
 pub mod service;
 pub mod stop;
 pub mod stream;
@@ -31,6 +32,7 @@ use aquila_proto::v1::generation_server::GenerationServer;
 use tokio::net::TcpListener;
 use tokio::sync::Semaphore;
 use tokio::task::JoinHandle;
+use tonic::service::interceptor::InterceptedService;
 use tonic::transport::server::TcpIncoming;
 
 pub use config::{GatewayArgs, GatewayConfig};
@@ -126,7 +128,15 @@ pub async fn serve(
     let generation =
         GenerationService::new(Arc::clone(&pool), config.limits.clone(), Arc::clone(&slots));
     if let Ok(address) = listeners.public.local_addr() {
-        tracing::info!(%address, workers = ?config.workers, discover = ?config.discover, routing = ?config.routing, "gateway listening");
+        tracing::info!(
+            %address,
+            workers = ?config.workers,
+            discover = ?config.discover,
+            routing = ?config.routing,
+            tls = config.security.tls.is_some(),
+            api_keys = config.security.api_keys.is_enabled(),
+            "gateway listening"
+        );
     }
     let (drained_tx, drained_rx) = tokio::sync::oneshot::channel();
     let drain = {
@@ -148,11 +158,24 @@ pub async fn serve(
             let _ = drained_tx.send(());
         }
     };
-    let server = tonic::transport::Server::builder()
+    let security = &config.security;
+    let mut server =
+        tonic::transport::Server::builder().max_concurrent_streams(security.max_concurrent_streams);
+    if let Some(tls) = &security.tls {
+        server = server.tls_config(tls.clone())?;
+    }
+    // Only Generation needs a key: health and reflection stay open because
+    // Kubernetes' native gRPC probes cannot send headers. The key is checked
+    // before the request body is decoded.
+    let generation = InterceptedService::new(
+        GenerationServer::new(generation).max_decoding_message_size(security.max_message_bytes),
+        security.api_keys.clone(),
+    );
+    let server = server
         .add_service(health_service)
         .add_service(reflection_v1)
         .add_service(reflection_v1alpha)
-        .add_service(GenerationServer::new(generation))
+        .add_service(generation)
         // Tokens are small writes: without TCP_NODELAY, Nagle and delayed ACKs
         // hold them back ~40 ms.
         .serve_with_incoming_shutdown(

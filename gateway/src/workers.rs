@@ -22,7 +22,7 @@ use aquila_proto::admin::v1 as admin;
 use aquila_proto::worker::v1 as worker;
 use aquila_proto::worker::v1::worker_client::WorkerClient;
 use tokio::task::JoinHandle;
-use tonic::transport::{Channel, Endpoint};
+use tonic::transport::Channel;
 use tonic_health::ServingStatus;
 use tonic_health::pb::HealthCheckRequest;
 use tonic_health::pb::health_check_response::ServingStatus as ProbeStatus;
@@ -34,6 +34,7 @@ use crate::config::{GatewayConfig, normalize_worker_address};
 use crate::error::GatewayError;
 use crate::model::Model;
 use crate::routing::{Candidate, ReplicaLoad, Route, RoutingPolicy};
+use crate::security::WorkerTls;
 use crate::template::ChatTemplate;
 
 /// Tokenizer documents run to several MB.
@@ -227,6 +228,8 @@ pub struct WorkerPool {
     replicas: RwLock<BTreeMap<String, Arc<Replica>>>,
     policy: Box<dyn RoutingPolicy>,
     settings: ReplicaSettings,
+    /// How workers are dialed (TLS, client certificate).
+    worker_tls: WorkerTls,
     chat_template: Option<Arc<ChatTemplate>>,
     reporter: HealthReporter,
     /// Serializes readiness updates so the last one written is current.
@@ -250,6 +253,7 @@ impl WorkerPool {
             replicas: RwLock::new(BTreeMap::new()),
             policy: crate::routing::build(config.routing, config.prefix),
             settings: config.replicas,
+            worker_tls: config.security.worker_tls.clone(),
             chat_template: config.chat_template.clone(),
             reporter,
             readiness: tokio::sync::Mutex::new(None),
@@ -277,7 +281,8 @@ impl WorkerPool {
             }
             return Ok(Arc::clone(existing));
         }
-        let endpoint = worker_endpoint(&address, self.settings.health_timeout)?;
+        let endpoint = crate::security::worker_endpoint(&address, &self.worker_tls)?
+            .connect_timeout(self.settings.health_timeout);
         let replica = Arc::new(Replica {
             address: address.clone(),
             channel: endpoint.connect_lazy(),
@@ -664,16 +669,6 @@ async fn probe(channel: &Channel, timeout: Duration) -> Result<(), String> {
             other => Err(format!("worker reports {}", other.as_str_name())),
         },
     }
-}
-
-/// The channel settings for one worker address.
-fn worker_endpoint(address: &str, connect_timeout: Duration) -> Result<Endpoint, GatewayError> {
-    let endpoint = Endpoint::from_shared(address.to_owned()).map_err(|e| GatewayError::Config {
-        field: "worker",
-        value: address.to_owned(),
-        reason: e.to_string(),
-    })?;
-    Ok(endpoint.connect_timeout(connect_timeout))
 }
 
 fn routable(state: &ReplicaState, model: &str, now: Instant) -> bool {

@@ -1,7 +1,10 @@
 //! The wire contract: generated code for the public API (`aquila.v1`), the
 //! internal worker API (`aquila.worker.v1`) and the gateway's operator API
 //! (`aquila.admin.v1`). Nothing but generated code, the descriptor set for
-//! reflection and the parsing of gRPC's own headers lives here.
+//! reflection, the parsing of gRPC's own headers and the loading of TLS
+//! files that both ends of every connection share ([`tls`]) lives here.
+
+pub mod tls;
 
 pub mod v1 {
     tonic::include_proto!("aquila.v1");

@@ -154,23 +154,33 @@ pub fn spawn_gateway(workers: &[&Proc], extra: &[&str]) -> Proc {
 
 /// Polls `grpc.health.v1` on `url` until it reports SERVING (60 s at most).
 pub async fn wait_serving(url: &str) {
+    let endpoint = tonic::transport::Endpoint::from_shared(url.to_string()).expect("a valid URL");
+    wait_serving_at(&endpoint).await;
+}
+
+/// [`wait_serving`] for an endpoint with its own settings (TLS).
+pub async fn wait_serving_at(endpoint: &tonic::transport::Endpoint) {
     let deadline = Instant::now() + Duration::from_secs(60);
-    loop {
-        let channel =
-            tonic::transport::Endpoint::from_shared(url.to_string()).map(|e| e.connect_lazy());
-        if let Ok(channel) = channel {
-            let mut c = HealthClient::new(channel);
-            let r = c
-                .check(HealthCheckRequest {
-                    service: String::new(),
-                })
-                .await;
-            if r.is_ok_and(|r| r.into_inner().status == ServingStatus::Serving as i32) {
-                return;
-            }
-        }
-        assert!(Instant::now() < deadline, "{url} not SERVING after 60 s");
+    while !is_serving(endpoint).await {
+        assert!(
+            Instant::now() < deadline,
+            "{} not SERVING after 60 s",
+            endpoint.uri()
+        );
         tokio::time::sleep(Duration::from_millis(25)).await;
+    }
+}
+
+/// One health check of `endpoint` (service ""): true only for SERVING; an
+/// unreachable server or a check taking over 5 s is false.
+pub async fn is_serving(endpoint: &tonic::transport::Endpoint) -> bool {
+    let mut c = HealthClient::new(endpoint.connect_lazy());
+    let check = c.check(HealthCheckRequest {
+        service: String::new(),
+    });
+    match tokio::time::timeout(Duration::from_secs(5), check).await {
+        Ok(Ok(r)) => r.into_inner().status == ServingStatus::Serving as i32,
+        _ => false,
     }
 }
 

@@ -18,6 +18,7 @@ use aquila_proto::worker::v1::{
 use futures::{Stream, StreamExt};
 use tokio::net::TcpListener;
 use tokio_stream::wrappers::UnboundedReceiverStream;
+use tonic::transport::ServerTlsConfig;
 use tonic::transport::server::TcpIncoming;
 use tonic::{Request, Response, Status};
 use tonic_health::ServingStatus;
@@ -433,10 +434,13 @@ fn with_deadline(
 /// once, the server keeps answering (UNAVAILABLE) for `FAILED_GRACE`, so
 /// that health checks see it, and then returns the failure: the process
 /// exits non-zero and its supervisor (the launcher, or Kubernetes)
-/// restarts the group.
+/// restarts the group. With `tls` (see `aquila_proto::tls::ServerTlsArgs`)
+/// the port speaks only TLS, and only to clients with a certificate from
+/// its client CA when it has one.
 pub async fn run(
     listener: TcpListener,
     state: Arc<WorkerState>,
+    tls: Option<ServerTlsConfig>,
     shutdown: impl Future<Output = ()> + Send + 'static,
 ) -> Result<()> {
     const FAILED_GRACE: Duration = Duration::from_secs(2);
@@ -495,7 +499,11 @@ pub async fn run(
             reason = failed => { let _ = failure_tx.send(reason); }
         }
     };
-    tonic::transport::Server::builder()
+    let mut server = tonic::transport::Server::builder();
+    if let Some(tls) = tls {
+        server = server.tls_config(tls)?;
+    }
+    server
         .add_service(health)
         .add_service(reflection_v1)
         .add_service(reflection_v1alpha)

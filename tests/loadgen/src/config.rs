@@ -5,7 +5,10 @@
 use std::path::{Path, PathBuf};
 use std::time::Duration;
 
+use aquila_proto::tls::{self, ClientTlsArgs, TlsError};
 use serde_json::json;
+use tonic::metadata::{Ascii, MetadataValue};
+use tonic::transport::Endpoint;
 
 use crate::dist::{LengthDist, MAX_TOKENS};
 use crate::error::LoadgenError;
@@ -31,9 +34,14 @@ pub enum Api {
 #[derive(clap::Parser, Debug, Clone)]
 #[command(name = "bench")]
 pub struct LoadgenArgs {
-    /// Gateway address; the only address requests are sent to.
+    /// Gateway address (http:// or https://); the only address requests are sent to.
     #[arg(long, env = "AQUILA_GATEWAY", default_value = "http://127.0.0.1:50051")]
     pub gateway: String,
+    /// API key, sent as "authorization: Bearer KEY" with every request.
+    #[arg(long, env = "AQUILA_API_KEY", hide_env_values = true)]
+    pub api_key: Option<String>,
+    #[command(flatten)]
+    pub tls: ClientTlsArgs,
     /// Streaming RPC to drive.
     #[arg(long, env = "AQUILA_BENCH_API", value_enum, default_value = "generate")]
     pub api: Api,
@@ -111,7 +119,11 @@ pub enum Arrival {
 /// A validated run: built only by [`LoadgenArgs::into_config`].
 #[derive(Debug, Clone)]
 pub struct LoadgenConfig {
+    /// The URI dialed, for reports.
     pub(crate) gateway: String,
+    /// The gateway with its TLS settings.
+    pub(crate) endpoint: Endpoint,
+    pub(crate) authorization: Option<Authorization>,
     pub(crate) api: Api,
     pub(crate) arrival: Arrival,
     pub(crate) num_requests: Option<u64>,
@@ -128,7 +140,11 @@ impl LoadgenArgs {
     /// Checks every flag; errors name the flag, its value and the reason.
     /// Reads --prompts-file.
     pub fn into_config(self) -> Result<LoadgenConfig, LoadgenError> {
-        let gateway = normalize_gateway(&self.gateway)?;
+        let (gateway, endpoint) = gateway_endpoint(&self.gateway, &self.tls)?;
+        let authorization = match &self.api_key {
+            None => None,
+            Some(key) => Some(Authorization::bearer(key)?),
+        };
         let arrival = match (self.request_rate, self.concurrency) {
             (Some(_), Some(_)) => {
                 return Err(LoadgenError::config(
@@ -226,6 +242,8 @@ impl LoadgenArgs {
         };
         Ok(LoadgenConfig {
             gateway,
+            endpoint,
+            authorization,
             api: self.api,
             arrival,
             num_requests: self.num_requests,
@@ -301,24 +319,36 @@ fn vocab_range(s: &str) -> Result<(u32, u32), LoadgenError> {
     Ok((lo, hi))
 }
 
-/// Adds `http://` when no scheme is given (as `aquila generate` does) and
-/// checks that the result is a URI tonic can dial.
-fn normalize_gateway(s: &str) -> Result<String, LoadgenError> {
-    let addr = if s.contains("://") {
-        s.to_string()
-    } else {
-        format!("http://{s}")
+/// The gateway's URI, as `aquila generate` dials it (a scheme added when
+/// missing; https:// exactly when --tls-ca is given), and its endpoint with
+/// the TLS files read.
+fn gateway_endpoint(s: &str, tls: &ClientTlsArgs) -> Result<(String, Endpoint), LoadgenError> {
+    let address = |e: TlsError| match e {
+        TlsError::Address { reason, .. } => LoadgenError::config("--gateway", s, reason),
+        other => LoadgenError::Tls(other),
     };
-    tonic::transport::Endpoint::from_shared(addr.clone())
-        .map_err(|e| LoadgenError::config("--gateway", s, e))?;
-    if !(addr.starts_with("http://") || addr.starts_with("https://")) {
-        return Err(LoadgenError::config(
-            "--gateway",
-            s,
-            "scheme must be http or https",
-        ));
+    let uri = tls::dial_uri(s, tls.tls_ca.is_some()).map_err(address)?;
+    let endpoint = tls.endpoint(s).map_err(address)?;
+    Ok((uri, endpoint))
+}
+
+/// The authorization metadata of every request; never printed.
+#[derive(Clone)]
+pub(crate) struct Authorization(pub(crate) MetadataValue<Ascii>);
+
+impl Authorization {
+    fn bearer(key: &str) -> Result<Self, LoadgenError> {
+        MetadataValue::try_from(format!("Bearer {}", key.trim()))
+            .map(Authorization)
+            // The value would show the key.
+            .map_err(|_| LoadgenError::config("--api-key", "(hidden)", "not a valid header value"))
     }
-    Ok(addr)
+}
+
+impl std::fmt::Debug for Authorization {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.write_str("Authorization(hidden)")
+    }
 }
 
 #[cfg(test)]
@@ -362,6 +392,7 @@ mod tests {
         .into_config()
         .unwrap();
         assert_eq!(c.gateway, "http://10.0.0.1:7000");
+        assert!(c.authorization.is_none());
         assert_eq!(
             c.arrival,
             Arrival::Open {
@@ -400,6 +431,8 @@ mod tests {
             (&["--vocab-range", "100"], "--vocab-range", "LO:HI"),
             (&["--api", "chat"], "--api", "--prompts-file"),
             (&["--gateway", "ftp://x:1"], "--gateway", "http"),
+            (&["--gateway", "https://x:1"], "--gateway", "tls-ca"),
+            (&["--api-key", "a\nb"], "--api-key", "header"),
         ] {
             let (f, reason) = err(flags);
             assert_eq!(f, flag, "{flags:?}");

@@ -11,7 +11,7 @@ use aquila_proto::v1::generation_client::GenerationClient;
 use tokio::sync::{Semaphore, mpsc};
 use tokio::task::JoinSet;
 use tokio::time::Instant;
-use tonic::transport::{Channel, Endpoint};
+use tonic::transport::Channel;
 
 use crate::config::{Arrival, LoadgenConfig};
 use crate::dist::poisson_gap;
@@ -69,9 +69,7 @@ async fn connect(config: &LoadgenConfig) -> Result<Vec<GenerationClient<Channel>
         addr: config.gateway.clone(),
         source,
     };
-    let endpoint = Endpoint::from_shared(config.gateway.clone())
-        .map_err(fail)?
-        .connect_timeout(CONNECT_TIMEOUT);
+    let endpoint = config.endpoint.clone().connect_timeout(CONNECT_TIMEOUT);
     let mut clients = Vec::with_capacity(n);
     for _ in 0..n {
         let channel = endpoint.connect().await.map_err(fail)?;

@@ -27,6 +27,10 @@ pub enum LoadgenError {
         reason: String,
     },
 
+    /// A TLS flag's file is missing, unreadable or refused.
+    #[error("TLS: {0}")]
+    Tls(#[from] aquila_proto::tls::TlsError),
+
     /// The gateway could not be reached before the first request.
     #[error("connecting to the gateway at {addr}: {source}")]
     Connect {

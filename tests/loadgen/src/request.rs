@@ -38,6 +38,17 @@ pub(crate) enum Outcome {
     Failed(&'static str),
 }
 
+/// `message` with the run's API key, if any, as its authorization.
+fn with_key<T>(config: &LoadgenConfig, message: T) -> tonic::Request<T> {
+    let mut request = tonic::Request::new(message);
+    if let Some(key) = &config.authorization {
+        request
+            .metadata_mut()
+            .insert("authorization", key.0.clone());
+    }
+    request
+}
+
 pub(crate) async fn send(
     mut client: GenerationClient<Channel>,
     config: &LoadgenConfig,
@@ -61,7 +72,7 @@ pub(crate) async fn send(
                 params,
                 ..Default::default()
             };
-            client.generate_stream(request).await
+            client.generate_stream(with_key(config, request)).await
         }
         (Api::Generate, Prompt::Text(prompt)) => {
             let request = GenerateRequest {
@@ -70,7 +81,7 @@ pub(crate) async fn send(
                 params,
                 ..Default::default()
             };
-            client.generate_stream(request).await
+            client.generate_stream(with_key(config, request)).await
         }
         (Api::Chat, Prompt::Text(content)) => {
             let request = ChatRequest {
@@ -81,7 +92,7 @@ pub(crate) async fn send(
                 }],
                 params,
             };
-            client.chat_stream(request).await
+            client.chat_stream(with_key(config, request)).await
         }
         // `LoadgenArgs::into_config` refuses chat without a prompts file.
         (Api::Chat, Prompt::Ids(_)) => return Outcome::Failed(code_name(Code::InvalidArgument)),

@@ -86,6 +86,40 @@ async fn closed_loop_of_four_gets_every_token() {
 }
 
 #[tokio::test]
+async fn the_worker_api_takes_the_same_load_without_a_gateway() {
+    let dir = tiny_model(WeightFormat::Safetensors, GgufType::F32);
+    let worker = spawn_worker(dir.path(), &[]);
+    wait_serving(&worker.url()).await;
+    let url = worker.url();
+    let flags = [
+        "bench",
+        "--gateway",
+        &url,
+        "--api",
+        "worker",
+        "--concurrency",
+        "3",
+        "--num-requests",
+        "9",
+        "--prompt-tokens",
+        "16",
+        "--output-tokens",
+        "8",
+        "--vocab-range",
+        "100:300",
+    ];
+    let config = LoadgenArgs::try_parse_from(flags)
+        .unwrap()
+        .into_config()
+        .unwrap();
+    let r = aquila_loadgen::run(config).await.expect("run");
+    check_all_succeeded(&r, 9, 8);
+    assert_eq!(r.total_prompt_tokens, 9 * 16);
+    let json: serde_json::Value = serde_json::from_str(&r.to_json()).unwrap();
+    assert_eq!(json["config"]["api"], "worker");
+}
+
+#[tokio::test]
 async fn poisson_arrivals_with_warmup_and_a_shared_prefix() {
     let r = bench(&[
         "--request-rate",

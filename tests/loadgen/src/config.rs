@@ -27,6 +27,10 @@ pub enum Api {
     Generate,
     /// `ChatStream`, one user message per request (needs --prompts-file).
     Chat,
+    /// A worker's own `aquila.worker.v1.Worker/Generate`, token ids in and
+    /// out, with --gateway set to the worker's address: the same load
+    /// without the gateway, to measure what the gateway costs.
+    Worker,
 }
 
 /// Load generator flags: drives a running gateway's public API and reports
@@ -216,6 +220,13 @@ impl LoadgenArgs {
                         "applies to token-id prompts, not to --prompts-file",
                     ));
                 }
+                if self.api == Api::Worker {
+                    return Err(LoadgenError::config(
+                        "--api",
+                        "worker",
+                        "a worker takes token ids: drop --prompts-file",
+                    ));
+                }
                 Workload::File {
                     prompts: workload::read_prompts(path)?,
                     output,
@@ -275,7 +286,11 @@ impl LoadgenConfig {
         };
         json!({
             "gateway": self.gateway,
-            "api": match self.api { Api::Generate => "generate", Api::Chat => "chat" },
+            "api": match self.api {
+                Api::Generate => "generate",
+                Api::Chat => "chat",
+                Api::Worker => "worker",
+            },
             "concurrency": concurrency,
             "request_rate": rate,
             "max_concurrency": max_concurrency,

@@ -7,7 +7,6 @@ use std::sync::Arc;
 use std::sync::atomic::{AtomicU64, Ordering};
 use std::time::Duration;
 
-use aquila_proto::v1::generation_client::GenerationClient;
 use tokio::sync::{Semaphore, mpsc};
 use tokio::task::JoinSet;
 use tokio::time::Instant;
@@ -55,7 +54,7 @@ pub(crate) struct Phase {
     pub hit_deadline: bool,
 }
 
-async fn connect(config: &LoadgenConfig) -> Result<Vec<GenerationClient<Channel>>, LoadgenError> {
+async fn connect(config: &LoadgenConfig) -> Result<Vec<Channel>, LoadgenError> {
     let peak = match config.arrival {
         Arrival::Closed { concurrency } => Some(concurrency),
         Arrival::Open {
@@ -72,8 +71,7 @@ async fn connect(config: &LoadgenConfig) -> Result<Vec<GenerationClient<Channel>
     let endpoint = config.endpoint.clone().connect_timeout(CONNECT_TIMEOUT);
     let mut clients = Vec::with_capacity(n);
     for _ in 0..n {
-        let channel = endpoint.connect().await.map_err(fail)?;
-        clients.push(GenerationClient::new(channel));
+        clients.push(endpoint.connect().await.map_err(fail)?);
     }
     Ok(clients)
 }
@@ -82,7 +80,7 @@ async fn connect(config: &LoadgenConfig) -> Result<Vec<GenerationClient<Channel>
 /// or `deadline` passes.
 async fn run_phase(
     config: &Arc<LoadgenConfig>,
-    clients: &[GenerationClient<Channel>],
+    clients: &[Channel],
     warmup: bool,
     deadline: Instant,
 ) -> Phase {
@@ -129,7 +127,7 @@ async fn run_phase(
 struct Sender {
     config: Arc<LoadgenConfig>,
     /// Never empty; request `i` uses connection `i % len`.
-    clients: Vec<GenerationClient<Channel>>,
+    clients: Vec<Channel>,
     warmup: bool,
     tx: mpsc::Sender<Outcome>,
     issued: Arc<AtomicU64>,

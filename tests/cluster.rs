@@ -16,7 +16,7 @@ use aquila_gateway::discovery::{Resolved, Resolver};
 use aquila_proto::admin::v1::admin_client::AdminClient;
 use aquila_proto::admin::v1::{DrainReplicaRequest, ListReplicasRequest, Replica};
 use aquila_proto::v1::generation_client::GenerationClient;
-use aquila_proto::v1::{FinishReason, GenerateRequest, SamplingParams};
+use aquila_proto::v1::{FinishReason, GenerateRequest};
 use aquila_proto::worker::v1::worker_client::WorkerClient;
 use aquila_proto::worker::v1::{GetLoadRequest, Load};
 use aquila_worker::model::WeightDtype;
@@ -29,21 +29,8 @@ use tonic::transport::Channel;
 /// at a time, so that none runs beside another's load.
 static SERIAL: tokio::sync::Mutex<()> = tokio::sync::Mutex::const_new(());
 
-fn greedy(max_new_tokens: u32) -> SamplingParams {
-    SamplingParams {
-        max_new_tokens: Some(max_new_tokens),
-        temperature: Some(0.0),
-        ignore_eos: true,
-        ..Default::default()
-    }
-}
-
 fn request(ids: &[u32], max_new_tokens: u32) -> GenerateRequest {
-    GenerateRequest {
-        prompt_token_ids: ids.to_vec(),
-        params: Some(greedy(max_new_tokens)),
-        ..Default::default()
-    }
+    common::ids_request(ids, common::greedy_params(max_new_tokens))
 }
 
 /// `n` workers on the tiny model, one compute thread each, SERVING.
@@ -171,6 +158,27 @@ async fn stream(
     }
 }
 
+/// Starts `n` streams of `request(PROMPTS[prompt], len)` and returns once
+/// every one has received tokens.
+async fn streaming(
+    c: &GenerationClient<Channel>,
+    n: usize,
+    prompt: usize,
+    len: u32,
+) -> Vec<tokio::task::JoinHandle<Outcome>> {
+    let (tx, mut rx) = tokio::sync::mpsc::unbounded_channel();
+    let tasks = (0..n)
+        .map(|_| {
+            let req = request(PROMPTS[prompt], len);
+            tokio::spawn(stream(c.clone(), req, prompt, Some(tx.clone())))
+        })
+        .collect();
+    for _ in 0..n {
+        rx.recv().await.expect("a stream started");
+    }
+    tasks
+}
+
 const PROMPTS: [&[u32]; 3] = [
     &[84, 104, 101, 32, 113, 117, 105, 99, 107],
     &[10, 20, 30, 40, 50],
@@ -278,28 +286,42 @@ async fn a_killed_replica_fails_only_the_streams_it_served_and_comes_back() {
     assert!(load(&restarted).await.requests_finished_total >= 1);
 }
 
-/// Hit rate of the workers' prefix caches over `run`'s requests.
-async fn prefix_hit_rate(
+/// What the workers' counters say about some requests.
+#[derive(Debug, Default)]
+struct CacheUse {
+    hit_tokens: u64,
+    query_tokens: u64,
+    /// Requests each replica finished.
+    served: Vec<u64>,
+}
+
+impl CacheUse {
+    fn hit_rate(&self) -> f64 {
+        self.hit_tokens as f64 / self.query_tokens as f64
+    }
+}
+
+/// Adds what `run`'s requests did to the workers' prefix caches to `into`.
+async fn count_cache_use(
     ws: &[Proc],
+    into: &mut CacheUse,
     run: impl std::future::Future<Output = ()>,
-) -> (f64, Vec<u64>) {
+) {
     let before: Vec<Load> = futures::future::join_all(ws.iter().map(load)).await;
     run.await;
     let after: Vec<Load> = futures::future::join_all(ws.iter().map(load)).await;
-    let (mut hit, mut query) = (0, 0);
-    let mut served = Vec::new();
-    for (b, a) in before.iter().zip(&after) {
-        hit += a.prefix_cache_hit_tokens_total - b.prefix_cache_hit_tokens_total;
-        query += a.prefix_cache_query_tokens_total - b.prefix_cache_query_tokens_total;
-        served.push(a.requests_finished_total - b.requests_finished_total);
+    into.served.resize(ws.len(), 0);
+    for (i, (b, a)) in before.iter().zip(&after).enumerate() {
+        into.hit_tokens += a.prefix_cache_hit_tokens_total - b.prefix_cache_hit_tokens_total;
+        into.query_tokens += a.prefix_cache_query_tokens_total - b.prefix_cache_query_tokens_total;
+        into.served[i] += a.requests_finished_total - b.requests_finished_total;
     }
-    (hit as f64 / query as f64, served)
 }
 
-/// 8 shared 64-token prefixes (4 KV blocks), 4 requests each with its own
+/// 8 shared 64-token prefixes (4 KV blocks), 3 requests each with its own
 /// 8-token suffix, in a shuffled order, 16 at a time.
 async fn shared_prefix_load(c: &GenerationClient<Channel>, salt: u32) {
-    let mut order: Vec<(u32, u32)> = (0..8).flat_map(|p| (0..4).map(move |i| (p, i))).collect();
+    let mut order: Vec<(u32, u32)> = (0..8).flat_map(|p| (0..3).map(move |i| (p, i))).collect();
     let mut x = 12345 + u64::from(salt);
     for i in (1..order.len()).rev() {
         x = x
@@ -342,11 +364,17 @@ async fn prefix_aware_routing_doubles_the_prefix_cache_hit_rate_of_round_robin()
     );
     let (rr_c, pa_c) = (client(&rr.url()).await, client(&pa.url()).await);
 
-    // Different prefixes for each run, so neither finds the other's blocks.
-    let (rr_rate, _) = prefix_hit_rate(&ws, shared_prefix_load(&rr_c, 1)).await;
-    let (pa_rate, served) = prefix_hit_rate(&ws, shared_prefix_load(&pa_c, 2)).await;
+    // Three rounds each, alternated, every run with prefixes of its own
+    // (salts 1 to 6 give 48 distinct ones), so no run finds another's blocks.
+    let (mut rr_use, mut pa_use) = (CacheUse::default(), CacheUse::default());
+    for round in 0..3 {
+        count_cache_use(&ws, &mut rr_use, shared_prefix_load(&rr_c, 2 * round + 1)).await;
+        count_cache_use(&ws, &mut pa_use, shared_prefix_load(&pa_c, 2 * round + 2)).await;
+    }
+    let (rr_rate, pa_rate) = (rr_use.hit_rate(), pa_use.hit_rate());
+    let served = &pa_use.served;
     eprintln!(
-        "prefix cache hit rate: round robin {rr_rate:.3}, prefix-aware {pa_rate:.3}; served {served:?}"
+        "prefix cache hit rate: round robin {rr_rate:.3}, prefix-aware {pa_rate:.3}; prefix-aware served {served:?}"
     );
     assert!(pa_rate >= 2.0 * rr_rate, "{pa_rate:.3} vs {rr_rate:.3}");
     let mean = served.iter().sum::<u64>() as f64 / served.len() as f64;
@@ -580,20 +608,7 @@ async fn sigterm_drains_the_gateway_and_the_worker() {
     let c = client(&g.url()).await;
 
     // The gateway: streams in flight finish; then it exits 0.
-    let (tx, mut rx) = tokio::sync::mpsc::unbounded_channel();
-    let running: Vec<_> = (0..3)
-        .map(|_| {
-            tokio::spawn(stream(
-                c.clone(),
-                request(PROMPTS[1], 400),
-                1,
-                Some(tx.clone()),
-            ))
-        })
-        .collect();
-    for _ in 0..3 {
-        rx.recv().await.unwrap();
-    }
+    let running = streaming(&c, 3, 1, 400).await;
     let exited = tokio::task::spawn_blocking(move || {
         let status = g.terminate();
         (g, status)
@@ -618,20 +633,7 @@ async fn sigterm_drains_the_gateway_and_the_worker() {
     // The worker: the same, seen through a new gateway.
     let g2 = gateway(&[&ws[0]], &[]);
     let c2 = client(&g2.url()).await;
-    let (tx, mut rx) = tokio::sync::mpsc::unbounded_channel();
-    let running: Vec<_> = (0..2)
-        .map(|_| {
-            tokio::spawn(stream(
-                c2.clone(),
-                request(PROMPTS[2], 400),
-                2,
-                Some(tx.clone()),
-            ))
-        })
-        .collect();
-    for _ in 0..2 {
-        rx.recv().await.unwrap();
-    }
+    let running = streaming(&c2, 2, 2, 400).await;
     let mut w = ws.remove(0);
     let worker_url = w.url();
     let exited = tokio::task::spawn_blocking(move || w.terminate());
@@ -675,20 +677,7 @@ async fn the_concurrency_limit_refuses_at_once_and_deadlines_reach_the_worker() 
     let c = client(&g.url()).await;
 
     // 10 at once: 4 run, 6 are refused at once naming the limit.
-    let (tx, mut rx) = tokio::sync::mpsc::unbounded_channel();
-    let long: Vec<_> = (0..4)
-        .map(|_| {
-            tokio::spawn(stream(
-                c.clone(),
-                request(PROMPTS[0], 300),
-                0,
-                Some(tx.clone()),
-            ))
-        })
-        .collect();
-    for _ in 0..4 {
-        rx.recv().await.unwrap();
-    }
+    let long = streaming(&c, 4, 0, 300).await;
     for _ in 0..6 {
         let start = Instant::now();
         let e = c

@@ -15,26 +15,9 @@ use aquila_proto::v1::{
 use aquila_proto::worker::v1::GetLoadRequest;
 use aquila_proto::worker::v1::worker_client::WorkerClient;
 use aquila_worker::model::WeightDtype;
-use common::{tiny_stack, wait_serving};
+use common::{greedy_params as greedy, ids_request, tiny_stack, wait_serving};
 use tonic::Code;
 use tonic::transport::Channel;
-
-fn greedy(max_new_tokens: u32) -> SamplingParams {
-    SamplingParams {
-        max_new_tokens: Some(max_new_tokens),
-        temperature: Some(0.0),
-        ignore_eos: true,
-        ..Default::default()
-    }
-}
-
-fn ids_request(ids: &[u32], params: SamplingParams) -> GenerateRequest {
-    GenerateRequest {
-        prompt_token_ids: ids.to_vec(),
-        params: Some(params),
-        ..Default::default()
-    }
-}
 
 const PROMPT: &[u32] = &[84, 104, 101, 32, 113, 117, 105, 99, 107];
 

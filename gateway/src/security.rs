@@ -16,6 +16,7 @@ use tonic::service::Interceptor;
 use tonic::transport::{ClientTlsConfig, Endpoint, ServerTlsConfig};
 use tonic::{Request, Status};
 
+use crate::config::config_error;
 use crate::error::GatewayError;
 
 /// tonic's own default for received messages.
@@ -316,18 +317,6 @@ fn ordinal(i: usize) -> String {
         2 => "2nd".into(),
         3 => "3rd".into(),
         n => format!("{n}th"),
-    }
-}
-
-fn config_error(
-    field: &'static str,
-    value: impl std::fmt::Display,
-    reason: impl Into<String>,
-) -> GatewayError {
-    GatewayError::Config {
-        field,
-        value: value.to_string(),
-        reason: reason.into(),
     }
 }
 

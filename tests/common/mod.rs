@@ -21,6 +21,28 @@ use tonic_health::pb::HealthCheckRequest;
 use tonic_health::pb::health_check_response::ServingStatus;
 use tonic_health::pb::health_client::HealthClient;
 
+/// Greedy sampling of exactly `max_new_tokens` (EOS ignored).
+pub fn greedy_params(max_new_tokens: u32) -> aquila_proto::v1::SamplingParams {
+    aquila_proto::v1::SamplingParams {
+        max_new_tokens: Some(max_new_tokens),
+        temperature: Some(0.0),
+        ignore_eos: true,
+        ..Default::default()
+    }
+}
+
+/// A public-API request for the token ids `ids`.
+pub fn ids_request(
+    ids: &[u32],
+    params: aquila_proto::v1::SamplingParams,
+) -> aquila_proto::v1::GenerateRequest {
+    aquila_proto::v1::GenerateRequest {
+        prompt_token_ids: ids.to_vec(),
+        params: Some(params),
+        ..Default::default()
+    }
+}
+
 /// The tiny preset (seed 7) written in `format` into a fresh temp folder.
 pub fn tiny_model(format: WeightFormat, gguf: GgufType) -> TempDir {
     let dir = tempfile::tempdir().expect("tempdir");

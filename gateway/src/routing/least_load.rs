@@ -73,7 +73,7 @@ impl RoutingPolicy for LeastLoad {
 #[cfg(test)]
 mod tests {
     use super::*;
-    use crate::routing::{PolicyKind, PrefixOptions, ReplicaLoad, build};
+    use crate::routing::{Lcg, PolicyKind, PrefixOptions, ReplicaLoad, build};
     use clap::ValueEnum;
 
     const ROUTE: Route<'static> = Route { prompt: &[1, 2, 3] };
@@ -112,20 +112,6 @@ mod tests {
         (0..count)
             .map(|_| policy.pick(&ROUTE, set).expect("candidates are not empty"))
             .collect()
-    }
-
-    /// A deterministic stream for the simulations (Knuth's MMIX LCG).
-    struct Lcg(u64);
-
-    impl Lcg {
-        fn below(&mut self, bound: usize) -> usize {
-            self.0 = self
-                .0
-                .wrapping_mul(6364136223846793005)
-                .wrapping_add(1442695040888963407);
-            // The high bits of an LCG are the random ones.
-            ((self.0 >> 33) % bound as u64) as usize
-        }
     }
 
     fn spread(in_flight: &[usize]) -> usize {

@@ -105,3 +105,32 @@ pub fn build(kind: PolicyKind, prefix: PrefixOptions) -> Box<dyn RoutingPolicy> 
         PolicyKind::PrefixAware => Box::new(PrefixAware::new(prefix)),
     }
 }
+
+/// A deterministic stream for the policies' simulations (Knuth's MMIX LCG).
+#[cfg(test)]
+pub(crate) struct Lcg(pub u64);
+
+#[cfg(test)]
+impl Lcg {
+    fn step(&mut self) -> u64 {
+        self.0 = self
+            .0
+            .wrapping_mul(6364136223846793005)
+            .wrapping_add(1442695040888963407);
+        self.0
+    }
+
+    /// The high 32 bits: an LCG's low bits are the least random.
+    pub fn next(&mut self) -> u32 {
+        (self.step() >> 32) as u32
+    }
+
+    pub fn below(&mut self, bound: usize) -> usize {
+        ((self.step() >> 33) % bound as u64) as usize
+    }
+
+    /// `len` token ids below 32000.
+    pub fn prompt(&mut self, len: usize) -> Vec<u32> {
+        (0..len).map(|_| self.next() % 32_000).collect()
+    }
+}

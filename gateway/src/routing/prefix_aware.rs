@@ -157,7 +157,7 @@ fn mix(mut hash: u64) -> u64 {
 #[cfg(test)]
 mod tests {
     use super::*;
-    use crate::routing::{PolicyKind, ReplicaLoad, build};
+    use crate::routing::{Lcg, PolicyKind, ReplicaLoad, build};
     use clap::ValueEnum;
 
     fn replicas(count: usize) -> Vec<Candidate> {
@@ -185,24 +185,6 @@ mod tests {
             .pick(&Route { prompt }, set)
             .expect("candidates are not empty");
         set[index].address.clone()
-    }
-
-    /// A deterministic stream for the simulations (Knuth's MMIX LCG).
-    struct Lcg(u64);
-
-    impl Lcg {
-        fn next(&mut self) -> u32 {
-            self.0 = self
-                .0
-                .wrapping_mul(6364136223846793005)
-                .wrapping_add(1442695040888963407);
-            // The high bits of an LCG are the random ones.
-            (self.0 >> 32) as u32
-        }
-
-        fn prompt(&mut self, len: usize) -> Vec<u32> {
-            (0..len).map(|_| self.next() % 32_000).collect()
-        }
     }
 
     #[test]

@@ -14,7 +14,9 @@ use std::time::{Duration, Instant};
 
 use aquila_gateway::discovery::{Resolved, Resolver};
 use aquila_proto::admin::v1::admin_client::AdminClient;
-use aquila_proto::admin::v1::{DrainReplicaRequest, ListReplicasRequest, Replica};
+use aquila_proto::admin::v1::{
+    AddReplicaRequest, DrainReplicaRequest, ListReplicasRequest, Replica,
+};
 use aquila_proto::v1::generation_client::GenerationClient;
 use aquila_proto::v1::{FinishReason, GenerateRequest};
 use aquila_proto::worker::v1::worker_client::WorkerClient;
@@ -597,6 +599,40 @@ async fn a_drained_replica_finishes_its_requests_and_leaves() {
         .await
         .unwrap_err();
     assert_eq!(unknown.code(), Code::NotFound);
+
+    // Added back through the admin API, it serves again.
+    let added = a
+        .add_replica(AddReplicaRequest {
+            address: ws[0].addr.clone(),
+        })
+        .await
+        .unwrap()
+        .into_inner();
+    assert_eq!((added.source.as_str(), added.draining), ("admin", false));
+    eventually(Duration::from_secs(10), "the added replica healthy", || {
+        let mut a = a.clone();
+        let url = ws[0].url();
+        async move {
+            replicas(&mut a)
+                .await
+                .iter()
+                .any(|r| r.address == url && r.healthy)
+        }
+    })
+    .await;
+    let before = load(&ws[0]).await.requests_finished_total;
+    for _ in 0..4 {
+        c.clone().generate(request(PROMPTS[1], 2)).await.unwrap();
+    }
+    assert_eq!(load(&ws[0]).await.requests_finished_total, before + 2);
+    let bad = a
+        .add_replica(AddReplicaRequest {
+            address: "not a uri".into(),
+        })
+        .await
+        .unwrap_err();
+    assert_eq!(bad.code(), Code::InvalidArgument, "{bad:?}");
+    assert!(bad.message().contains("not a uri"), "{bad:?}");
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]

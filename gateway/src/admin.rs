@@ -10,6 +10,7 @@ use aquila_proto::admin::v1 as admin;
 use aquila_proto::admin::v1::admin_server::Admin;
 use tonic::{Request, Response, Status};
 
+use crate::error::GatewayError;
 use crate::workers::{Source, WorkerPool};
 
 #[derive(Debug)]
@@ -53,7 +54,8 @@ impl Admin for AdminService {
     ) -> Result<Response<admin::Replica>, Status> {
         let replica = self
             .pool
-            .add(&request.into_inner().address, Source::Admin)?;
+            .add(&request.into_inner().address, Source::Admin)
+            .map_err(invalid_address)?;
         tracing::info!(worker = %replica.address, "replica added through the admin API");
         Ok(Response::new(self.describe(&replica.address)))
     }
@@ -62,7 +64,19 @@ impl Admin for AdminService {
         &self,
         request: Request<admin::DrainReplicaRequest>,
     ) -> Result<Response<admin::Replica>, Status> {
-        let replica = self.pool.drain(&request.into_inner().address)?;
+        let replica = self
+            .pool
+            .drain(&request.into_inner().address)
+            .map_err(invalid_address)?;
         Ok(Response::new(self.describe(&replica.address)))
+    }
+}
+
+/// An address that does not parse is the caller's mistake here, not a
+/// start-up configuration error.
+fn invalid_address(error: GatewayError) -> Status {
+    match error {
+        GatewayError::Config { .. } => Status::invalid_argument(error.to_string()),
+        other => other.to_status(),
     }
 }

@@ -51,7 +51,10 @@ load() { # label, target, api, concurrency, requests, output tokens
     python3 -c 'import json,sys; r=json.load(open(sys.argv[1])); r["label"]=sys.argv[2]; print(json.dumps(r))' \
         "$out/$1.json" "$1" | tee -a "$out/all.jsonl"
 }
-# Alternate which goes first: the machine drifts from run to run.
+cpu_ticks() { awk '{print $14 + $15}' "/proc/$gateway_pid/stat"; }
+# Alternate which goes first: the machine drifts from run to run. The
+# gateway's own CPU time over its runs is the steadier figure of its cost.
+ticks_before=$(cpu_ticks)
 for round in $(seq "$ROUNDS"); do
     if ((round % 2)); then
         load "direct-$round" "$worker" worker 16 48 64
@@ -62,6 +65,8 @@ for round in $(seq "$ROUNDS"); do
     fi
 done
 
+ticks=$(($(cpu_ticks) - ticks_before))
+echo "{\"label\": \"gateway cpu\", \"seconds\": $(python3 -c "print($ticks / $(getconf CLK_TCK))")}" | tee -a "$out/all.jsonl"
 peak_kib() { awk '/VmHWM/ {print $2}' "/proc/$gateway_pid/status"; }
 echo "{\"label\": \"gateway rss before\", \"vmhwm_kib\": $(peak_kib)}" | tee -a "$out/all.jsonl"
 for round in 1 2; do
@@ -89,4 +94,8 @@ for i in (1, 2):
           f"{r.get('unfinished', 0)} unfinished; gateway peak RSS "
           f"{rows[f'gateway rss after 1000 streams, round {i}']['vmhwm_kib'] / 1024:.1f} MiB")
 print(f"gateway peak RSS before: {rows['gateway rss before']['vmhwm_kib'] / 1024:.1f} MiB")
+tokens = sum(rows[f"gateway-{i}"]["total_output_tokens"] + 8 * 64 for i in range(1, rounds + 1))
+cpu = rows["gateway cpu"]["seconds"]
+print(f"gateway CPU: {cpu:.2f} s for {tokens} streamed tokens (warm-ups included), "
+      f"{cpu / tokens * 1e6:.0f} µs per token")
 PYEOF

@@ -45,6 +45,9 @@ enum Command {
         /// Address of the internal worker API.
         #[arg(long, env = "AQUILA_WORKER_LISTEN", default_value = "127.0.0.1:0")]
         worker_listen: SocketAddr,
+        /// Address of the OpenAI-compatible HTTP API (/v1/chat/completions...).
+        #[arg(long, env = "AQUILA_HTTP_LISTEN", default_value = "127.0.0.1:8000")]
+        http_listen: SocketAddr,
         /// Jinja chat template file, overriding the model's.
         #[arg(long, env = "AQUILA_CHAT_TEMPLATE")]
         chat_template: Option<PathBuf>,
@@ -80,6 +83,11 @@ enum Command {
         /// unset. Keep it inside the cluster: it moves traffic.
         #[arg(long, env = "AQUILA_ADMIN_LISTEN")]
         admin_listen: Option<SocketAddr>,
+        /// Address of the OpenAI-compatible HTTP API (/v1/completions,
+        /// /v1/chat/completions, /v1/models, /health, /ready); off when unset.
+        /// Plaintext: terminate TLS in front of it.
+        #[arg(long, env = "AQUILA_HTTP_LISTEN")]
+        http_listen: Option<SocketAddr>,
         #[command(flatten)]
         gateway: GatewayArgs,
     },
@@ -145,9 +153,20 @@ async fn dispatch(cmd: Command) -> Result<()> {
             model,
             listen,
             worker_listen,
+            http_listen,
             chat_template,
             worker,
-        } => serve(model, listen, worker_listen, chat_template, worker).await,
+        } => {
+            serve(
+                model,
+                listen,
+                worker_listen,
+                http_listen,
+                chat_template,
+                worker,
+            )
+            .await
+        }
         Command::Worker {
             model,
             listen,
@@ -158,6 +177,7 @@ async fn dispatch(cmd: Command) -> Result<()> {
         Command::Gateway {
             listen,
             admin_listen,
+            http_listen,
             gateway,
         } => {
             let config = gateway.into_config_with(admin_listen.is_some())?;
@@ -165,9 +185,14 @@ async fn dispatch(cmd: Command) -> Result<()> {
                 Some(addr) => Some(bind(addr, "gateway admin").await?),
                 None => None,
             };
+            let http = match http_listen {
+                Some(addr) => Some(bind(addr, "gateway http").await?),
+                None => None,
+            };
             let listeners = aquila_gateway::Listeners {
                 public: bind(listen, "gateway").await?,
                 admin,
+                http,
             };
             let resolver = Arc::new(aquila_gateway::discovery::SystemResolver);
             aquila_gateway::serve(listeners, config, shutdown_signal(), resolver).await?;
@@ -252,6 +277,7 @@ async fn serve(
     model: Option<PathBuf>,
     listen: SocketAddr,
     worker_listen: SocketAddr,
+    http_listen: SocketAddr,
     chat_template: Option<PathBuf>,
     worker: WorkerArgs,
 ) -> Result<()> {
@@ -268,7 +294,14 @@ async fn serve(
         .await
         .context("binding the worker")?;
     let worker_addr = worker_listener.local_addr()?;
+    let http_listener = bind(http_listen, "gateway http").await?;
+    let http_addr = http_listener.local_addr()?;
     let gateway_listener = bind(listen, "gateway").await?;
+    let listeners = aquila_gateway::Listeners {
+        public: gateway_listener,
+        admin: None,
+        http: Some(http_listener),
+    };
     let mut args = GatewayArgs::with_workers(vec![worker_addr.to_string()]);
     args.chat_template = chat_template;
     let config = args.into_config()?;
@@ -282,9 +315,15 @@ async fn serve(
         None,
         wait(stop_rx.clone()),
     ));
-    let gateway_task = tokio::spawn(aquila_gateway::run(gateway_listener, config, wait(stop_rx)));
+    let resolver = Arc::new(aquila_gateway::discovery::SystemResolver);
+    let gateway_task = tokio::spawn(aquila_gateway::serve(
+        listeners,
+        config,
+        wait(stop_rx),
+        resolver,
+    ));
     println!(
-        "serving {model_name} on {listen}\ntry:  cargo run --release -- chat --gateway http://{listen} \"What is the capital of France? Answer in one word.\"\n  or:  grpcurl -plaintext -d '{{\"messages\":[{{\"role\":\"user\",\"content\":\"Hello!\"}}]}}' {listen} aquila.v1.Generation/Chat\nCtrl-C stops."
+        "serving {model_name} on {listen} (gRPC) and http://{http_addr}/v1 (OpenAI-compatible)\ntry:  cargo run --release -- chat --gateway http://{listen} \"What is the capital of France? Answer in one word.\"\n  or:  grpcurl -plaintext -d '{{\"messages\":[{{\"role\":\"user\",\"content\":\"Hello!\"}}]}}' {listen} aquila.v1.Generation/Chat\n  or:  curl http://{http_addr}/v1/chat/completions -H 'content-type: application/json' -d '{{\"messages\":[{{\"role\":\"user\",\"content\":\"Hello!\"}}]}}'\nCtrl-C stops."
     );
     shutdown_signal().await;
     let _ = stop_tx.send(true);

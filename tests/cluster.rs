@@ -486,6 +486,7 @@ async fn dns_discovery_follows_the_answer_without_a_restart() {
     let listeners = aquila_gateway::Listeners {
         public,
         admin: Some(admin_l),
+        http: None,
     };
     let server = tokio::spawn(aquila_gateway::serve(
         listeners,

@@ -22,6 +22,8 @@ async fn the_demo_model_answers_paris_and_streams() {
             &model,
             "--listen",
             "127.0.0.1:0",
+            "--http-listen",
+            "127.0.0.1:0",
             "--threads",
             "2",
         ],

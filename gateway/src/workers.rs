@@ -510,14 +510,20 @@ impl WorkerPool {
         *last = Some(false);
     }
 
-    async fn refresh_readiness(&self) {
-        let mut last = self.readiness.lock().await;
+    /// What readiness reports: not shutting down, and some replica healthy,
+    /// not draining, its breaker not open.
+    pub fn is_ready(&self) -> bool {
         let now = Instant::now();
-        let ready = !self.is_closing()
+        !self.is_closing()
             && read(&self.replicas).values().any(|r| {
                 let state = lock(&r.state);
                 state.healthy() && !state.draining && state.breaker.state(now) != BreakerState::Open
-            });
+            })
+    }
+
+    async fn refresh_readiness(&self) {
+        let mut last = self.readiness.lock().await;
+        let ready = self.is_ready();
         if *last == Some(ready) {
             return;
         }

@@ -303,15 +303,16 @@ async fn serve(
         .await
         .context("binding the worker")?;
     let worker_addr = worker_listener.local_addr()?;
-    let gateway_listener = bind(listen, "gateway").await?;
     let mut args = GatewayArgs::with_workers(vec![worker_addr.to_string()]);
     args.chat_template = chat_template;
     args.metrics_vllm_names = vllm_names;
     let config = args.into_config()?;
+    // Printed before the gateway's line, which tells scripts all is bound.
     if let Some(addr) = metrics_listen {
         let listener = bind(addr, "metrics").await?;
         metrics::spawn(listener, vec![config.metrics.clone(), registry]);
     }
+    let gateway_listener = bind(listen, "gateway").await?;
     let (stop_tx, stop_rx) = tokio::sync::watch::channel(false);
     let wait = |mut rx: tokio::sync::watch::Receiver<bool>| async move {
         let _ = rx.wait_for(|stop| *stop).await;

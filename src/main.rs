@@ -2,6 +2,7 @@
 //! gateway and worker crates; it holds no serving logic of its own.
 
 mod client;
+mod metrics;
 
 use std::net::SocketAddr;
 use std::path::PathBuf;
@@ -15,6 +16,7 @@ use aquila_worker::WorkerArgs;
 use aquila_worker::presets::{GgufType, Preset, WeightFormat};
 use aquila_worker::tp::{Role, TpArgs};
 use clap::{Parser, Subcommand};
+use prometheus::Registry;
 use tokio::net::TcpListener;
 
 #[derive(Parser)]
@@ -51,6 +53,10 @@ enum Command {
         /// Jinja chat template file, overriding the model's.
         #[arg(long, env = "AQUILA_CHAT_TEMPLATE")]
         chat_template: Option<PathBuf>,
+        /// Address of the Prometheus `/metrics` endpoint (HTTP) with both the
+        /// gateway's and the worker's metrics; off when unset.
+        #[arg(long, env = "AQUILA_METRICS_LISTEN")]
+        metrics_listen: Option<SocketAddr>,
         #[command(flatten)]
         worker: WorkerArgs,
     },
@@ -67,6 +73,12 @@ enum Command {
         /// Address to listen on (port 0: any free port, printed at start).
         #[arg(long, env = "AQUILA_WORKER_LISTEN", default_value = "127.0.0.1:50061")]
         listen: SocketAddr,
+        /// Address of the Prometheus `/metrics` endpoint (HTTP); off when
+        /// unset. Port 0: any free port, printed at start. With --tp N, rank
+        /// 0 serves here and the other ranks each on a free port of the same
+        /// IP (printed as they start).
+        #[arg(long, env = "AQUILA_METRICS_LISTEN")]
+        metrics_listen: Option<SocketAddr>,
         #[command(flatten)]
         worker: WorkerArgs,
         #[command(flatten)]
@@ -88,6 +100,10 @@ enum Command {
         /// Plaintext: terminate TLS in front of it.
         #[arg(long, env = "AQUILA_HTTP_LISTEN")]
         http_listen: Option<SocketAddr>,
+        /// Address of the Prometheus `/metrics` endpoint (HTTP); off when unset.
+        /// Port 0: any free port, printed at start.
+        #[arg(long, env = "AQUILA_METRICS_LISTEN")]
+        metrics_listen: Option<SocketAddr>,
         #[command(flatten)]
         gateway: GatewayArgs,
     },
@@ -155,32 +171,32 @@ async fn dispatch(cmd: Command) -> Result<()> {
             worker_listen,
             http_listen,
             chat_template,
+            metrics_listen,
             worker,
         } => {
-            serve(
-                model,
-                listen,
-                worker_listen,
-                http_listen,
-                chat_template,
-                worker,
-            )
-            .await
+            let listeners = (listen, worker_listen, http_listen, metrics_listen);
+            serve(model, listeners, chat_template, worker).await
         }
         Command::Worker {
             model,
             listen,
+            metrics_listen,
             worker,
             tp,
             tls,
-        } => run_worker(model, listen, worker, tp, tls).await,
+        } => run_worker(model, listen, metrics_listen, worker, tp, tls).await,
         Command::Gateway {
             listen,
             admin_listen,
             http_listen,
+            metrics_listen,
             gateway,
         } => {
             let config = gateway.into_config_with(admin_listen.is_some())?;
+            if let Some(addr) = metrics_listen {
+                let listener = bind(addr, "gateway metrics").await?;
+                metrics::spawn(listener, vec![config.metrics.clone()]);
+            }
             let admin = match admin_listen {
                 Some(addr) => Some(bind(addr, "gateway admin").await?),
                 None => None,
@@ -273,11 +289,17 @@ async fn bind(addr: SocketAddr, what: &str) -> Result<TcpListener> {
     Ok(listener)
 }
 
+/// `aquila serve`: a worker and a gateway in this process, on `listen`
+/// (public gRPC), `worker_listen`, `http_listen` (OpenAI-compatible) and,
+/// if set, `metrics_listen` (both registries on one endpoint).
 async fn serve(
     model: Option<PathBuf>,
-    listen: SocketAddr,
-    worker_listen: SocketAddr,
-    http_listen: SocketAddr,
+    (listen, worker_listen, http_listen, metrics_listen): (
+        SocketAddr,
+        SocketAddr,
+        SocketAddr,
+        Option<SocketAddr>,
+    ),
     chat_template: Option<PathBuf>,
     worker: WorkerArgs,
 ) -> Result<()> {
@@ -285,15 +307,31 @@ async fn serve(
         Some(m) => m,
         None => tokio::task::spawn_blocking(aquila_worker::demo::fetch_demo).await??,
     };
-    let state = Arc::new(
-        tokio::task::spawn_blocking(move || aquila_worker::WorkerState::start(model, &worker))
+    let registry = Registry::new();
+    let vllm_names = worker.metrics_vllm_names;
+    let state = {
+        let registry = registry.clone();
+        Arc::new(
+            tokio::task::spawn_blocking(move || {
+                aquila_worker::WorkerState::start(model, &worker, &registry)
+            })
             .await??,
-    );
+        )
+    };
     let model_name = state.model_info().name.clone();
     let worker_listener = TcpListener::bind(worker_listen)
         .await
         .context("binding the worker")?;
     let worker_addr = worker_listener.local_addr()?;
+    let mut args = GatewayArgs::with_workers(vec![worker_addr.to_string()]);
+    args.chat_template = chat_template;
+    args.metrics_vllm_names = vllm_names;
+    let config = args.into_config()?;
+    // Printed before the gateway's line, which tells scripts all is bound.
+    if let Some(addr) = metrics_listen {
+        let listener = bind(addr, "metrics").await?;
+        metrics::spawn(listener, vec![config.metrics.clone(), registry]);
+    }
     let http_listener = bind(http_listen, "gateway http").await?;
     let http_addr = http_listener.local_addr()?;
     let gateway_listener = bind(listen, "gateway").await?;
@@ -302,9 +340,6 @@ async fn serve(
         admin: None,
         http: Some(http_listener),
     };
-    let mut args = GatewayArgs::with_workers(vec![worker_addr.to_string()]);
-    args.chat_template = chat_template;
-    let config = args.into_config()?;
     let (stop_tx, stop_rx) = tokio::sync::watch::channel(false);
     let wait = |mut rx: tokio::sync::watch::Receiver<bool>| async move {
         let _ = rx.wait_for(|stop| *stop).await;
@@ -337,16 +372,27 @@ async fn serve(
 async fn run_worker(
     model: PathBuf,
     listen: SocketAddr,
+    metrics_listen: Option<SocketAddr>,
     worker: WorkerArgs,
     tp: TpArgs,
     tls: ServerTlsArgs,
 ) -> Result<()> {
     // Before loading the model: a wrong path should not wait for it.
     let tls = tls.load()?;
-    let state = match tp.role()? {
+    let role = tp.role()?;
+    // Every process that runs a model serves its own metrics from the start
+    // (the load time is one); the launcher runs none.
+    let registry = Registry::new();
+    if let (Some(addr), false) = (metrics_listen, matches!(role, Role::Launcher(_))) {
+        let listener = bind(addr, "worker metrics").await?;
+        metrics::spawn(listener, vec![registry.clone()]);
+    }
+    let state = match role {
         Role::Single => {
-            tokio::task::spawn_blocking(move || aquila_worker::WorkerState::start(model, &worker))
-                .await??
+            tokio::task::spawn_blocking(move || {
+                aquila_worker::WorkerState::start(model, &worker, &registry)
+            })
+            .await??
         }
         Role::Launcher(n) => {
             aquila_worker::tp::check_layout(&model, n)?;
@@ -358,7 +404,7 @@ async fn run_worker(
             });
             let threads = worker.threads;
             tokio::task::spawn_blocking(move || {
-                aquila_worker::tp::supervise(n, listen, threads, &stop)
+                aquila_worker::tp::supervise(n, listen, metrics_listen, threads, &stop)
             })
             .await??;
             return Ok(());
@@ -378,13 +424,17 @@ async fn run_worker(
             };
             if rank > 0 {
                 let e = tokio::task::spawn_blocking(move || {
-                    aquila_worker::service::run_follower(model, &worker, group, op_timeout)
+                    aquila_worker::service::run_follower(
+                        model, &worker, group, op_timeout, &registry,
+                    )
                 })
                 .await?;
                 return Err(e).context(format!("rank {rank} of {world}"));
             }
             tokio::task::spawn_blocking(move || {
-                aquila_worker::WorkerState::start_leader(model, &worker, group, op_timeout)
+                aquila_worker::WorkerState::start_leader(
+                    model, &worker, group, op_timeout, &registry,
+                )
             })
             .await??
         }

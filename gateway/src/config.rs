@@ -8,6 +8,8 @@ use std::path::PathBuf;
 use std::sync::Arc;
 use std::time::Duration;
 
+use prometheus::Registry;
+
 use crate::breaker::BreakerConfig;
 use crate::discovery::DnsTarget;
 use crate::error::GatewayError;
@@ -139,6 +141,11 @@ pub struct GatewayArgs {
     #[arg(long, env = "AQUILA_GATEWAY_SHUTDOWN_GRACE_S", default_value_t = DEFAULT_SHUTDOWN_GRACE_S)]
     pub shutdown_grace_s: u64,
 
+    /// Also export request metrics under vLLM's names (`vllm:…`, labelled
+    /// `model_name`), for dashboards and autoscalers written for vLLM.
+    #[arg(long, env = "AQUILA_METRICS_VLLM_NAMES")]
+    pub metrics_vllm_names: bool,
+
     #[command(flatten)]
     pub security: SecurityArgs,
 }
@@ -169,6 +176,7 @@ impl GatewayArgs {
             breaker_open_ms: DEFAULT_BREAKER_OPEN_MS,
             max_concurrent_requests: DEFAULT_MAX_CONCURRENT_REQUESTS,
             shutdown_grace_s: DEFAULT_SHUTDOWN_GRACE_S,
+            metrics_vllm_names: false,
             security: SecurityArgs::default(),
         }
     }
@@ -283,6 +291,8 @@ impl GatewayArgs {
             },
             max_concurrent_requests: self.max_concurrent_requests,
             shutdown_grace: Duration::from_secs(self.shutdown_grace_s),
+            metrics: Registry::new(),
+            metrics_vllm_names: self.metrics_vllm_names,
             security: self.security.into_config()?,
         })
     }
@@ -303,6 +313,10 @@ pub struct GatewayConfig {
     pub replicas: ReplicaSettings,
     pub max_concurrent_requests: usize,
     pub shutdown_grace: Duration,
+    /// Where the gateway declares its metrics; the caller serves it (a
+    /// fresh one per config, so gateways in one process do not collide).
+    pub metrics: Registry,
+    pub metrics_vllm_names: bool,
     pub security: SecurityConfig,
 }
 

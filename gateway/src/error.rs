@@ -84,6 +84,10 @@ pub enum GatewayError {
     #[error("building the reflection service failed: {0}")]
     Reflection(#[from] tonic_reflection::server::Error),
 
+    /// Start-up: a metric could not be declared (a name registered twice).
+    #[error("declaring the metrics failed: {0}")]
+    Metrics(#[from] prometheus::Error),
+
     /// The gRPC server itself failed.
     #[error("serving gRPC failed: {0}")]
     Serve(#[from] tonic::transport::Error),
@@ -147,6 +151,7 @@ impl GatewayError {
             | GatewayError::Config { .. }
             | GatewayError::Tls(_)
             | GatewayError::Reflection(_)
+            | GatewayError::Metrics(_)
             | GatewayError::Serve(_) => Code::Internal,
         }
     }
@@ -175,6 +180,7 @@ impl GatewayError {
             GatewayError::Config { .. } => "config",
             GatewayError::Tls(_) => "tls",
             GatewayError::Reflection(_) => "reflection",
+            GatewayError::Metrics(_) => "metrics",
             GatewayError::Serve(_) => "serve",
         }
     }

@@ -12,6 +12,7 @@ pub mod config;
 pub mod detokenize;
 pub mod discovery;
 pub mod error;
+pub mod metrics;
 pub mod model;
 pub mod openai;
 pub mod routing;
@@ -41,6 +42,7 @@ pub use error::GatewayError;
 
 use admin::AdminService;
 use discovery::{Resolver, SystemResolver};
+use metrics::{GatewayMetrics, PoolCollector};
 use service::GenerationService;
 use workers::WorkerPool;
 
@@ -129,10 +131,20 @@ pub async fn serve(
     let _tasks = AbortOnDrop(tasks);
 
     let slots = Arc::new(Semaphore::new(config.max_concurrent_requests));
+    let metrics = Arc::new(GatewayMetrics::new(
+        &config.metrics,
+        config.metrics_vllm_names,
+    )?);
+    config.metrics.register(Box::new(PoolCollector::new(
+        Arc::downgrade(&pool),
+        Arc::clone(&slots),
+        config.max_concurrent_requests,
+    )?))?;
     let generation = Arc::new(GenerationService::new(
         Arc::clone(&pool),
         config.limits.clone(),
         Arc::clone(&slots),
+        metrics,
     ));
     let _http = listeners
         .http

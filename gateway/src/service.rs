@@ -21,6 +21,7 @@ use tracing::{Span, instrument};
 
 use crate::config::Limits;
 use crate::error::GatewayError;
+use crate::metrics::{GatewayMetrics, Method, RequestRecorder};
 use crate::model::Model;
 use crate::stream::{self, Deadline, ResponseStream, Upstream};
 use crate::template::Message;
@@ -38,6 +39,7 @@ pub struct GenerationService {
     /// One permit per request being served (`--max-concurrent-requests`).
     slots: Arc<Semaphore>,
     max_concurrent: usize,
+    metrics: Arc<GatewayMetrics>,
 }
 
 /// What every request carries from admission to its response stream.
@@ -50,13 +52,19 @@ struct Admitted {
 }
 
 impl GenerationService {
-    pub fn new(pool: Arc<WorkerPool>, limits: Limits, slots: Arc<Semaphore>) -> Self {
+    pub fn new(
+        pool: Arc<WorkerPool>,
+        limits: Limits,
+        slots: Arc<Semaphore>,
+        metrics: Arc<GatewayMetrics>,
+    ) -> Self {
         let max_concurrent = slots.available_permits();
         GenerationService {
             pool,
             limits,
             slots,
             max_concurrent,
+            metrics,
         }
     }
 
@@ -90,9 +98,40 @@ impl GenerationService {
         })
     }
 
+    /// Opens a generation; its outcome is counted by `recorder`, which the
+    /// response stream takes over once open.
     async fn open_generate(
         &self,
         request: Request<v1::GenerateRequest>,
+        method: Method,
+    ) -> Result<ResponseStream, Status> {
+        let mut recorder = self.metrics.request(method);
+        self.try_open_generate(request, &mut recorder)
+            .await
+            .map_err(|error| {
+                recorder.failed(error.code());
+                error.into()
+            })
+    }
+
+    async fn open_chat(
+        &self,
+        request: Request<v1::ChatRequest>,
+        method: Method,
+    ) -> Result<ResponseStream, Status> {
+        let mut recorder = self.metrics.request(method);
+        self.try_open_chat(request, &mut recorder)
+            .await
+            .map_err(|error| {
+                recorder.failed(error.code());
+                error.into()
+            })
+    }
+
+    async fn try_open_generate(
+        &self,
+        request: Request<v1::GenerateRequest>,
+        recorder: &mut RequestRecorder,
     ) -> Result<ResponseStream, GatewayError> {
         let admitted = self.accept(&request.get_ref().model, request.metadata())?;
         let request = request.into_inner();
@@ -109,12 +148,13 @@ impl GenerationService {
             model.limits(),
             &[],
         )?;
-        self.open(admitted, valid).await
+        self.open(admitted, valid, recorder).await
     }
 
-    async fn open_chat(
+    async fn try_open_chat(
         &self,
         request: Request<v1::ChatRequest>,
+        recorder: &mut RequestRecorder,
     ) -> Result<ResponseStream, GatewayError> {
         let admitted = self.accept(&request.get_ref().model, request.metadata())?;
         let request = request.into_inner();
@@ -136,13 +176,14 @@ impl GenerationService {
             model.limits(),
             &model.info.chat_stop,
         )?;
-        self.open(admitted, valid).await
+        self.open(admitted, valid, recorder).await
     }
 
     async fn open(
         &self,
         admitted: Admitted,
         valid: ValidRequest,
+        recorder: &mut RequestRecorder,
     ) -> Result<ResponseStream, GatewayError> {
         tracing::debug!(
             prompt_tokens = valid.prompt_token_ids.len(),
@@ -172,7 +213,13 @@ impl GenerationService {
             model,
             received,
         };
-        Ok(stream::respond(ctx, upstream, deadline, permit))
+        Ok(stream::respond(
+            ctx,
+            upstream,
+            deadline,
+            permit,
+            recorder.hand_off(),
+        ))
     }
 
     /// The first replica, then (if it could not be reached before its first
@@ -185,7 +232,10 @@ impl GenerationService {
     ) -> Result<Upstream, GatewayError> {
         let mut tried: Vec<String> = Vec::new();
         let mut failed: Option<GatewayError> = None;
-        for _ in 0..MAX_ATTEMPTS {
+        for attempt in 0..MAX_ATTEMPTS {
+            if attempt > 0 {
+                self.metrics.retried();
+            }
             let picked = match self.pool.pick(model, &request.prompt_token_ids, &tried) {
                 Ok(picked) => picked,
                 // No other replica: the unreachable one's error says more.
@@ -293,7 +343,7 @@ impl Generation for GenerationService {
         &self,
         request: Request<v1::GenerateRequest>,
     ) -> Result<Response<v1::GenerateResponse>, Status> {
-        let stream = self.open_generate(request).await?;
+        let stream = self.open_generate(request, Method::Generate).await?;
         Ok(Response::new(stream::collect(stream).await?))
     }
 
@@ -302,7 +352,9 @@ impl Generation for GenerationService {
         &self,
         request: Request<v1::GenerateRequest>,
     ) -> Result<Response<ResponseStream>, Status> {
-        Ok(Response::new(self.open_generate(request).await?))
+        Ok(Response::new(
+            self.open_generate(request, Method::GenerateStream).await?,
+        ))
     }
 
     #[instrument(skip_all, fields(request_id, model))]
@@ -310,7 +362,7 @@ impl Generation for GenerationService {
         &self,
         request: Request<v1::ChatRequest>,
     ) -> Result<Response<v1::GenerateResponse>, Status> {
-        let stream = self.open_chat(request).await?;
+        let stream = self.open_chat(request, Method::Chat).await?;
         Ok(Response::new(stream::collect(stream).await?))
     }
 
@@ -319,7 +371,9 @@ impl Generation for GenerationService {
         &self,
         request: Request<v1::ChatRequest>,
     ) -> Result<Response<ResponseStream>, Status> {
-        Ok(Response::new(self.open_chat(request).await?))
+        Ok(Response::new(
+            self.open_chat(request, Method::ChatStream).await?,
+        ))
     }
 
     #[instrument(skip_all, fields(model))]
@@ -327,12 +381,12 @@ impl Generation for GenerationService {
         &self,
         request: Request<v1::TokenizeRequest>,
     ) -> Result<Response<v1::TokenizeResponse>, Status> {
-        let request = request.into_inner();
-        let model = self.pool.resolve(&request.model)?;
-        Span::current().record("model", model.name());
-        let token_ids = model.encode(&request.text, request.add_special_tokens)?;
-        let tokens = token_ids.iter().map(|&id| model.piece(id)).collect();
-        Ok(Response::new(v1::TokenizeResponse { token_ids, tokens }))
+        let result = self.tokenize_text(request.into_inner());
+        let code = result
+            .as_ref()
+            .map_or_else(|e| e.code(), |_| tonic::Code::Ok);
+        self.metrics.count(Method::Tokenize, code);
+        Ok(Response::new(result?))
     }
 
     #[instrument(skip_all)]
@@ -340,6 +394,24 @@ impl Generation for GenerationService {
         &self,
         _request: Request<v1::ListModelsRequest>,
     ) -> Result<Response<v1::ListModelsResponse>, Status> {
+        self.metrics.count(Method::ListModels, tonic::Code::Ok);
+        Ok(Response::new(self.list()))
+    }
+}
+
+impl GenerationService {
+    fn tokenize_text(
+        &self,
+        request: v1::TokenizeRequest,
+    ) -> Result<v1::TokenizeResponse, GatewayError> {
+        let model = self.pool.resolve(&request.model)?;
+        Span::current().record("model", model.name());
+        let token_ids = model.encode(&request.text, request.add_special_tokens)?;
+        let tokens = token_ids.iter().map(|&id| model.piece(id)).collect();
+        Ok(v1::TokenizeResponse { token_ids, tokens })
+    }
+
+    fn list(&self) -> v1::ListModelsResponse {
         let models = self
             .pool
             .models()
@@ -359,7 +431,7 @@ impl Generation for GenerationService {
                 }
             })
             .collect();
-        Ok(Response::new(v1::ListModelsResponse { models }))
+        v1::ListModelsResponse { models }
     }
 }
 

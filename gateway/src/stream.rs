@@ -16,6 +16,7 @@ use tokio::sync::OwnedSemaphorePermit;
 use tonic::{Status, Streaming};
 
 use crate::error::GatewayError;
+use crate::metrics::RequestRecorder;
 use crate::transcribe::{RequestContext, Transcriber};
 use crate::workers::InFlight;
 
@@ -45,6 +46,8 @@ struct State {
     pending_first: Option<worker::GenerateEvent>,
     deadline: Option<Deadline>,
     tokens: usize,
+    /// Counts the outcome: OK, the error's code, or CANCELLED if dropped first.
+    recorder: RequestRecorder,
     /// The gateway's concurrency slot, released when the stream ends.
     _permit: OwnedSemaphorePermit,
 }
@@ -54,6 +57,7 @@ pub fn respond(
     mut upstream: Upstream,
     deadline: Option<Deadline>,
     permit: OwnedSemaphorePermit,
+    recorder: RequestRecorder,
 ) -> ResponseStream {
     let first = std::mem::take(&mut upstream.first);
     let transcriber = Transcriber::new(ctx, upstream.worker_address.clone());
@@ -63,6 +67,7 @@ pub fn respond(
         pending_first: Some(first),
         deadline,
         tokens: 0,
+        recorder,
         _permit: permit,
     };
     // `None` state = the stream has ended; dropping `State` drops the worker stream.
@@ -124,6 +129,7 @@ impl State {
         let result = match event {
             Ok(Some((event, arrived))) => {
                 self.tokens += event.tokens.len();
+                self.recorder.on_tokens(event.tokens.len(), arrived);
                 self.transcriber.on_event(event, arrived)
             }
             Ok(None) => Err(GatewayError::WorkerProtocol {
@@ -150,13 +156,19 @@ impl State {
             }
         };
         match result {
-            Ok((response, done)) => (Ok(response), done),
+            Ok((response, done)) => {
+                if done {
+                    self.recorder.succeeded(&response);
+                }
+                (Ok(response), done)
+            }
             Err(error) => self.end(error),
         }
     }
 
-    fn end(&self, error: GatewayError) -> (Result<v1::GenerateResponse, Status>, bool) {
+    fn end(&mut self, error: GatewayError) -> (Result<v1::GenerateResponse, Status>, bool) {
         tracing::warn!(request_id = %self.transcriber.request_id(), %error, "generation failed");
+        self.recorder.failed(error.code());
         (Err(error.to_status()), true)
     }
 }

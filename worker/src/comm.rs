@@ -8,6 +8,10 @@
 pub mod nccl;
 pub mod tcp;
 
+use std::sync::Arc;
+use std::sync::atomic::{AtomicU64, Ordering::Relaxed};
+use std::time::Instant;
+
 use crate::error::Result;
 
 pub trait Communicator: Send + Sync {
@@ -44,5 +48,50 @@ impl Communicator for SingleRank {
     }
     fn barrier(&self) -> Result<()> {
         Ok(())
+    }
+}
+
+/// Adds the time of every reduction and gather of `inner` to a clock the
+/// engine reads once per step (`aquila_worker_step_collective_seconds`).
+/// Host time: exact for TCP and for NCCL, whose calls synchronize their
+/// stream before returning. Broadcast and barrier (the control plane) are
+/// not counted.
+pub struct Timed {
+    inner: Arc<dyn Communicator>,
+    nanos: Arc<AtomicU64>,
+}
+
+impl Timed {
+    pub fn new(inner: Arc<dyn Communicator>, nanos: Arc<AtomicU64>) -> Self {
+        Timed { inner, nanos }
+    }
+
+    fn time<T>(&self, f: impl FnOnce() -> T) -> T {
+        let started = Instant::now();
+        let out = f();
+        let took = u64::try_from(started.elapsed().as_nanos()).unwrap_or(u64::MAX);
+        self.nanos.fetch_add(took, Relaxed);
+        out
+    }
+}
+
+impl Communicator for Timed {
+    fn rank(&self) -> usize {
+        self.inner.rank()
+    }
+    fn world_size(&self) -> usize {
+        self.inner.world_size()
+    }
+    fn all_reduce_sum(&self, buf: &mut [f32]) -> Result<()> {
+        self.time(|| self.inner.all_reduce_sum(buf))
+    }
+    fn all_gather(&self, local: &[f32]) -> Result<Vec<f32>> {
+        self.time(|| self.inner.all_gather(local))
+    }
+    fn broadcast(&self, buf: &mut Vec<u8>, root: usize) -> Result<()> {
+        self.inner.broadcast(buf, root)
+    }
+    fn barrier(&self) -> Result<()> {
+        self.inner.barrier()
     }
 }

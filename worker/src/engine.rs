@@ -21,6 +21,7 @@ use tonic::Status;
 use crate::comm::Communicator;
 use crate::error::{Result, WorkerError};
 use crate::kv::{KvDtype, PagedKv};
+use crate::metrics::{Finished, WorkerMetrics};
 use crate::model::{Llama, LogitsFor, SeqInput};
 use crate::sampler::Sampler;
 use crate::scheduler::{Scheduler, SchedulerConfig, SeqId, Sequence, StepPlan};
@@ -71,20 +72,51 @@ struct Stats {
 #[derive(Clone)]
 pub struct EngineHandle {
     tx: mpsc::Sender<Request>,
-    stats: Arc<Stats>,
+    load: LoadReader,
     cfg: EngineConfig,
+}
+
+/// Reads the engine's load without keeping the engine alive (it ends when
+/// every [`EngineHandle`] is dropped): what metrics scrapes hold.
+#[derive(Clone)]
+pub struct LoadReader {
+    stats: Arc<Stats>,
+    kv_blocks: u32,
+    block_size: u32,
+}
+
+impl LoadReader {
+    pub fn load(&self) -> Load {
+        let s = &self.stats;
+        Load {
+            running: s.running.load(Relaxed),
+            waiting: s.queued.load(Relaxed),
+            kv_blocks_total: self.kv_blocks,
+            kv_blocks_free: s.kv_blocks_free.load(Relaxed),
+            kv_block_size: self.block_size,
+            requests_finished_total: s.finished_total.load(Relaxed),
+            requests_cancelled_total: s.cancelled_total.load(Relaxed),
+            tokens_generated_total: s.tokens_total.load(Relaxed),
+            prompt_tokens_total: s.prompt_tokens_total.load(Relaxed),
+            prefix_cache_query_tokens_total: s.prefix_query_tokens.load(Relaxed),
+            prefix_cache_hit_tokens_total: s.prefix_hit_tokens.load(Relaxed),
+            preemptions_total: s.preemptions.load(Relaxed),
+            computed_tokens_total: s.computed_tokens.load(Relaxed),
+        }
+    }
 }
 
 impl EngineHandle {
     /// Starts the engine thread; it ends when every handle is dropped, or
     /// when the tensor-parallel group breaks. `control` (the leader of a
     /// group) carries each step to the other ranks, and a heartbeat while
-    /// idle.
+    /// idle. Each step is observed in `metrics`.
     pub fn start(
         model: Llama,
         eos_ids: Vec<u32>,
         cfg: EngineConfig,
         control: Option<Arc<dyn Communicator>>,
+        metrics: Arc<WorkerMetrics>,
     ) -> Result<Self> {
         let (tx, rx) = mpsc::channel();
         let stats = Arc::new(Stats::default());
@@ -107,12 +139,18 @@ impl EngineHandle {
             next_id: 0,
             control,
             broken: false,
+            metrics,
         };
         std::thread::Builder::new()
             .name("aquila-engine".into())
             .spawn(move || engine.run())
             .map_err(|e| WorkerError::io("starting the engine thread", e))?;
-        Ok(Self { tx, stats, cfg })
+        let load = LoadReader {
+            stats,
+            kv_blocks: cfg.kv_blocks as u32,
+            block_size: cfg.block_size as u32,
+        };
+        Ok(Self { tx, load, cfg })
     }
 
     /// Queues a request, or refuses it at once when the queue is full or the
@@ -129,7 +167,7 @@ impl EngineHandle {
                 self.cfg.kv_blocks
             )));
         }
-        let s = &self.stats;
+        let s = &self.load.stats;
         let n = req.prompt.len() as u64;
         let queued = s.queued.fetch_add(1, Relaxed) as usize;
         let queued_tokens = s.queued_tokens.fetch_add(n, Relaxed) as usize;
@@ -158,26 +196,15 @@ impl EngineHandle {
 
     /// Why the engine stopped serving, if it did (a rank of its group failed).
     pub fn failure(&self) -> Option<String> {
-        self.stats.failure.lock().ok().and_then(|f| f.clone())
+        self.load.stats.failure.lock().ok().and_then(|f| f.clone())
     }
 
     pub fn load(&self) -> Load {
-        let s = &self.stats;
-        Load {
-            running: s.running.load(Relaxed),
-            waiting: s.queued.load(Relaxed),
-            kv_blocks_total: self.cfg.kv_blocks as u32,
-            kv_blocks_free: s.kv_blocks_free.load(Relaxed),
-            kv_block_size: self.cfg.block_size as u32,
-            requests_finished_total: s.finished_total.load(Relaxed),
-            requests_cancelled_total: s.cancelled_total.load(Relaxed),
-            tokens_generated_total: s.tokens_total.load(Relaxed),
-            prompt_tokens_total: s.prompt_tokens_total.load(Relaxed),
-            prefix_cache_query_tokens_total: s.prefix_query_tokens.load(Relaxed),
-            prefix_cache_hit_tokens_total: s.prefix_hit_tokens.load(Relaxed),
-            preemptions_total: s.preemptions.load(Relaxed),
-            computed_tokens_total: s.computed_tokens.load(Relaxed),
-        }
+        self.load.load()
+    }
+
+    pub fn load_reader(&self) -> LoadReader {
+        self.load.clone()
     }
 }
 
@@ -202,6 +229,7 @@ struct Engine {
     control: Option<Arc<dyn Communicator>>,
     /// Set when the group broke: the engine stops.
     broken: bool,
+    metrics: Arc<WorkerMetrics>,
 }
 
 impl Engine {
@@ -297,10 +325,21 @@ impl Engine {
             tracing::debug!(request_id = %self.active[&id].req.id, "client went away; generation cancelled");
             self.remove(id);
             self.stats.cancelled_total.fetch_add(1, Relaxed);
+            self.metrics.finished(Finished::Cancelled);
         }
     }
 
     fn step(&mut self, plan: &StepPlan) {
+        let started = Instant::now();
+        self.run_step(plan);
+        let tokens = plan.seqs.iter().map(|s| s.len).sum();
+        let prefill = plan.seqs.iter().any(|s| s.len > 1);
+        let tp = self.control.is_some();
+        self.metrics
+            .step(tokens, plan.seqs.len(), prefill, started.elapsed(), tp);
+    }
+
+    fn run_step(&mut self, plan: &StepPlan) {
         // The plan comes straight from the scheduler, so every sequence in
         // it exists; inputs stay index-aligned with `plan.seqs`.
         let mut inputs = Vec::with_capacity(plan.seqs.len());
@@ -338,6 +377,7 @@ impl Engine {
                             .req
                             .events
                             .send(Err(Status::internal(format!("step failed: {e}"))));
+                        self.metrics.finished(Finished::Error);
                     }
                     self.remove(s.id);
                 }
@@ -391,6 +431,7 @@ impl Engine {
             .chain(queued.into_iter().map(|r| r.events))
         {
             let _ = events.send(Err(Status::unavailable(reason.clone())));
+            self.metrics.finished(Finished::Error);
         }
         self.stats.running.store(0, Relaxed);
         self.stats.queued.store(0, Relaxed);
@@ -427,11 +468,17 @@ impl Engine {
             // request reusing the prefix) sees this sequence's effects.
             let events = a.req.events.clone();
             self.stats.finished_total.fetch_add(1, Relaxed);
+            self.metrics.finished(match reason {
+                Some(FinishReason::StopToken) => Finished::StopToken,
+                Some(FinishReason::Eos) => Finished::Eos,
+                _ => Finished::Length,
+            });
             self.remove(id);
             self.publish();
             let _ = events.send(Ok(event));
         } else if a.req.events.send(Ok(event)).is_err() {
             self.stats.cancelled_total.fetch_add(1, Relaxed);
+            self.metrics.finished(Finished::Cancelled);
             self.remove(id);
         }
     }

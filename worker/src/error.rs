@@ -37,6 +37,9 @@ pub enum WorkerError {
     },
     #[error("serving: {0}")]
     Transport(#[from] tonic::transport::Error),
+    /// Start-up: a metric could not be declared (a name registered twice).
+    #[error("declaring the metrics: {0}")]
+    Metrics(#[from] prometheus::Error),
 }
 
 pub type Result<T, E = WorkerError> = std::result::Result<T, E>;
@@ -69,6 +72,7 @@ impl WorkerError {
             Self::Comm(_) => "comm",
             Self::Io { .. } => "io",
             Self::Transport(_) => "transport",
+            Self::Metrics(_) => "metrics",
         }
     }
 
@@ -82,7 +86,8 @@ impl WorkerError {
             | Self::Weight { .. }
             | Self::Tokenizer(_)
             | Self::Compute(_)
-            | Self::Io { .. } => Code::Internal,
+            | Self::Io { .. }
+            | Self::Metrics(_) => Code::Internal,
         }
     }
 }

@@ -12,6 +12,7 @@ pub mod error;
 pub mod export;
 pub mod kv;
 pub mod loader;
+pub mod metrics;
 pub mod model;
 pub mod pool;
 pub mod presets;

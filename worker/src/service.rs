@@ -24,11 +24,12 @@ use tonic::{Request, Response, Status};
 use tonic_health::ServingStatus;
 
 use crate::comm::tcp::TcpComm;
-use crate::comm::{Communicator, SingleRank};
+use crate::comm::{Communicator, SingleRank, Timed};
 use crate::engine::{EngineConfig, EngineHandle};
 use crate::error::{Result, WorkerError};
 use crate::kv::KvDtype;
 use crate::loader::{self, LoadOptions};
+use crate::metrics::{EngineCollector, WorkerMetrics};
 use crate::model::WeightDtype;
 use crate::tp::Group;
 
@@ -82,6 +83,12 @@ pub struct WorkerArgs {
     /// ones are refused with UNAVAILABLE, so a gateway sends them elsewhere).
     #[arg(long, env = "AQUILA_SHUTDOWN_GRACE_S", default_value_t = 30)]
     pub shutdown_grace_s: u64,
+    /// Also export the engine's load under vLLM's names
+    /// (`vllm:num_requests_running`, `vllm:num_requests_waiting`,
+    /// `vllm:kv_cache_usage_perc`, labelled `model_name`), for autoscalers
+    /// written for vLLM.
+    #[arg(long, env = "AQUILA_METRICS_VLLM_NAMES")]
+    pub metrics_vllm_names: bool,
 }
 
 /// Sizes the compute pools (ours, and rayon's for what candle runs); 0 keeps
@@ -118,11 +125,13 @@ fn keep_freed_memory() {
 /// Checks the engine flags, loads this rank's share of `model` (all of it
 /// for a group of one) and sizes its KV pool: `--kv-cache-mib` per rank,
 /// for the KV heads this rank holds, so every rank of a group gets the same
-/// number of blocks.
+/// number of blocks. In a group, the model's collectives are timed into
+/// `metrics`.
 fn load_rank(
     model: &std::path::Path,
     args: &WorkerArgs,
     comm: Arc<dyn Communicator>,
+    metrics: &WorkerMetrics,
 ) -> Result<(loader::LoadedModel, usize)> {
     init_threads(args.threads);
     for (flag, value) in [
@@ -146,7 +155,14 @@ fn load_rank(
         name: args.served_model_name.clone(),
         tp_invariant: args.tp_invariant,
     };
+    let comm: Arc<dyn Communicator> = if comm.world_size() > 1 {
+        Arc::new(Timed::new(comm, metrics.collective_clock()))
+    } else {
+        comm
+    };
+    let started = Instant::now();
     let loaded = loader::load(model, &opts, comm)?;
+    metrics.model_loaded(started.elapsed());
     let cfg = loaded.model.config();
     let held = loaded.model.plan().kv_heads.len();
     let block_bytes =
@@ -178,16 +194,19 @@ fn ready(comm: &TcpComm, op_timeout: Duration) -> Result<()> {
 
 /// A follower rank: loads its shard and runs the leader's steps until the
 /// group breaks. Blocking; returns only with the error that broke it.
+/// Its steps and collectives are observed in `registry`.
 pub fn run_follower(
     model: PathBuf,
     args: &WorkerArgs,
     group: Group,
     op_timeout: Duration,
+    registry: &prometheus::Registry,
 ) -> WorkerError {
     let run = || -> Result<()> {
-        let (loaded, kv_blocks) = load_rank(&model, args, group.collectives.clone())?;
+        let metrics = WorkerMetrics::new(registry)?;
+        let (loaded, kv_blocks) = load_rank(&model, args, group.collectives.clone(), &metrics)?;
         ready(&group.control, op_timeout)?;
-        crate::tp::follow(&loaded.model, kv_blocks, args, &group.control)
+        crate::tp::follow(&loaded.model, kv_blocks, args, &group.control, &metrics)
     };
     match run() {
         Ok(()) => WorkerError::Comm("the group ended".into()),
@@ -205,10 +224,16 @@ pub struct WorkerState {
 }
 
 impl WorkerState {
-    /// Loads the model and starts the engine thread. Blocking.
-    pub fn start(model: PathBuf, args: &WorkerArgs) -> Result<Self> {
-        let (loaded, kv_blocks) = load_rank(&model, args, Arc::new(SingleRank))?;
-        Self::with_engine(loaded, kv_blocks, args, None)
+    /// Loads the model and starts the engine thread, declaring the
+    /// worker's metrics in `registry`. Blocking.
+    pub fn start(
+        model: PathBuf,
+        args: &WorkerArgs,
+        registry: &prometheus::Registry,
+    ) -> Result<Self> {
+        let metrics = WorkerMetrics::new(registry)?;
+        let (loaded, kv_blocks) = load_rank(&model, args, Arc::new(SingleRank), &metrics)?;
+        Self::with_engine(loaded, kv_blocks, args, None, metrics, registry)
     }
 
     /// Rank 0 of a tensor-parallel group: loads its shard and starts the
@@ -219,10 +244,19 @@ impl WorkerState {
         args: &WorkerArgs,
         group: Group,
         op_timeout: Duration,
+        registry: &prometheus::Registry,
     ) -> Result<Self> {
-        let (loaded, kv_blocks) = load_rank(&model, args, group.collectives.clone())?;
+        let metrics = WorkerMetrics::new(registry)?;
+        let (loaded, kv_blocks) = load_rank(&model, args, group.collectives.clone(), &metrics)?;
         ready(&group.control, op_timeout)?;
-        Self::with_engine(loaded, kv_blocks, args, Some(group.control))
+        Self::with_engine(
+            loaded,
+            kv_blocks,
+            args,
+            Some(group.control),
+            metrics,
+            registry,
+        )
     }
 
     fn with_engine(
@@ -230,6 +264,8 @@ impl WorkerState {
         kv_blocks: usize,
         args: &WorkerArgs,
         control: Option<Arc<TcpComm>>,
+        metrics: Arc<WorkerMetrics>,
+        registry: &prometheus::Registry,
     ) -> Result<Self> {
         let cfg = loaded.model.config().clone();
         let world = control.as_ref().map_or(1, |c| c.world_size());
@@ -265,6 +301,13 @@ impl WorkerState {
                 kv_dtype: args.kv_cache_dtype,
             },
             control.map(|c| c as Arc<dyn Communicator>),
+            metrics,
+        )?;
+        EngineCollector::register(
+            registry,
+            engine.load_reader(),
+            &info.name,
+            args.metrics_vllm_names,
         )?;
         Ok(Self {
             info,

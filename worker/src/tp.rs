@@ -269,6 +269,7 @@ pub fn follow(
     kv_blocks: usize,
     args: &crate::WorkerArgs,
     comm: &TcpComm,
+    metrics: &crate::metrics::WorkerMetrics,
 ) -> Result<()> {
     let mut kv = model.new_kv_with(kv_blocks, args.kv_block_size, args.kv_cache_dtype);
     loop {
@@ -277,6 +278,7 @@ pub fn follow(
         match Control::decode(&buf)? {
             Control::Heartbeat => {}
             Control::Step(seqs) => {
+                let started = Instant::now();
                 let inputs: Vec<SeqInput<'_>> = seqs
                     .iter()
                     .map(|s| SeqInput {
@@ -292,6 +294,9 @@ pub fn follow(
                     // fails those requests and goes on; so do we.
                     Err(e) => tracing::warn!(error = %e, "step failed"),
                 }
+                let tokens = seqs.iter().map(|s| s.tokens.len()).sum();
+                let prefill = seqs.iter().any(|s| s.tokens.len() > 1);
+                metrics.step(tokens, seqs.len(), prefill, started.elapsed(), true);
             }
         }
     }
@@ -299,12 +304,14 @@ pub fn follow(
 
 /// The launcher: runs `n` ranks of this very command line on this host,
 /// rank 0 on `listen` (a fixed port, so it stays the same across
-/// restarts), each with `threads` compute threads (0: the cores divided
+/// restarts; its metrics on `metrics` as given, the other ranks' on a free
+/// port of the same IP, since they cannot share one), each with `threads` compute threads (0: the cores divided
 /// among the ranks), and starts the group again whenever a rank exits. Returns
 /// when `stop` is set (SIGTERM), after stopping the ranks.
 pub fn supervise(
     n: usize,
     listen: SocketAddr,
+    metrics: Option<SocketAddr>,
     threads: usize,
     stop: &std::sync::atomic::AtomicBool,
 ) -> Result<()> {
@@ -342,14 +349,18 @@ pub fn supervise(
                     Ok(())
                 });
             }
-            let child = cmd
-                .args(&args)
+            cmd.args(&args)
                 .arg("--listen")
                 .arg(listen.to_string())
                 .args(["--threads", &threads.to_string()])
                 .args(["--rank", &rank.to_string(), "--world-size", &n.to_string()])
                 .arg("--leader")
-                .arg(leader.to_string())
+                .arg(leader.to_string());
+            if let (Some(m), true) = (metrics, rank > 0) {
+                cmd.arg("--metrics-listen")
+                    .arg(SocketAddr::new(m.ip(), 0).to_string());
+            }
+            let child = cmd
                 .spawn()
                 .map_err(|e| WorkerError::io(format!("starting rank {rank}"), e))?;
             tracing::info!(rank, pid = child.id(), "started a rank");

@@ -385,6 +385,66 @@ async fn a_dead_worker_gives_unavailable() {
 }
 
 #[tokio::test]
+async fn a_client_request_id_reaches_the_gateway_and_worker_logs() {
+    let dir = common::tiny_model(
+        aquila_worker::presets::WeightFormat::Safetensors,
+        aquila_worker::presets::GgufType::F32,
+    );
+    let logs = tempfile::tempdir().unwrap();
+    let log = |name: &str| std::fs::File::create(logs.path().join(name)).unwrap();
+    let model = dir.path().to_str().unwrap();
+    let worker = common::spawn_with_log(
+        &[
+            "worker",
+            "--model",
+            model,
+            "--listen",
+            "127.0.0.1:0",
+            "--threads",
+            "1",
+        ],
+        "worker",
+        "debug",
+        log("worker.log").into(),
+    );
+    let gateway = common::spawn_with_log(
+        &[
+            "gateway",
+            "--listen",
+            "127.0.0.1:0",
+            "--worker",
+            &worker.addr,
+        ],
+        "gateway",
+        "debug",
+        log("gateway.log").into(),
+    );
+    wait_serving(&gateway.url()).await;
+    let mut client = GenerationClient::connect(gateway.url()).await.unwrap();
+    let mut req = tonic::Request::new(ids_request(PROMPT, greedy(2)));
+    req.metadata_mut()
+        .insert("x-request-id", "trace-me-4711".parse().unwrap());
+    let r = client.generate(req).await.unwrap().into_inner();
+    assert_eq!(r.request_id, "trace-me-4711");
+    drop((gateway, worker));
+    for name in ["gateway.log", "worker.log"] {
+        let text = std::fs::read_to_string(logs.path().join(name)).unwrap();
+        assert!(
+            text.lines().any(|l| l.contains("trace-me-4711")),
+            "{name} has no line with the request id"
+        );
+    }
+    // A malformed id is refused, naming the header and the limit.
+    let mut bad = tonic::Request::new(ids_request(PROMPT, greedy(2)));
+    bad.metadata_mut()
+        .insert("x-request-id", "two words".parse().unwrap());
+    let stack = tiny_stack(&[]).await;
+    let e = stack.client.clone().generate(bad).await.unwrap_err();
+    assert_eq!(e.code(), Code::InvalidArgument);
+    assert!(e.message().contains("x-request-id"), "{}", e.message());
+}
+
+#[tokio::test]
 async fn health_and_reflection_on_both_servers() {
     use tonic_reflection::pb::v1::ServerReflectionRequest;
     use tonic_reflection::pb::v1::server_reflection_client::ServerReflectionClient;

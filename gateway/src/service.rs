@@ -76,7 +76,10 @@ impl GenerationService {
         metadata: &MetadataMap,
     ) -> Result<Admitted, GatewayError> {
         let received = Instant::now();
-        let request_id = next_request_id();
+        let request_id = match client_request_id(metadata)? {
+            Some(id) => id,
+            None => next_request_id(),
+        };
         Span::current().record("request_id", request_id.as_str());
         if self.pool.is_closing() {
             return Err(GatewayError::ShuttingDown);
@@ -435,6 +438,30 @@ impl GenerationService {
     }
 }
 
+/// The longest `x-request-id` a client may send.
+const MAX_REQUEST_ID_BYTES: usize = 128;
+
+/// The client's own request id (`x-request-id`), used instead of ours so
+/// that one id follows the request through the client's, the gateway's and
+/// the worker's logs. Bounded and printable, since it lands in log lines.
+fn client_request_id(metadata: &MetadataMap) -> Result<Option<String>, GatewayError> {
+    let Some(value) = metadata.get("x-request-id") else {
+        return Ok(None);
+    };
+    let bytes = value.as_bytes();
+    if bytes.is_empty()
+        || bytes.len() > MAX_REQUEST_ID_BYTES
+        || !bytes.iter().all(|b| b.is_ascii_graphic())
+    {
+        let shown: String = String::from_utf8_lossy(&bytes[..bytes.len().min(32)]).into();
+        return Err(GatewayError::InvalidRequest(format!(
+            "metadata x-request-id = {shown:?} ({} bytes) must be 1 to {MAX_REQUEST_ID_BYTES} printable ASCII characters without spaces",
+            bytes.len()
+        )));
+    }
+    Ok(Some(String::from_utf8_lossy(bytes).into_owned()))
+}
+
 /// Unique across restarts: the process start time, then a counter.
 fn next_request_id() -> String {
     static COUNTER: AtomicU64 = AtomicU64::new(0);
@@ -450,6 +477,22 @@ fn next_request_id() -> String {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn a_client_request_id_is_kept_when_sane() {
+        let mut m = MetadataMap::new();
+        assert_eq!(client_request_id(&m).unwrap(), None);
+        m.insert("x-request-id", "trace-42".parse().unwrap());
+        assert_eq!(client_request_id(&m).unwrap().as_deref(), Some("trace-42"));
+        for bad in ["has space".to_owned(), "x".repeat(129)] {
+            m.insert("x-request-id", bad.parse().unwrap());
+            let text = client_request_id(&m).unwrap_err().to_string();
+            assert!(
+                text.contains("x-request-id") && text.contains("128"),
+                "{text}"
+            );
+        }
+    }
 
     #[test]
     fn request_ids_are_unique() {

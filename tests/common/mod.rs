@@ -107,11 +107,16 @@ impl Drop for Proc {
 
 /// Starts `aquila ARGS` and waits for its "aquila WHAT listening on ADDR" line.
 pub fn spawn(args: &[&str], what: &str) -> Proc {
+    spawn_with_log(args, what, "warn", Stdio::inherit())
+}
+
+/// As `spawn`, logging at `level` (a `RUST_LOG` value) into `log`.
+pub fn spawn_with_log(args: &[&str], what: &str, level: &str, log: Stdio) -> Proc {
     let mut child = Command::new(env!("CARGO_BIN_EXE_aquila"))
         .args(args)
-        .env("RUST_LOG", "warn")
+        .env("RUST_LOG", level)
         .stdout(Stdio::piped())
-        .stderr(Stdio::inherit())
+        .stderr(log)
         .spawn()
         .expect("spawn aquila");
     let stdout = child.stdout.take().expect("stdout");

@@ -415,6 +415,12 @@ impl Worker for WorkerService {
         let timeout = aquila_proto::grpc_timeout(req.metadata());
         let req = req.into_inner();
         let params = self.state.validate(&req)?;
+        // In the request's span: the line carries the gateway's request id.
+        tracing::debug!(
+            prompt_tokens = req.prompt_token_ids.len(),
+            max_new_tokens = params.max_new_tokens,
+            "request queued"
+        );
         let (tx, rx) = tokio::sync::mpsc::unbounded_channel();
         self.state.engine.submit(crate::engine::Request {
             id: req.request_id,

@@ -295,6 +295,65 @@ async fn vllm_names_carry_the_same_values() {
     assert_eq!(w.get("vllm:kv_cache_usage_perc", &m), 0.0);
 }
 
+/// The metric names an expression mentions (`aquila_…`, `vllm:…`), with a
+/// histogram's `_bucket`/`_sum`/`_count` suffix kept: the exposition has them.
+fn metric_names(expr: &str) -> Vec<String> {
+    expr.split(|c: char| !(c.is_ascii_alphanumeric() || c == '_' || c == ':'))
+        .filter(|w| w.starts_with("aquila_") || w.starts_with("vllm:"))
+        .map(str::to_owned)
+        .collect()
+}
+
+/// `deploy/`'s Grafana dashboard and Prometheus alerts query only what the
+/// processes export: every name in every expression appears in a scrape of
+/// a gateway and a worker after a run.
+#[tokio::test]
+async fn the_dashboard_and_alerts_name_only_exported_metrics() {
+    let (g, w, _) = run_and_check(&[]).await;
+    let exported: std::collections::BTreeSet<&str> =
+        g.0.iter().chain(&w.0).map(|s| s.name.as_str()).collect();
+    let deploy = std::path::Path::new(env!("CARGO_MANIFEST_DIR")).join("deploy");
+
+    let dashboard: serde_json::Value = serde_json::from_str(
+        &std::fs::read_to_string(deploy.join("grafana/aquila-serve.json")).expect("dashboard"),
+    )
+    .expect("the dashboard is JSON");
+    let panels = dashboard["panels"].as_array().expect("panels");
+    let mut exprs: Vec<String> = Vec::new();
+    for panel in panels {
+        let targets = panel["targets"].as_array().expect("each panel has targets");
+        assert!(!targets.is_empty(), "{}", panel["title"]);
+        for t in targets {
+            exprs.push(t["expr"].as_str().expect("a query").to_owned());
+        }
+    }
+    assert!(panels.len() >= 10, "{} panels", panels.len());
+
+    let alerts = std::fs::read_to_string(deploy.join("prometheus/alerts.yaml")).expect("alerts");
+    let rules: Vec<String> = alerts
+        .lines()
+        .filter_map(|l| l.trim().strip_prefix("expr:"))
+        .map(|e| e.trim().to_owned())
+        .collect();
+    assert!(rules.len() >= 5, "{} alert rules", rules.len());
+    assert_eq!(
+        rules.len(),
+        alerts.matches("- alert:").count(),
+        "one expr per alert"
+    );
+
+    for expr in exprs.iter().chain(&rules) {
+        let names = metric_names(expr);
+        assert!(!names.is_empty(), "no metric in {expr}");
+        for name in names {
+            assert!(
+                exported.contains(name.as_str()),
+                "{name} (in {expr}) is not exported"
+            );
+        }
+    }
+}
+
 /// `aquila serve`: one endpoint with the gateway's and the worker's metrics.
 #[tokio::test]
 async fn serve_exposes_both_registries_on_one_endpoint() {

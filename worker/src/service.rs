@@ -494,6 +494,7 @@ pub async fn run(
 ) -> Result<()> {
     const FAILED_GRACE: Duration = Duration::from_secs(2);
     const DRAIN_POLL: Duration = Duration::from_millis(20);
+    const CLOSE_AFTER_GRACE: Duration = Duration::from_secs(1);
     let (reporter, health) = tonic_health::server::health_reporter();
     set_readiness(&reporter, ServingStatus::Serving).await;
     reporter
@@ -522,6 +523,7 @@ pub async fn run(
         }
     };
     let draining = state.clone();
+    let (drained_tx, drained_rx) = tokio::sync::oneshot::channel();
     let drain = async move {
         shutdown.await;
         draining.draining.store(true, Ordering::Release);
@@ -540,6 +542,7 @@ pub async fn run(
             0 => tracing::info!("drained"),
             left => tracing::warn!(left, "grace period over; cutting the remaining requests"),
         }
+        let _ = drained_tx.send(());
     };
     let (failure_tx, failure_rx) = tokio::sync::oneshot::channel();
     let stop = async move {
@@ -552,15 +555,27 @@ pub async fn run(
     if let Some(tls) = tls {
         server = server.tls_config(tls)?;
     }
-    server
+    let server = server
         .add_service(health)
         .add_service(reflection_v1)
         .add_service(reflection_v1alpha)
         .add_service(WorkerServer::new(WorkerService { state }))
         // Tokens are small writes: without TCP_NODELAY, Nagle and delayed ACKs
         // hold them back ~40 ms.
-        .serve_with_incoming_shutdown(TcpIncoming::from(listener).with_nodelay(Some(true)), stop)
-        .await?;
+        .serve_with_incoming_shutdown(TcpIncoming::from(listener).with_nodelay(Some(true)), stop);
+    // Graceful shutdown waits for every stream to end; one that outlived the
+    // grace period is cut shortly after, so the process does exit.
+    let cut = async {
+        if drained_rx.await.is_ok() {
+            tokio::time::sleep(CLOSE_AFTER_GRACE).await;
+        } else {
+            std::future::pending::<()>().await;
+        }
+    };
+    tokio::select! {
+        served = server => served?,
+        _ = cut => tracing::warn!("streams still open after the drain; closed"),
+    }
     match failure_rx.await {
         Ok(reason) => Err(WorkerError::Comm(reason)),
         Err(_) => Ok(()),

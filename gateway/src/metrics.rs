@@ -12,6 +12,7 @@
 use std::sync::{Arc, Mutex, Weak};
 use std::time::{Duration, Instant};
 
+use aquila_proto::grpc_code_name;
 use aquila_proto::v1;
 use prometheus::core::{Collector, Desc};
 use prometheus::proto::MetricFamily;
@@ -173,7 +174,7 @@ impl GatewayMetrics {
     /// Counts one call of a method that is not a generation.
     pub fn count(&self, method: Method, code: Code) {
         self.requests
-            .with_label_values(&[method.as_str(), code_name(code)])
+            .with_label_values(&[method.as_str(), grpc_code_name(code)])
             .inc();
     }
 
@@ -298,7 +299,7 @@ impl RequestRecorder {
         let e2e = self.received.elapsed().as_secs_f64();
         let usage = response.usage.unwrap_or_default();
         m.requests
-            .with_label_values(&[self.method.as_str(), code_name(Code::Ok)])
+            .with_label_values(&[self.method.as_str(), grpc_code_name(Code::Ok)])
             .inc();
         m.duration.observe(e2e);
         m.prompt_tokens.inc_by(u64::from(usage.prompt_tokens));
@@ -350,29 +351,6 @@ fn vllm_finished_reason(reason: v1::FinishReason) -> &'static str {
         v1::FinishReason::Length => "length",
         v1::FinishReason::Cancelled => "abort",
         v1::FinishReason::Stop | v1::FinishReason::Eos | v1::FinishReason::Unspecified => "stop",
-    }
-}
-
-/// The canonical name of a gRPC code, as in the gRPC spec ("INVALID_ARGUMENT").
-pub fn code_name(code: Code) -> &'static str {
-    match code {
-        Code::Ok => "OK",
-        Code::Cancelled => "CANCELLED",
-        Code::Unknown => "UNKNOWN",
-        Code::InvalidArgument => "INVALID_ARGUMENT",
-        Code::DeadlineExceeded => "DEADLINE_EXCEEDED",
-        Code::NotFound => "NOT_FOUND",
-        Code::AlreadyExists => "ALREADY_EXISTS",
-        Code::PermissionDenied => "PERMISSION_DENIED",
-        Code::ResourceExhausted => "RESOURCE_EXHAUSTED",
-        Code::FailedPrecondition => "FAILED_PRECONDITION",
-        Code::Aborted => "ABORTED",
-        Code::OutOfRange => "OUT_OF_RANGE",
-        Code::Unimplemented => "UNIMPLEMENTED",
-        Code::Internal => "INTERNAL",
-        Code::Unavailable => "UNAVAILABLE",
-        Code::DataLoss => "DATA_LOSS",
-        Code::Unauthenticated => "UNAUTHENTICATED",
     }
 }
 
@@ -540,11 +518,5 @@ mod tests {
         let text = text(&registry);
         assert!(text.contains("aquila_gateway_prompt_tokens_total 1"));
         assert!(!text.contains("vllm:"), "{text}");
-    }
-
-    #[test]
-    fn code_names_follow_the_grpc_spec() {
-        assert_eq!(code_name(Code::ResourceExhausted), "RESOURCE_EXHAUSTED");
-        assert_eq!(code_name(Code::Ok), "OK");
     }
 }

@@ -1,7 +1,7 @@
 //! The wire contract: generated code for the public API (`aquila.v1`), the
 //! internal worker API (`aquila.worker.v1`) and the gateway's operator API
 //! (`aquila.admin.v1`). Nothing but generated code, the descriptor set for
-//! reflection, the parsing of gRPC's own headers and the loading of TLS
+//! reflection, gRPC's own headers and code names, and the loading of TLS
 //! files that both ends of every connection share ([`tls`]) lives here.
 
 pub mod tls;
@@ -34,6 +34,32 @@ pub fn grpc_timeout(metadata: &tonic::metadata::MetadataMap) -> Option<std::time
     parse_grpc_timeout(metadata.get("grpc-timeout")?.to_str().ok()?)
 }
 
+/// The canonical name of a gRPC status code, as the gRPC spec writes it
+/// ("RESOURCE_EXHAUSTED"): a bounded label for metrics, reports and
+/// error bodies.
+pub fn grpc_code_name(code: tonic::Code) -> &'static str {
+    use tonic::Code;
+    match code {
+        Code::Ok => "OK",
+        Code::Cancelled => "CANCELLED",
+        Code::Unknown => "UNKNOWN",
+        Code::InvalidArgument => "INVALID_ARGUMENT",
+        Code::DeadlineExceeded => "DEADLINE_EXCEEDED",
+        Code::NotFound => "NOT_FOUND",
+        Code::AlreadyExists => "ALREADY_EXISTS",
+        Code::PermissionDenied => "PERMISSION_DENIED",
+        Code::ResourceExhausted => "RESOURCE_EXHAUSTED",
+        Code::FailedPrecondition => "FAILED_PRECONDITION",
+        Code::Aborted => "ABORTED",
+        Code::OutOfRange => "OUT_OF_RANGE",
+        Code::Unimplemented => "UNIMPLEMENTED",
+        Code::Internal => "INTERNAL",
+        Code::Unavailable => "UNAVAILABLE",
+        Code::DataLoss => "DATA_LOSS",
+        Code::Unauthenticated => "UNAUTHENTICATED",
+    }
+}
+
 fn parse_grpc_timeout(value: &str) -> Option<std::time::Duration> {
     use std::time::Duration;
     let split = value.len().checked_sub(1)?;
@@ -57,6 +83,16 @@ fn parse_grpc_timeout(value: &str) -> Option<std::time::Duration> {
 mod tests {
     use super::*;
     use std::time::Duration;
+
+    #[test]
+    fn code_names_follow_the_grpc_spec() {
+        assert_eq!(
+            grpc_code_name(tonic::Code::ResourceExhausted),
+            "RESOURCE_EXHAUSTED"
+        );
+        assert_eq!(grpc_code_name(tonic::Code::Ok), "OK");
+        assert_eq!(grpc_code_name(tonic::Code::DataLoss), "DATA_LOSS");
+    }
 
     #[test]
     fn grpc_timeouts_parse_by_the_spec() {

@@ -56,7 +56,7 @@ pub struct ApiError {
     pub status: StatusCode,
     pub message: String,
     pub param: Option<String>,
-    pub code: &'static str,
+    pub code: Code,
 }
 
 impl ApiError {
@@ -66,7 +66,7 @@ impl ApiError {
             status: StatusCode::BAD_REQUEST,
             message: message.into(),
             param: param.map(str::to_owned),
-            code: "invalid_argument",
+            code: Code::InvalidArgument,
         }
     }
 
@@ -84,7 +84,7 @@ impl ApiError {
             status: http_status(code),
             message,
             param,
-            code: code_name(code),
+            code,
         }
     }
 
@@ -104,7 +104,9 @@ impl ApiError {
                 "message": self.message,
                 "type": self.kind(),
                 "param": self.param,
-                "code": self.code,
+                // The gRPC code in snake case: bounded, and the same word a
+                // gRPC client sees.
+                "code": aquila_proto::grpc_code_name(self.code).to_ascii_lowercase(),
             }
         })
     }
@@ -126,29 +128,6 @@ fn http_status(code: Code) -> StatusCode {
         Code::Unavailable => StatusCode::SERVICE_UNAVAILABLE,
         Code::DeadlineExceeded => StatusCode::GATEWAY_TIMEOUT,
         _ => StatusCode::INTERNAL_SERVER_ERROR,
-    }
-}
-
-/// The gRPC code in snake case: bounded, and the same word a gRPC client sees.
-fn code_name(code: Code) -> &'static str {
-    match code {
-        Code::Ok => "ok",
-        Code::Cancelled => "cancelled",
-        Code::Unknown => "unknown",
-        Code::InvalidArgument => "invalid_argument",
-        Code::DeadlineExceeded => "deadline_exceeded",
-        Code::NotFound => "not_found",
-        Code::AlreadyExists => "already_exists",
-        Code::PermissionDenied => "permission_denied",
-        Code::ResourceExhausted => "resource_exhausted",
-        Code::FailedPrecondition => "failed_precondition",
-        Code::Aborted => "aborted",
-        Code::OutOfRange => "out_of_range",
-        Code::Unimplemented => "unimplemented",
-        Code::Internal => "internal",
-        Code::Unavailable => "unavailable",
-        Code::DataLoss => "data_loss",
-        Code::Unauthenticated => "unauthenticated",
     }
 }
 

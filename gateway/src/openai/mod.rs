@@ -32,6 +32,7 @@ use axum::serve::ListenerExt;
 use futures::StreamExt;
 use serde_json::{Value, json};
 use tokio::net::TcpListener;
+use tonic::Code;
 use tonic::metadata::MetadataMap;
 use tonic::service::Interceptor;
 
@@ -178,7 +179,7 @@ async fn ready(State(s): State<HttpState>) -> Response {
 async fn not_found(method: Method, uri: Uri) -> Response {
     let mut error = ApiError::invalid(None, format!("no route for {method} {}", uri.path()));
     error.status = StatusCode::NOT_FOUND;
-    error.code = "not_found";
+    error.code = Code::NotFound;
     error.into_response()
 }
 
@@ -244,7 +245,7 @@ fn body_error(rejection: BytesRejection) -> ApiError {
     let mut error = ApiError::invalid(None, rejection.body_text());
     error.status = rejection.status();
     if error.status == StatusCode::PAYLOAD_TOO_LARGE {
-        error.code = "out_of_range";
+        error.code = Code::OutOfRange;
     }
     error
 }

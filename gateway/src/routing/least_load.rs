@@ -78,15 +78,7 @@ mod tests {
 
     const ROUTE: Route<'static> = Route { prompt: &[1, 2, 3] };
 
-    fn idle(count: usize) -> Vec<Candidate> {
-        (0..count)
-            .map(|i| Candidate {
-                address: format!("http://10.0.0.{i}:50051"),
-                in_flight: 0,
-                load: None,
-            })
-            .collect()
-    }
+    use crate::routing::idle_candidates as idle;
 
     fn with_in_flight(in_flight: &[usize]) -> Vec<Candidate> {
         let mut set = idle(in_flight.len());

@@ -106,6 +106,19 @@ pub fn build(kind: PolicyKind, prefix: PrefixOptions) -> Box<dyn RoutingPolicy> 
     }
 }
 
+/// `count` idle candidates with addresses in address order, for the
+/// policies' tests.
+#[cfg(test)]
+pub(crate) fn idle_candidates(count: usize) -> Vec<Candidate> {
+    (0..count)
+        .map(|i| Candidate {
+            address: format!("http://10.0.0.{i}:50051"),
+            in_flight: 0,
+            load: None,
+        })
+        .collect()
+}
+
 /// A deterministic stream for the policies' simulations (Knuth's MMIX LCG).
 #[cfg(test)]
 pub(crate) struct Lcg(pub u64);

@@ -160,15 +160,7 @@ mod tests {
     use crate::routing::{Lcg, PolicyKind, ReplicaLoad, build};
     use clap::ValueEnum;
 
-    fn replicas(count: usize) -> Vec<Candidate> {
-        (0..count)
-            .map(|i| Candidate {
-                address: format!("http://10.0.0.{i}:50051"),
-                in_flight: 0,
-                load: None,
-            })
-            .collect()
-    }
+    use crate::routing::idle_candidates as replicas;
 
     /// No floor under the bound, so that the bound's own arithmetic shows.
     fn policy() -> PrefixAware {

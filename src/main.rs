@@ -154,6 +154,21 @@ enum Command {
         #[command(flatten)]
         worker: WorkerArgs,
     },
+    /// Check the CUDA backend on this machine's GPU 0 (a binary built with
+    /// `--features cuda`): every kernel against an f64 reference, the tiny
+    /// preset on CPU and GPU, and the speed of an Aquila-7B-shaped model with
+    /// random weights. Prints a table last; exits 1 if a comparison fails.
+    GpuCheck {
+        /// Only the comparisons (kernels and the tiny preset), not the speed.
+        #[arg(long)]
+        skip_speed: bool,
+        /// Decode batch sizes to time.
+        #[arg(long, value_delimiter = ',', default_value = "1,8,64,256")]
+        batches: Vec<usize>,
+        /// Also write the rows as JSON to this file.
+        #[arg(long)]
+        json: Option<PathBuf>,
+    },
 }
 
 fn main() -> Result<()> {
@@ -237,6 +252,11 @@ async fn dispatch(cmd: Command) -> Result<()> {
             Ok(())
         }
         Command::Bench(args) => bench(*args).await,
+        Command::GpuCheck {
+            skip_speed,
+            batches,
+            json,
+        } => gpu_check(skip_speed, &batches, json.as_deref()),
         Command::BenchModel {
             model,
             prompt_tokens,
@@ -445,6 +465,34 @@ async fn run_worker(
     let listener = bind(listen, "worker").await?;
     aquila_worker::run(listener, Arc::new(state), tls, shutdown_signal()).await?;
     Ok(())
+}
+
+#[cfg(feature = "cuda")]
+fn gpu_check(skip_speed: bool, batches: &[usize], json: Option<&std::path::Path>) -> Result<()> {
+    let report = aquila_worker::gpu::cuda::check::run(skip_speed, batches)?;
+    if let Some(path) = json {
+        std::fs::write(path, serde_json::to_string_pretty(&report.rows)?)
+            .with_context(|| format!("writing {}", path.display()))?;
+    }
+    println!("| part | what | result | check |");
+    println!("| --- | --- | --- | --- |");
+    for r in &report.rows {
+        let check = match r.pass {
+            Some(true) => "pass",
+            Some(false) => "FAIL",
+            None => "",
+        };
+        println!("| {} | {} | {} | {check} |", r.part, r.what, r.value);
+    }
+    if !report.passed() {
+        anyhow::bail!("the GPU check failed (rows marked FAIL above)");
+    }
+    Ok(())
+}
+
+#[cfg(not(feature = "cuda"))]
+fn gpu_check(_: bool, _: &[usize], _: Option<&std::path::Path>) -> Result<()> {
+    anyhow::bail!("this binary was built without the CUDA backend: build it with `--features cuda`")
 }
 
 async fn shutdown_signal() {

@@ -32,11 +32,26 @@ echo "    $AQUILA_DEMO_MODEL"
 echo "==> tests"
 cargo test --release --locked --workspace "$@"
 
-echo "==> the cuda feature (builds with no CUDA toolkit; its CPU-runnable tests)"
+echo "==> the cuda feature (no GPU here: it builds, and its CPU-runnable tests run)"
+# nvcc compiles our kernels (worker/build.rs): the CUDA 13.4 compiler wheels
+# from PyPI, in a venv of their own, cached like the rest.
+cuda_venv="$AQUILA_CACHE_DIR/cuda-venv"
+find_nvcc() { find "$cuda_venv" -path '*/nvidia/cu13/bin/nvcc' -type f 2>/dev/null | head -1; }
+nvcc="$(find_nvcc)"
+if [ -z "$nvcc" ] || ! "$nvcc" --version >/dev/null 2>&1; then
+    echo "==> creating $cuda_venv (nvcc 13.4 from PyPI)"
+    [ -x "$cuda_venv/bin/python" ] || python3 -m venv "$cuda_venv"
+    "$cuda_venv/bin/pip" install --quiet --disable-pip-version-check \
+        "nvidia-cuda-nvcc==13.4.92" "nvidia-cuda-crt==13.4.92" "nvidia-nvvm==13.4.92" \
+        "nvidia-cuda-runtime==13.4.92" "nvidia-cuda-cccl==13.3.4.3.1"
+    nvcc="$(find_nvcc)"
+fi
+export NVCC="$nvcc" CUDA_COMPUTE_CAP="${CUDA_COMPUTE_CAP:-90}"
 # A target folder of its own, so the default binary above stays as it is.
 cargo build --release --locked --features cuda --bins \
     --target-dir "${CARGO_TARGET_DIR:-target}/cuda"
-cargo test --release --locked -p aquila-worker --features cuda --lib comm::
+cargo test --release --locked -p aquila-worker --features cuda --lib \
+    --target-dir "${CARGO_TARGET_DIR:-target}/cuda" -- comm:: gpu::
 
 echo "==> kernel bench (smoke: every path this machine runs, briefly)"
 AQUILA_BENCH_QUICK=1 cargo bench --locked -p aquila-worker --bench kernels > /dev/null

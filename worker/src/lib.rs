@@ -10,6 +10,7 @@ pub mod demo;
 pub mod engine;
 pub mod error;
 pub mod export;
+pub mod gpu;
 pub mod kv;
 pub mod loader;
 pub mod metrics;

@@ -26,7 +26,7 @@ use crate::weights::{Weight, WeightStore};
 use attention::AttnSeq;
 pub use linear::{ColumnParallelLinear, Linear, RowParallelLinear, Shard, TpPlan, WeightDtype};
 use math::silu;
-use norm::{RmsNorm, Rope};
+pub use norm::{RmsNorm, Rope};
 
 /// One sequence's part of a step.
 pub struct SeqInput<'a> {
@@ -415,24 +415,12 @@ impl Llama {
     ) -> Result<Vec<Vec<f32>>> {
         let cfg = &self.cfg;
         let (h, hd) = (cfg.hidden_size, cfg.head_dim);
+        check_step(seqs, kv.block_size(), kv.num_blocks(), cfg.context_length)?;
         let mut ids = Vec::new();
         let mut positions = Vec::new();
         for s in seqs {
-            let end = s.start + s.tokens.len();
-            let fits = s.table.len() * kv.block_size() >= end
-                && s.table.iter().all(|&b| (b as usize) < kv.num_blocks());
-            if s.tokens.is_empty() || !fits || end > cfg.context_length {
-                return Err(WorkerError::InvalidRequest(format!(
-                    "step of {} tokens at position {} with {} blocks of {} does not fit (context {})",
-                    s.tokens.len(),
-                    s.start,
-                    s.table.len(),
-                    kv.block_size(),
-                    cfg.context_length
-                )));
-            }
             ids.extend_from_slice(s.tokens);
-            positions.extend(s.start..end);
+            positions.extend(s.start..s.start + s.tokens.len());
         }
         let total = ids.len();
         let mut x = self.embed_tokens.forward(&ids)?;
@@ -494,7 +482,7 @@ impl Llama {
         }
         let picked = self.norm.forward(&picked, rows.len());
         let local = self.lm_head.forward(&picked, rows.len())?;
-        let logits = self.gather_vocab(local, rows.len())?;
+        let logits = gather_vocab(&*self.comm, &self.plan, cfg.vocab_size, local, rows.len())?;
         let vocab = cfg.vocab_size;
         let mut out = Vec::with_capacity(seqs.len());
         let mut at = 0;
@@ -504,33 +492,64 @@ impl Llama {
         }
         Ok(out)
     }
+}
 
-    /// Reassembles `[rows, vocab]` from each rank's `[rows, held]`: each
-    /// rank's part padded to the same width, gathered, the padding dropped.
-    fn gather_vocab(&self, local: Vec<f32>, rows: usize) -> Result<Vec<f32>> {
-        let n = self.comm.world_size();
-        if n == 1 {
-            return Ok(local);
+/// Refuses a step a sequence of which does not fit its block table, the
+/// pool or the context.
+pub(crate) fn check_step(
+    seqs: &[SeqInput<'_>],
+    block_size: usize,
+    num_blocks: usize,
+    context: usize,
+) -> Result<()> {
+    for s in seqs {
+        let end = s.start + s.tokens.len();
+        let fits =
+            s.table.len() * block_size >= end && s.table.iter().all(|&b| (b as usize) < num_blocks);
+        if s.tokens.is_empty() || !fits || end > context {
+            return Err(WorkerError::InvalidRequest(format!(
+                "step of {} tokens at position {} with {} blocks of {} does not fit (context {})",
+                s.tokens.len(),
+                s.start,
+                s.table.len(),
+                block_size,
+                context
+            )));
         }
-        let (held, part) = (self.plan.vocab.len(), self.plan.vocab_part);
-        let mut padded = Vec::with_capacity(rows * part);
-        for r in 0..rows {
-            padded.extend_from_slice(&local[r * held..(r + 1) * held]);
-            padded.resize((r + 1) * part, f32::NEG_INFINITY);
-        }
-        let all = self.comm.all_gather(&padded)?;
-        let vocab = self.cfg.vocab_size;
-        let mut out = Vec::with_capacity(rows * vocab);
-        for r in 0..rows {
-            let start = out.len();
-            for rank in 0..n {
-                let base = (rank * rows + r) * part;
-                out.extend_from_slice(&all[base..base + part]);
-            }
-            out.truncate(start + vocab);
-        }
-        Ok(out)
     }
+    Ok(())
+}
+
+/// Reassembles `[rows, vocab]` from each rank's `[rows, held]`: each rank's
+/// part padded to the same width, gathered, the padding dropped.
+pub(crate) fn gather_vocab(
+    comm: &dyn Communicator,
+    plan: &TpPlan,
+    vocab: usize,
+    local: Vec<f32>,
+    rows: usize,
+) -> Result<Vec<f32>> {
+    let n = comm.world_size();
+    if n == 1 {
+        return Ok(local);
+    }
+    let (held, part) = (plan.vocab.len(), plan.vocab_part);
+    let mut padded = Vec::with_capacity(rows * part);
+    for r in 0..rows {
+        padded.extend_from_slice(&local[r * held..(r + 1) * held]);
+        padded.resize((r + 1) * part, f32::NEG_INFINITY);
+    }
+    let all = comm.all_gather(&padded)?;
+    let mut out = Vec::with_capacity(rows * vocab);
+    for r in 0..rows {
+        let start = out.len();
+        for rank in 0..n {
+            let base = (rank * rows + r) * part;
+            out.extend_from_slice(&all[base..base + part]);
+        }
+        out.truncate(start + vocab);
+    }
+    Ok(out)
 }
 
 /// One sequence with a pool of its own: for tests, benchmarks and scoring,

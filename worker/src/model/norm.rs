@@ -24,6 +24,18 @@ impl RmsNorm {
         })
     }
 
+    pub fn from_weights(weight: Vec<f32>, eps: f32) -> Self {
+        Self { weight, eps }
+    }
+
+    pub fn weight(&self) -> &[f32] {
+        &self.weight
+    }
+
+    pub fn eps(&self) -> f32 {
+        self.eps
+    }
+
     /// `x` is `[rows, dim]`.
     pub fn forward(&self, x: &[f32], rows: usize) -> Vec<f32> {
         let dim = self.weight.len();
@@ -67,6 +79,15 @@ impl Rope {
             head_dim,
             style,
         }
+    }
+
+    /// The cos and sin tables, `[context][head_dim / 2]` each.
+    pub fn tables(&self) -> (&[f32], &[f32]) {
+        (&self.cos, &self.sin)
+    }
+
+    pub fn interleaved(&self) -> bool {
+        self.style == RopeStyle::Interleaved
     }
 
     /// Rotates `x` (`[tokens, heads·head_dim]`) in place; token t is at

@@ -1,0 +1,52 @@
+//! With the `cuda` feature, compiles the CUDA kernels
+//! (`src/gpu/cuda/kernels.cu`) with nvcc into one fatbin that the worker
+//! embeds: SASS for `CUDA_COMPUTE_CAP` (default 90, Hopper) and PTX for it,
+//! which the driver compiles for newer GPUs. Without the feature it does
+//! nothing, so the default build needs no CUDA toolkit.
+//!
+//! nvcc is `$NVCC`, else `$CUDA_HOME/bin/nvcc`, else `nvcc` on PATH;
+//! tests/run.sh installs it from PyPI (`nvidia-cuda-nvcc`) and sets `NVCC`.
+
+use std::path::PathBuf;
+use std::process::Command;
+
+const KERNELS: &str = "src/gpu/cuda/kernels.cu";
+
+fn main() {
+    println!("cargo:rerun-if-env-changed=CARGO_FEATURE_CUDA");
+    if std::env::var_os("CARGO_FEATURE_CUDA").is_none() {
+        return;
+    }
+    for var in ["NVCC", "CUDA_HOME", "CUDA_COMPUTE_CAP", "PATH"] {
+        println!("cargo:rerun-if-env-changed={var}");
+    }
+    println!("cargo:rerun-if-changed={KERNELS}");
+    let nvcc = std::env::var_os("NVCC")
+        .map(PathBuf::from)
+        .or_else(|| std::env::var_os("CUDA_HOME").map(|h| PathBuf::from(h).join("bin/nvcc")))
+        .unwrap_or_else(|| PathBuf::from("nvcc"));
+    let cap = std::env::var("CUDA_COMPUTE_CAP").unwrap_or_else(|_| "90".into());
+    let cap = cap.replace('.', "");
+    if cap.is_empty() || !cap.bytes().all(|b| b.is_ascii_digit()) {
+        panic!("CUDA_COMPUTE_CAP = {cap:?}: expected digits such as 90 (Hopper) or 80");
+    }
+    let out = PathBuf::from(std::env::var_os("OUT_DIR").expect("OUT_DIR")).join("kernels.fatbin");
+    let status = Command::new(&nvcc)
+        .args(["--fatbin", "-O3", "-std=c++17"])
+        .arg(format!("-gencode=arch=compute_{cap},code=sm_{cap}"))
+        .arg(format!("-gencode=arch=compute_{cap},code=compute_{cap}"))
+        .arg("-o")
+        .arg(&out)
+        .arg(KERNELS)
+        .status()
+        .unwrap_or_else(|e| {
+            panic!(
+                "the `cuda` feature compiles its kernels with nvcc, and `{}` did not run ({e}). \
+                 Set NVCC or CUDA_HOME, or run tests/run.sh, which installs nvcc from PyPI",
+                nvcc.display()
+            )
+        });
+    if !status.success() {
+        panic!("nvcc failed on {KERNELS} ({status})");
+    }
+}

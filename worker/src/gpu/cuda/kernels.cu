@@ -1,0 +1,304 @@
+// The worker's CUDA kernels, compiled by nvcc in worker/build.rs into one
+// fatbin. Each is a template over the element type T of weights, the KV
+// cache and the inputs of matrix products (bf16 or f16), instantiated as
+// `NAME_bf16` and `NAME_f16`. Activations between kernels stay f32 (the
+// residual stream, q/k/v, matrix-product outputs); every sum is in f32.
+//
+// Layouts match the CPU engine:
+//   - activations row-major `[rows][width]`; q `[rows][heads][head_dim]`;
+//   - the paged KV cache of one layer `[block][kv_head][slot][head_dim]`;
+//   - a block table per sequence, padded to `table_stride` entries.
+// Launch parameters come from worker/src/gpu/launch.rs, which states what
+// each kernel assumes (block sizes, head_dim limits) and is unit-tested.
+
+#include <cuda_bf16.h>
+#include <cuda_fp16.h>
+#include <stdint.h>
+
+typedef __nv_bfloat16 bf16;
+typedef __half f16;
+
+template <typename T> __device__ __forceinline__ float to_f(T v);
+template <> __device__ __forceinline__ float to_f<bf16>(bf16 v) { return __bfloat162float(v); }
+template <> __device__ __forceinline__ float to_f<f16>(f16 v) { return __half2float(v); }
+template <typename T> __device__ __forceinline__ T from_f(float v);
+template <> __device__ __forceinline__ bf16 from_f<bf16>(float v) { return __float2bfloat16_rn(v); }
+template <> __device__ __forceinline__ f16 from_f<f16>(float v) { return __float2half_rn(v); }
+
+__device__ __forceinline__ float warp_sum(float v) {
+#pragma unroll
+    for (int o = 16; o > 0; o >>= 1) v += __shfl_xor_sync(0xffffffffu, v, o);
+    return v;
+}
+
+// Sum over the block (blockDim.x a multiple of 32, at most 1024).
+__device__ float block_sum(float v) {
+    __shared__ float part[32];
+    const int lane = threadIdx.x & 31, warp = threadIdx.x >> 5;
+    v = warp_sum(v);
+    if (lane == 0) part[warp] = v;
+    __syncthreads();
+    const int warps = blockDim.x >> 5;
+    v = threadIdx.x < warps ? part[threadIdx.x] : 0.f;
+    if (warp == 0) v = warp_sum(v);
+    if (threadIdx.x == 0) part[0] = v;
+    __syncthreads();
+    const float total = part[0];
+    __syncthreads();
+    return total;
+}
+
+// ---- embedding: one block per token ------------------------------------------
+// This rank holds rows [vocab_start, vocab_start + vocab_len) of the table;
+// ids outside give zeros, and the all-reduce over ranks completes them.
+template <typename T>
+__device__ void embedding(const uint32_t* ids, const T* table, uint32_t vocab_start,
+                          uint32_t vocab_len, int hidden, float* out) {
+    const uint32_t id = ids[blockIdx.x];
+    const bool held = id >= vocab_start && id - vocab_start < vocab_len;
+    const T* src = table + (size_t)(id - vocab_start) * hidden;
+    float* dst = out + (size_t)blockIdx.x * hidden;
+    for (int i = threadIdx.x; i < hidden; i += blockDim.x) dst[i] = held ? to_f(src[i]) : 0.f;
+}
+
+// ---- RMSNorm with the residual add: one block per output row -----------------
+// x[src] += delta[src] (when delta is set), then out[row] = x[src] / rms · w,
+// where src = rows ? rows[row] : row (the final norm picks the rows whose
+// logits are wanted).
+template <typename T>
+__device__ void rms_norm(float* x, const float* delta, const uint32_t* rows, const T* w,
+                         float eps, int dim, T* out) {
+    const size_t src = (size_t)(rows ? rows[blockIdx.x] : blockIdx.x) * dim;
+    const size_t dst = (size_t)blockIdx.x * dim;
+    float ss = 0.f;
+    for (int i = threadIdx.x; i < dim; i += blockDim.x) {
+        float v = x[src + i];
+        if (delta) {
+            v += delta[src + i];
+            x[src + i] = v;
+        }
+        ss += v * v;
+    }
+    const float inv = rsqrtf(block_sum(ss) / dim + eps);
+    for (int i = threadIdx.x; i < dim; i += blockDim.x)
+        out[dst + i] = from_f<T>(x[src + i] * inv * to_f(w[i]));
+}
+
+// ---- RoPE in place on q or k: one block per token ----------------------------
+// cos/sin are the CPU engine's tables, [context][head_dim / 2]. Pairs are
+// (i, i + head_dim/2) or, interleaved (GGUF), (2i, 2i + 1).
+extern "C" __global__ void rope_f32(float* x, const uint32_t* pos, const float* cos_t,
+                                    const float* sin_t, int heads, int head_dim, int interleaved) {
+    const int half = head_dim / 2;
+    const float* c = cos_t + (size_t)pos[blockIdx.x] * half;
+    const float* s = sin_t + (size_t)pos[blockIdx.x] * half;
+    float* row = x + (size_t)blockIdx.x * heads * head_dim;
+    for (int j = threadIdx.x; j < heads * half; j += blockDim.x) {
+        const int h = j / half, i = j % half;
+        float* v = row + (size_t)h * head_dim;
+        const int a = interleaved ? 2 * i : i, b = interleaved ? 2 * i + 1 : i + half;
+        const float x0 = v[a], x1 = v[b];
+        v[a] = x0 * c[i] - x1 * s[i];
+        v[b] = x0 * s[i] + x1 * c[i];
+    }
+}
+
+// ---- writing new keys and values into their slots: one block per token --------
+// slots[t] = block id · block_size + offset, from the sequence's block table.
+template <typename T>
+__device__ void kv_write(const float* k, const float* v, const uint32_t* slots, int kv_heads,
+                         int head_dim, int block_size, T* cache_k, T* cache_v) {
+    const uint32_t slot = slots[blockIdx.x];
+    const size_t blk = slot / block_size, off = slot % block_size;
+    const int width = kv_heads * head_dim;
+    const float* ks = k + (size_t)blockIdx.x * width;
+    const float* vs = v + (size_t)blockIdx.x * width;
+    for (int j = threadIdx.x; j < width; j += blockDim.x) {
+        const int h = j / head_dim, d = j % head_dim;
+        const size_t at = ((blk * kv_heads + h) * block_size + off) * head_dim + d;
+        cache_k[at] = from_f<T>(ks[j]);
+        cache_v[at] = from_f<T>(vs[j]);
+    }
+}
+
+// ---- paged attention ------------------------------------------------------------
+// Every query row (a decode token, or one token of a prefill chunk) attends
+// the keys at positions 0..=row_pos[r] of its sequence (causal), read in place
+// from the paged cache: no gather, no score matrix. Grid (heads, rows,
+// splits): split z covers keys [z·partition, (z+1)·partition), so a long
+// context is spread over many blocks; each block's warps take every
+// (blockDim/32)-th key with an online softmax, merge in shared memory, and
+// write the split's (max, sum, weighted values). attention_merge combines the
+// splits. Query head h reads kv head h / (heads / kv_heads) (grouped-query).
+// head_dim is a multiple of 32, at most 256: lane l holds dims l, l+32, ...
+#define MAX_PER_LANE 8
+#define MAX_WARPS 8
+
+template <typename T>
+__device__ void attention(const float* q, const T* cache_k, const T* cache_v,
+                          const uint32_t* row_seq, const uint32_t* row_pos,
+                          const uint32_t* tables, int table_stride, int heads, int kv_heads,
+                          int head_dim, int block_size, int partition, int max_splits,
+                          float scale, float* part_m, float* part_l, float* part_acc) {
+    const int h = blockIdx.x, r = blockIdx.y, split = blockIdx.z;
+    const int keys = (int)row_pos[r] + 1;
+    const int k0 = split * partition;
+    if (k0 >= keys) return;
+    const int k1 = min(keys, k0 + partition);
+    const int kvh = h / (heads / kv_heads);
+    const int lane = threadIdx.x & 31, warp = threadIdx.x >> 5, warps = blockDim.x >> 5;
+    const int per_lane = head_dim >> 5;
+    const uint32_t* table = tables + (size_t)row_seq[r] * table_stride;
+    const float* qr = q + ((size_t)r * heads + h) * head_dim;
+
+    float qv[MAX_PER_LANE], acc[MAX_PER_LANE];
+#pragma unroll
+    for (int i = 0; i < MAX_PER_LANE; i++) {
+        qv[i] = i < per_lane ? qr[lane + 32 * i] * scale : 0.f;
+        acc[i] = 0.f;
+    }
+    float m = -INFINITY, l = 0.f;
+    for (int k = k0 + warp; k < k1; k += warps) {
+        const size_t blk = table[k / block_size];
+        const size_t base = ((blk * kv_heads + kvh) * block_size + k % block_size) * head_dim;
+        float s = 0.f;
+#pragma unroll
+        for (int i = 0; i < MAX_PER_LANE; i++)
+            if (i < per_lane) s += qv[i] * to_f(cache_k[base + lane + 32 * i]);
+        s = warp_sum(s);
+        const float m_new = fmaxf(m, s);
+        const float corr = expf(m - m_new), e = expf(s - m_new);
+        l = l * corr + e;
+#pragma unroll
+        for (int i = 0; i < MAX_PER_LANE; i++)
+            if (i < per_lane) acc[i] = acc[i] * corr + e * to_f(cache_v[base + lane + 32 * i]);
+        m = m_new;
+    }
+
+    __shared__ float sm_m[MAX_WARPS], sm_l[MAX_WARPS];
+    __shared__ float sm_acc[MAX_WARPS][32 * MAX_PER_LANE];
+    if (lane == 0) {
+        sm_m[warp] = m;
+        sm_l[warp] = l;
+    }
+#pragma unroll
+    for (int i = 0; i < MAX_PER_LANE; i++)
+        if (i < per_lane) sm_acc[warp][lane + 32 * i] = acc[i];
+    __syncthreads();
+    float mx = -INFINITY;
+    for (int w = 0; w < warps; w++) mx = fmaxf(mx, sm_m[w]);
+    const size_t at = ((size_t)r * heads + h) * max_splits + split;
+    if (threadIdx.x == 0) {
+        float sum = 0.f;
+        for (int w = 0; w < warps; w++) sum += sm_l[w] * expf(sm_m[w] - mx);
+        part_m[at] = mx;
+        part_l[at] = sum;
+    }
+    for (int d = threadIdx.x; d < head_dim; d += blockDim.x) {
+        float a = 0.f;
+        for (int w = 0; w < warps; w++) a += sm_acc[w][d] * expf(sm_m[w] - mx);
+        part_acc[at * head_dim + d] = a;
+    }
+}
+
+// Combines a row's splits: out = Σ e^(m_s − M) acc_s / Σ e^(m_s − M) l_s.
+// Grid (heads, rows), head_dim threads (rounded up to a warp).
+template <typename T>
+__device__ void attention_merge(const float* part_m, const float* part_l, const float* part_acc,
+                                const uint32_t* row_pos, int heads, int head_dim, int partition,
+                                int max_splits, T* out) {
+    const int h = blockIdx.x, r = blockIdx.y;
+    const int splits = ((int)row_pos[r] + partition) / partition;
+    const size_t at = ((size_t)r * heads + h) * max_splits;
+    float mx = -INFINITY;
+    for (int s = 0; s < splits; s++) mx = fmaxf(mx, part_m[at + s]);
+    float sum = 0.f;
+    for (int s = 0; s < splits; s++) sum += part_l[at + s] * expf(part_m[at + s] - mx);
+    for (int d = threadIdx.x; d < head_dim; d += blockDim.x) {
+        float a = 0.f;
+        for (int s = 0; s < splits; s++)
+            a += part_acc[(at + s) * head_dim + d] * expf(part_m[at + s] - mx);
+        out[((size_t)r * heads + h) * head_dim + d] = from_f<T>(a / sum);
+    }
+}
+
+// ---- SiLU(gate) · up, into the input of the down projection ----------------------
+template <typename T>
+__device__ void silu_mul(const float* gate, const float* up, size_t n, T* out) {
+    for (size_t i = (size_t)blockIdx.x * blockDim.x + threadIdx.x; i < n;
+         i += (size_t)gridDim.x * blockDim.x) {
+        const float g = gate[i];
+        out[i] = from_f<T>(g / (1.f + expf(-g)) * up[i]);
+    }
+}
+
+// ---- conversions and random weights (the GPU check's model) ----------------------
+template <typename T>
+__device__ void cast_from_f32(const float* x, size_t n, T* out) {
+    for (size_t i = (size_t)blockIdx.x * blockDim.x + threadIdx.x; i < n;
+         i += (size_t)gridDim.x * blockDim.x)
+        out[i] = from_f<T>(x[i]);
+}
+
+// out[i] = center + scale · u, u uniform in [-1, 1) from a hash of (seed, i):
+// the same values for a seed on every GPU, with no download.
+__device__ __forceinline__ float uniform(uint64_t seed, uint64_t i) {
+    uint64_t z = seed * 0x9E3779B97F4A7C15ull + i;
+    z = (z ^ (z >> 30)) * 0xBF58476D1CE4E5B9ull;
+    z = (z ^ (z >> 27)) * 0x94D049BB133111EBull;
+    z ^= z >> 31;
+    return (float)(z >> 40) * (2.f / 16777216.f) - 1.f;
+}
+
+template <typename T>
+__device__ void fill_random(T* out, size_t n, uint64_t seed, float center, float scale) {
+    for (size_t i = (size_t)blockIdx.x * blockDim.x + threadIdx.x; i < n;
+         i += (size_t)gridDim.x * blockDim.x)
+        out[i] = from_f<T>(center + scale * uniform(seed, i));
+}
+
+#define INSTANTIATE(T, S)                                                                      \
+    extern "C" __global__ void embedding_##S(const uint32_t* ids, const T* table,               \
+                                             uint32_t vocab_start, uint32_t vocab_len,          \
+                                             int hidden, float* out) {                          \
+        embedding<T>(ids, table, vocab_start, vocab_len, hidden, out);                          \
+    }                                                                                           \
+    extern "C" __global__ void rms_norm_##S(float* x, const float* delta, const uint32_t* rows, \
+                                            const T* w, float eps, int dim, T* out) {           \
+        rms_norm<T>(x, delta, rows, w, eps, dim, out);                                          \
+    }                                                                                           \
+    extern "C" __global__ void kv_write_##S(const float* k, const float* v,                     \
+                                            const uint32_t* slots, int kv_heads, int head_dim,  \
+                                            int block_size, T* cache_k, T* cache_v) {           \
+        kv_write<T>(k, v, slots, kv_heads, head_dim, block_size, cache_k, cache_v);             \
+    }                                                                                           \
+    extern "C" __global__ void attention_##S(                                                   \
+        const float* q, const T* cache_k, const T* cache_v, const uint32_t* row_seq,            \
+        const uint32_t* row_pos, const uint32_t* tables, int table_stride, int heads,           \
+        int kv_heads, int head_dim, int block_size, int partition, int max_splits, float scale, \
+        float* part_m, float* part_l, float* part_acc) {                                        \
+        attention<T>(q, cache_k, cache_v, row_seq, row_pos, tables, table_stride, heads,        \
+                     kv_heads, head_dim, block_size, partition, max_splits, scale, part_m,      \
+                     part_l, part_acc);                                                         \
+    }                                                                                           \
+    extern "C" __global__ void attention_merge_##S(                                             \
+        const float* part_m, const float* part_l, const float* part_acc,                        \
+        const uint32_t* row_pos, int heads, int head_dim, int partition, int max_splits,        \
+        T* out) {                                                                               \
+        attention_merge<T>(part_m, part_l, part_acc, row_pos, heads, head_dim, partition,       \
+                           max_splits, out);                                                    \
+    }                                                                                           \
+    extern "C" __global__ void silu_mul_##S(const float* gate, const float* up, size_t n,       \
+                                            T* out) {                                           \
+        silu_mul<T>(gate, up, n, out);                                                          \
+    }                                                                                           \
+    extern "C" __global__ void cast_from_f32_##S(const float* x, size_t n, T* out) {            \
+        cast_from_f32<T>(x, n, out);                                                            \
+    }                                                                                           \
+    extern "C" __global__ void fill_random_##S(T* out, size_t n, uint64_t seed, float center,   \
+                                               float scale) {                                   \
+        fill_random<T>(out, n, seed, center, scale);                                            \
+    }
+
+INSTANTIATE(bf16, bf16)
+INSTANTIATE(f16, f16)

@@ -1,0 +1,532 @@
+//! One GPU: its stream, our kernels (loaded from the fatbin build.rs made)
+//! and cuBLAS, with a typed call per kernel. Every call is enqueued on the
+//! one stream and returns at once; `sync` or a download waits. Launch
+//! parameters come from `gpu::launch`.
+
+use std::collections::HashMap;
+use std::sync::{Arc, Mutex};
+
+use cudarc::cublas::CudaBlas;
+use cudarc::cublas::sys::{cublasComputeType_t, cublasGemmAlgo_t, cublasOperation_t, cudaDataType};
+use cudarc::driver::sys::CUdevice_attribute;
+use cudarc::driver::{
+    CudaContext, CudaFunction, CudaModule, CudaSlice, CudaStream, DevicePtr, DevicePtrMut,
+    DeviceRepr, LaunchConfig, PushKernelArg, ValidAsZeroBits,
+};
+
+use crate::error::{Result, WorkerError};
+use crate::gpu::launch::{self, AttentionPlan, Launch};
+
+/// The kernels, compiled by nvcc for `CUDA_COMPUTE_CAP` (see build.rs).
+static FATBIN: &[u8] = include_bytes!(concat!(env!("OUT_DIR"), "/kernels.fatbin"));
+
+pub(crate) fn cuda_err(what: &str, e: impl std::fmt::Debug) -> WorkerError {
+    WorkerError::Comm(format!("CUDA {what}: {e:?}"))
+}
+
+/// An element type of weights, the KV cache and matrix-product inputs.
+pub trait Elem:
+    DeviceRepr + ValidAsZeroBits + Copy + Default + Send + Sync + Unpin + 'static
+{
+    /// The kernels' name suffix.
+    const SUFFIX: &'static str;
+    const CUDA: cudaDataType;
+    fn from_f32(v: f32) -> Self;
+    fn to_f32(self) -> f32;
+}
+
+impl Elem for half::bf16 {
+    const SUFFIX: &'static str = "bf16";
+    const CUDA: cudaDataType = cudaDataType::CUDA_R_16BF;
+    fn from_f32(v: f32) -> Self {
+        half::bf16::from_f32(v)
+    }
+    fn to_f32(self) -> f32 {
+        half::bf16::to_f32(self)
+    }
+}
+
+impl Elem for half::f16 {
+    const SUFFIX: &'static str = "f16";
+    const CUDA: cudaDataType = cudaDataType::CUDA_R_16F;
+    fn from_f32(v: f32) -> Self {
+        half::f16::from_f32(v)
+    }
+    fn to_f32(self) -> f32 {
+        half::f16::to_f32(self)
+    }
+}
+
+/// Launches kernel `$name` with `$l`, pushing `$args` in the order the
+/// kernel declares them; an empty grid launches nothing.
+macro_rules! launch {
+    ($gpu:expr, $name:expr, $l:expr, [$($arg:expr),* $(,)?]) => {{
+        let l: Launch = $l;
+        let name: String = $name;
+        if l.grid.0 == 0 || l.grid.1 == 0 || l.grid.2 == 0 {
+            Ok(())
+        } else {
+            let f = $gpu.function(&name)?;
+            let mut b = $gpu.stream.launch_builder(&f);
+            $( b.arg($arg); )*
+            // SAFETY: each caller passes the arguments its kernel declares,
+            // in order, and buffers at least as long as the counts it passes.
+            unsafe { b.launch(Gpu::config(l)) }
+                .map(|_| ())
+                .map_err(|e| cuda_err(&format!("launching {name}"), e))
+        }
+    }};
+}
+
+pub struct Gpu {
+    pub stream: Arc<CudaStream>,
+    module: Arc<CudaModule>,
+    functions: Mutex<HashMap<String, CudaFunction>>,
+    blas: CudaBlas,
+    /// Streaming multiprocessors, for launch sizes.
+    pub sms: usize,
+    pub name: String,
+}
+
+// SAFETY: cuBLAS handles may be used from any thread as long as calls do
+// not overlap; the engine drives a Gpu from one thread at a time.
+unsafe impl Send for Gpu {}
+unsafe impl Sync for Gpu {}
+
+impl Gpu {
+    /// GPU `ordinal` with a stream of its own.
+    pub fn new(ordinal: usize) -> Result<Self> {
+        if !available() {
+            return Err(WorkerError::Config(
+                "--device cuda needs the NVIDIA driver (libcuda) and cuBLAS, and neither loads here"
+                    .into(),
+            ));
+        }
+        let ctx = CudaContext::new(ordinal).map_err(|e| cuda_err(&format!("GPU {ordinal}"), e))?;
+        Self::on(ctx.default_stream())
+    }
+
+    /// On an existing stream (a tensor-parallel rank's, which NCCL uses too).
+    pub fn on(stream: Arc<CudaStream>) -> Result<Self> {
+        let ctx = stream.context();
+        let module = ctx
+            .load_module(cudarc::nvrtc::Ptx::from_binary(FATBIN.to_vec()))
+            .map_err(|e| {
+                cuda_err(
+                    "loading the kernels (is the GPU older than CUDA_COMPUTE_CAP?)",
+                    e,
+                )
+            })?;
+        let blas = CudaBlas::new(stream.clone()).map_err(|e| cuda_err("cuBLAS", e))?;
+        let sms = ctx
+            .attribute(CUdevice_attribute::CU_DEVICE_ATTRIBUTE_MULTIPROCESSOR_COUNT)
+            .map_err(|e| cuda_err("device attributes", e))? as usize;
+        let name = ctx.name().unwrap_or_else(|_| "an NVIDIA GPU".into());
+        Ok(Self {
+            stream,
+            module,
+            functions: Mutex::new(HashMap::new()),
+            blas,
+            sms,
+            name,
+        })
+    }
+
+    fn function(&self, name: &str) -> Result<CudaFunction> {
+        let mut cache = self.functions.lock().unwrap_or_else(|e| e.into_inner());
+        if let Some(f) = cache.get(name) {
+            return Ok(f.clone());
+        }
+        let f = self
+            .module
+            .load_function(name)
+            .map_err(|e| cuda_err(&format!("kernel {name}"), e))?;
+        cache.insert(name.to_string(), f.clone());
+        Ok(f)
+    }
+
+    pub fn upload<T: DeviceRepr>(&self, host: &[T]) -> Result<CudaSlice<T>> {
+        self.stream
+            .clone_htod(host)
+            .map_err(|e| cuda_err("upload", e))
+    }
+
+    pub fn zeros<T: DeviceRepr + ValidAsZeroBits>(&self, n: usize) -> Result<CudaSlice<T>> {
+        self.stream
+            .alloc_zeros(n.max(1))
+            .map_err(|e| cuda_err(&format!("allocating {n} elements"), e))
+    }
+
+    pub fn download<T: DeviceRepr + Default + Clone>(&self, d: &CudaSlice<T>) -> Result<Vec<T>> {
+        self.stream
+            .clone_dtoh(d)
+            .map_err(|e| cuda_err("download", e))
+    }
+
+    pub fn sync(&self) -> Result<()> {
+        self.stream
+            .synchronize()
+            .map_err(|e| cuda_err("synchronize", e))
+    }
+
+    fn config(l: Launch) -> LaunchConfig {
+        LaunchConfig {
+            grid_dim: l.grid,
+            block_dim: (l.block, 1, 1),
+            shared_mem_bytes: 0,
+        }
+    }
+
+    /// `out[t] = table[ids[t] − vocab_start]`, zeros for ids not held.
+    pub fn embedding<T: Elem>(
+        &self,
+        ids: &CudaSlice<u32>,
+        tokens: usize,
+        table: &CudaSlice<T>,
+        vocab: std::ops::Range<usize>,
+        hidden: usize,
+        out: &mut CudaSlice<f32>,
+    ) -> Result<()> {
+        let (start, len, hidden_i) = (vocab.start as u32, vocab.len() as u32, hidden as i32);
+        launch!(
+            self,
+            format!("embedding_{}", T::SUFFIX),
+            launch::per_row(tokens, hidden),
+            [ids, table, &start, &len, &hidden_i, out]
+        )
+    }
+
+    /// `x += delta`, then `out[r] = norm(x[rows[r]]) · w` for `out_rows`
+    /// rows (all rows when `rows` is None).
+    #[allow(clippy::too_many_arguments)]
+    pub fn rms_norm<T: Elem>(
+        &self,
+        x: &mut CudaSlice<f32>,
+        delta: Option<&CudaSlice<f32>>,
+        rows: Option<&CudaSlice<u32>>,
+        out_rows: usize,
+        w: &CudaSlice<T>,
+        eps: f32,
+        dim: usize,
+        out: &mut CudaSlice<T>,
+    ) -> Result<()> {
+        let dim_i = dim as i32;
+        // Absent inputs are null pointers.
+        let delta = delta.map_or(0, |d| d.device_ptr(&self.stream).0);
+        let rows = rows.map_or(0, |r| r.device_ptr(&self.stream).0);
+        launch!(
+            self,
+            format!("rms_norm_{}", T::SUFFIX),
+            launch::per_row(out_rows, dim),
+            [x, &delta, &rows, w, &eps, &dim_i, out]
+        )
+    }
+
+    /// RoPE in place on `x` (`[tokens][heads][head_dim]`).
+    #[allow(clippy::too_many_arguments)]
+    pub fn rope(
+        &self,
+        x: &mut CudaSlice<f32>,
+        positions: &CudaSlice<u32>,
+        tokens: usize,
+        cos: &CudaSlice<f32>,
+        sin: &CudaSlice<f32>,
+        heads: usize,
+        head_dim: usize,
+        interleaved: bool,
+    ) -> Result<()> {
+        let (h, hd, il) = (heads as i32, head_dim as i32, interleaved as i32);
+        launch!(
+            self,
+            "rope_f32".to_string(),
+            launch::per_row(tokens, heads * head_dim / 2),
+            [x, positions, cos, sin, &h, &hd, &il]
+        )
+    }
+
+    /// Writes each token's keys and values into its cache slot.
+    #[allow(clippy::too_many_arguments)]
+    pub fn kv_write<T: Elem>(
+        &self,
+        k: &CudaSlice<f32>,
+        v: &CudaSlice<f32>,
+        slots: &CudaSlice<u32>,
+        tokens: usize,
+        kv_heads: usize,
+        head_dim: usize,
+        block_size: usize,
+        cache_k: &mut CudaSlice<T>,
+        cache_v: &mut CudaSlice<T>,
+    ) -> Result<()> {
+        let (kvh, hd, bs) = (kv_heads as i32, head_dim as i32, block_size as i32);
+        launch!(
+            self,
+            format!("kv_write_{}", T::SUFFIX),
+            launch::per_row(tokens, kv_heads * head_dim),
+            [k, v, slots, &kvh, &hd, &bs, cache_k, cache_v]
+        )
+    }
+
+    /// Paged attention of every row, then the merge of its splits into `out`
+    /// (`[rows][heads][head_dim]`).
+    #[allow(clippy::too_many_arguments)]
+    pub fn attention<T: Elem>(
+        &self,
+        q: &CudaSlice<f32>,
+        cache_k: &CudaSlice<T>,
+        cache_v: &CudaSlice<T>,
+        ix: &DeviceIndex,
+        plan: &AttentionPlan,
+        shape: AttentionShape,
+        scratch: &mut AttentionScratch,
+        out: &mut CudaSlice<T>,
+    ) -> Result<()> {
+        let rows = ix.rows * shape.heads * plan.max_splits;
+        scratch.reserve(self, rows, shape.head_dim)?;
+        let AttentionShape {
+            heads,
+            kv_heads,
+            head_dim,
+            block_size,
+        } = shape;
+        let [
+            stride,
+            heads,
+            kv_heads,
+            head_dim,
+            block_size,
+            partition,
+            splits,
+        ] = [
+            ix.table_stride,
+            heads,
+            kv_heads,
+            head_dim,
+            block_size,
+            plan.partition,
+            plan.max_splits,
+        ]
+        .map(|v| v as i32);
+        let scale = 1.0 / (head_dim as f32).sqrt();
+        launch!(
+            self,
+            format!("attention_{}", T::SUFFIX),
+            plan.launch,
+            [
+                q,
+                cache_k,
+                cache_v,
+                &ix.row_seq,
+                &ix.positions,
+                &ix.tables,
+                &stride,
+                &heads,
+                &kv_heads,
+                &head_dim,
+                &block_size,
+                &partition,
+                &splits,
+                &scale,
+                &mut scratch.m,
+                &mut scratch.l,
+                &mut scratch.acc,
+            ]
+        )?;
+        launch!(
+            self,
+            format!("attention_merge_{}", T::SUFFIX),
+            plan.merge,
+            [
+                &scratch.m,
+                &scratch.l,
+                &scratch.acc,
+                &ix.positions,
+                &heads,
+                &head_dim,
+                &partition,
+                &splits,
+                out,
+            ]
+        )
+    }
+
+    /// `out = silu(gate) · up` over `n` elements.
+    pub fn silu_mul<T: Elem>(
+        &self,
+        gate: &CudaSlice<f32>,
+        up: &CudaSlice<f32>,
+        n: usize,
+        out: &mut CudaSlice<T>,
+    ) -> Result<()> {
+        let n64 = n as u64;
+        launch!(
+            self,
+            format!("silu_mul_{}", T::SUFFIX),
+            launch::elementwise(n, self.sms),
+            [gate, up, &n64, out]
+        )
+    }
+
+    pub fn cast_from_f32<T: Elem>(
+        &self,
+        x: &CudaSlice<f32>,
+        n: usize,
+        out: &mut CudaSlice<T>,
+    ) -> Result<()> {
+        let n64 = n as u64;
+        launch!(
+            self,
+            format!("cast_from_f32_{}", T::SUFFIX),
+            launch::elementwise(n, self.sms),
+            [x, &n64, out]
+        )
+    }
+
+    /// `center + scale · u`, u uniform in [-1, 1) from (seed, index).
+    pub fn fill_random<T: Elem>(
+        &self,
+        out: &mut CudaSlice<T>,
+        seed: u64,
+        center: f32,
+        scale: f32,
+    ) -> Result<()> {
+        let n = out.len();
+        let n64 = n as u64;
+        launch!(
+            self,
+            format!("fill_random_{}", T::SUFFIX),
+            launch::elementwise(n, self.sms),
+            [out, &n64, &seed, &center, &scale]
+        )
+    }
+
+    /// `y[rows][out] = x[rows][in] · w[out][in]ᵀ`, inputs T, sums and result
+    /// f32 (cuBLAS, tensor cores where the GPU has them).
+    pub fn gemm<T: Elem>(
+        &self,
+        x: &CudaSlice<T>,
+        w: &CudaSlice<T>,
+        rows: usize,
+        input: usize,
+        output: usize,
+        y: &mut CudaSlice<f32>,
+    ) -> Result<()> {
+        let g = launch::gemm(rows, input, output)?;
+        let (alpha, beta) = (1.0f32, 0.0f32);
+        let (wp, _w) = w.device_ptr(&self.stream);
+        let (xp, _x) = x.device_ptr(&self.stream);
+        let (yp, _y) = y.device_ptr_mut(&self.stream);
+        // SAFETY: w holds output × input elements, x rows × input, y rows ×
+        // output (the callers size them so); the handle is on our stream.
+        unsafe {
+            cudarc::cublas::result::gemm_ex(
+                *self.blas.handle(),
+                cublasOperation_t::CUBLAS_OP_T,
+                cublasOperation_t::CUBLAS_OP_N,
+                g.m,
+                g.n,
+                g.k,
+                (&alpha as *const f32).cast(),
+                wp as *const _,
+                T::CUDA,
+                g.lda,
+                xp as *const _,
+                T::CUDA,
+                g.ldb,
+                (&beta as *const f32).cast(),
+                yp as *mut _,
+                cudaDataType::CUDA_R_32F,
+                g.ldc,
+                cublasComputeType_t::CUBLAS_COMPUTE_32F,
+                cublasGemmAlgo_t::CUBLAS_GEMM_DEFAULT,
+            )
+        }
+        .map_err(|e| cuda_err("cuBLAS GemmEx", e))
+    }
+
+    /// Milliseconds `f` takes on the stream (events around it).
+    pub fn time(&self, f: impl FnOnce() -> Result<()>) -> Result<f32> {
+        use cudarc::driver::sys::CUevent_flags::CU_EVENT_DEFAULT;
+        let start = self
+            .stream
+            .record_event(Some(CU_EVENT_DEFAULT))
+            .map_err(|e| cuda_err("event", e))?;
+        f()?;
+        let end = self
+            .stream
+            .record_event(Some(CU_EVENT_DEFAULT))
+            .map_err(|e| cuda_err("event", e))?;
+        end.synchronize().map_err(|e| cuda_err("event", e))?;
+        start.elapsed_ms(&end).map_err(|e| cuda_err("event", e))
+    }
+}
+
+/// Whether the CUDA driver and cuBLAS can be loaded here.
+pub fn available() -> bool {
+    // SAFETY: these only try to open the shared libraries.
+    unsafe { cudarc::driver::sys::is_culib_present() && cudarc::cublas::sys::is_culib_present() }
+}
+
+/// The attention shape of a model (this rank's heads).
+#[derive(Debug, Clone, Copy)]
+pub struct AttentionShape {
+    pub heads: usize,
+    pub kv_heads: usize,
+    pub head_dim: usize,
+    pub block_size: usize,
+}
+
+/// A step's index arrays on the device (see `launch::StepIndex`).
+pub struct DeviceIndex {
+    pub rows: usize,
+    pub ids: CudaSlice<u32>,
+    pub positions: CudaSlice<u32>,
+    pub slots: CudaSlice<u32>,
+    pub row_seq: CudaSlice<u32>,
+    pub tables: CudaSlice<u32>,
+    pub table_stride: usize,
+    pub logit_rows: CudaSlice<u32>,
+    pub logit_count: usize,
+}
+
+impl DeviceIndex {
+    pub fn upload(gpu: &Gpu, ix: &launch::StepIndex) -> Result<Self> {
+        Ok(Self {
+            rows: ix.ids.len(),
+            ids: gpu.upload(&ix.ids)?,
+            positions: gpu.upload(&ix.positions)?,
+            slots: gpu.upload(&ix.slots)?,
+            row_seq: gpu.upload(&ix.row_seq)?,
+            tables: gpu.upload(&ix.tables)?,
+            table_stride: ix.table_stride,
+            logit_rows: gpu.upload(&ix.logit_rows)?,
+            logit_count: ix.logit_rows.len(),
+        })
+    }
+}
+
+/// The attention kernel's per-split partial results, grown as needed.
+pub struct AttentionScratch {
+    m: CudaSlice<f32>,
+    l: CudaSlice<f32>,
+    acc: CudaSlice<f32>,
+}
+
+impl AttentionScratch {
+    pub fn new(gpu: &Gpu) -> Result<Self> {
+        Ok(Self {
+            m: gpu.zeros(1)?,
+            l: gpu.zeros(1)?,
+            acc: gpu.zeros(1)?,
+        })
+    }
+
+    fn reserve(&mut self, gpu: &Gpu, entries: usize, head_dim: usize) -> Result<()> {
+        if self.m.len() < entries {
+            self.m = gpu.zeros(entries)?;
+            self.l = gpu.zeros(entries)?;
+            self.acc = gpu.zeros(entries * head_dim)?;
+        }
+        Ok(())
+    }
+}

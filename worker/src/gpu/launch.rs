@@ -1,0 +1,267 @@
+//! Launch parameters of the CUDA kernels (`cuda/kernels.cu`) and the
+//! per-step index arrays they read, as plain values: this is the part of
+//! the GPU path that runs, and is tested, on any machine. Each function
+//! states the assumption of the kernel it feeds.
+
+use crate::error::{Result, WorkerError};
+use crate::model::SeqInput;
+
+/// Threads of the attention blocks: 4 warps share a split's keys.
+pub const ATTENTION_THREADS: u32 = 128;
+/// The kernel keeps `head_dim / 32` values per lane in registers, at most 8.
+pub const MAX_HEAD_DIM: usize = 256;
+
+/// A grid and block, as CUDA takes them.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct Launch {
+    pub grid: (u32, u32, u32),
+    pub block: u32,
+}
+
+/// One block per row with `width` elements: a block of up to 1024 threads, a
+/// multiple of 32 (the block reduction in `rms_norm` relies on whole warps).
+pub fn per_row(rows: usize, width: usize) -> Launch {
+    let block = width.div_ceil(32).clamp(1, 32) as u32 * 32;
+    Launch {
+        grid: (rows as u32, 1, 1),
+        block,
+    }
+}
+
+/// An element-wise kernel over `n` elements (grid-stride loop): enough
+/// blocks to fill the GPU, no more than the work needs.
+pub fn elementwise(n: usize, sms: usize) -> Launch {
+    const THREADS: usize = 256;
+    let blocks = n.div_ceil(THREADS).clamp(1, sms.max(1) * 8);
+    Launch {
+        grid: (blocks as u32, 1, 1),
+        block: THREADS as u32,
+    }
+}
+
+/// How one step's attention is split over the keys.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct AttentionPlan {
+    /// Keys per split.
+    pub partition: usize,
+    /// Splits of the longest row: the stride of the partial results.
+    pub max_splits: usize,
+    pub launch: Launch,
+    pub merge: Launch,
+}
+
+/// Splits keys so a step fills the GPU: with few rows (a decode batch of
+/// one, a long context) a row's keys are spread over many blocks; with many
+/// rows, long partitions keep the merge cheap. `max_keys` is the longest
+/// row's key count (its position + 1).
+pub fn attention_plan(
+    rows: usize,
+    heads: usize,
+    head_dim: usize,
+    max_keys: usize,
+    sms: usize,
+) -> Result<AttentionPlan> {
+    if head_dim == 0 || !head_dim.is_multiple_of(32) || head_dim > MAX_HEAD_DIM {
+        return Err(WorkerError::Config(format!(
+            "head_dim = {head_dim}: the CUDA attention kernel needs a multiple of 32 up to {MAX_HEAD_DIM}"
+        )));
+    }
+    if rows == 0 || heads == 0 || max_keys == 0 {
+        return Err(WorkerError::Config(format!(
+            "attention over {rows} rows, {heads} heads, {max_keys} keys"
+        )));
+    }
+    // Aim at 4 blocks per SM; a split is never shorter than 64 keys (a
+    // block's four warps get 16 each) nor longer than 1024.
+    let want_blocks = sms.max(1) * 4;
+    let row_blocks = rows * heads;
+    let splits_wanted = want_blocks.div_ceil(row_blocks).max(1);
+    let partition = max_keys
+        .div_ceil(splits_wanted)
+        .next_power_of_two()
+        .clamp(64, 1024);
+    let max_splits = max_keys.div_ceil(partition);
+    Ok(AttentionPlan {
+        partition,
+        max_splits,
+        launch: Launch {
+            grid: (heads as u32, rows as u32, max_splits as u32),
+            block: ATTENTION_THREADS,
+        },
+        merge: Launch {
+            grid: (heads as u32, rows as u32, 1),
+            block: (head_dim.div_ceil(32) * 32) as u32,
+        },
+    })
+}
+
+/// The index arrays of one step, flattened for the kernels.
+#[derive(Debug, Clone, PartialEq, Eq, Default)]
+pub struct StepIndex {
+    /// Every new token, in batch order.
+    pub ids: Vec<u32>,
+    /// Its position in its sequence.
+    pub positions: Vec<u32>,
+    /// Its cache slot: block id × block_size + offset.
+    pub slots: Vec<u32>,
+    /// Its sequence (a row of `tables`).
+    pub row_seq: Vec<u32>,
+    /// Block tables, one row per sequence, padded to `table_stride`.
+    pub tables: Vec<u32>,
+    pub table_stride: usize,
+    /// Rows whose logits are wanted (each sequence's last token, or all).
+    pub logit_rows: Vec<u32>,
+    /// Keys of the longest row.
+    pub max_keys: usize,
+}
+
+/// Flattens a step's sequences. `all_logits` asks for every row's logits
+/// instead of each sequence's last.
+pub fn step_index(seqs: &[SeqInput<'_>], block_size: usize, all_logits: bool) -> StepIndex {
+    let stride = seqs.iter().map(|s| s.table.len()).max().unwrap_or(0).max(1);
+    let mut ix = StepIndex {
+        table_stride: stride,
+        ..StepIndex::default()
+    };
+    for (i, s) in seqs.iter().enumerate() {
+        for (j, &id) in s.tokens.iter().enumerate() {
+            let p = s.start + j;
+            ix.logit_rows
+                .extend((all_logits || j + 1 == s.tokens.len()).then_some(ix.ids.len() as u32));
+            ix.ids.push(id);
+            ix.positions.push(p as u32);
+            ix.slots
+                .push(s.table[p / block_size] * block_size as u32 + (p % block_size) as u32);
+            ix.row_seq.push(i as u32);
+        }
+        ix.max_keys = ix.max_keys.max(s.start + s.tokens.len());
+        ix.tables.extend_from_slice(s.table);
+        ix.tables.resize((i + 1) * stride, 0);
+    }
+    ix
+}
+
+/// cuBLAS is column-major; our matrices are row-major. `Y[rows][out] =
+/// X[rows][in] · W[out][in]ᵀ` is, read column-major, `Yᶜ(out × rows) =
+/// Wᶜ(in × out)ᵀ · Xᶜ(in × rows)`: `gemm(T, N, m = out, n = rows, k = in,
+/// A = W, lda = in, B = X, ldb = in, C = Y, ldc = out)`.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct Gemm {
+    pub m: i32,
+    pub n: i32,
+    pub k: i32,
+    pub lda: i32,
+    pub ldb: i32,
+    pub ldc: i32,
+}
+
+pub fn gemm(rows: usize, input: usize, output: usize) -> Result<Gemm> {
+    let fits = |v: usize| i32::try_from(v).ok().filter(|&v| v > 0);
+    match (fits(rows), fits(input), fits(output)) {
+        (Some(n), Some(k), Some(m)) => Ok(Gemm {
+            m,
+            n,
+            k,
+            lda: k,
+            ldb: k,
+            ldc: m,
+        }),
+        _ => Err(WorkerError::Config(format!(
+            "a {rows} × {input} by {output} × {input} product does not fit cuBLAS's 32-bit sizes"
+        ))),
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn per_row_blocks_are_whole_warps_up_to_1024() {
+        assert_eq!(per_row(3, 576).block, 576);
+        assert_eq!(per_row(3, 4096).block, 1024);
+        assert_eq!(per_row(3, 10).block, 32);
+        assert_eq!(per_row(7, 100).grid, (7, 1, 1));
+        assert_eq!(per_row(1, 100).block, 128);
+    }
+
+    #[test]
+    fn elementwise_fills_the_gpu_without_idle_blocks() {
+        assert_eq!(elementwise(100, 132).grid.0, 1);
+        assert_eq!(elementwise(256 * 10, 132).grid.0, 10);
+        assert_eq!(elementwise(1 << 30, 132).grid.0, 132 * 8);
+    }
+
+    #[test]
+    fn attention_splits_cover_every_key_and_fill_the_gpu() {
+        for (rows, heads, keys) in [(1, 32, 4096), (1, 32, 1), (256, 32, 600), (4096, 32, 512)] {
+            let p = attention_plan(rows, heads, 128, keys, 132).unwrap();
+            // Every key of the longest row is in a split, and no split is empty.
+            assert!(p.partition * p.max_splits >= keys);
+            assert!(p.partition * (p.max_splits - 1) < keys);
+            assert_eq!(
+                p.launch.grid,
+                (heads as u32, rows as u32, p.max_splits as u32)
+            );
+            assert!((64..=1024).contains(&p.partition));
+            assert_eq!(p.merge.block, 128);
+        }
+        // One decoding sequence with a long context spreads over the SMs...
+        let one = attention_plan(1, 32, 128, 4096, 132).unwrap();
+        assert!(32 * one.max_splits >= 132, "{one:?}");
+        // ... and a big batch keeps whole 1024-key partitions.
+        let many = attention_plan(256, 32, 128, 1000, 132).unwrap();
+        assert_eq!(many.max_splits, 1);
+    }
+
+    #[test]
+    fn attention_refuses_head_dims_the_kernel_cannot_hold() {
+        for hd in [0, 48, 288] {
+            let e = attention_plan(1, 8, hd, 10, 132).unwrap_err();
+            assert!(e.to_string().contains(&format!("head_dim = {hd}")), "{e}");
+        }
+        assert!(attention_plan(1, 8, 64, 10, 132).is_ok());
+        assert!(attention_plan(1, 8, 256, 10, 132).is_ok());
+    }
+
+    #[test]
+    fn step_index_flattens_tables_slots_and_logit_rows() {
+        let (t0, t1) = ([4u32, 9], [7u32]);
+        let seqs = [
+            // A prefill chunk at positions 14..18, spanning blocks 4 and 9.
+            SeqInput {
+                tokens: &[10, 11, 12, 13],
+                start: 14,
+                table: &t0,
+            },
+            // A decode at position 3 in block 7.
+            SeqInput {
+                tokens: &[20],
+                start: 3,
+                table: &t1,
+            },
+        ];
+        let ix = step_index(&seqs, 16, false);
+        assert_eq!(ix.ids, [10, 11, 12, 13, 20]);
+        assert_eq!(ix.positions, [14, 15, 16, 17, 3]);
+        assert_eq!(
+            ix.slots,
+            [4 * 16 + 14, 4 * 16 + 15, 9 * 16, 9 * 16 + 1, 7 * 16 + 3]
+        );
+        assert_eq!(ix.row_seq, [0, 0, 0, 0, 1]);
+        assert_eq!(ix.table_stride, 2);
+        assert_eq!(ix.tables, [4, 9, 7, 0]);
+        assert_eq!(ix.logit_rows, [3, 4]);
+        assert_eq!(ix.max_keys, 18);
+        assert_eq!(step_index(&seqs, 16, true).logit_rows, [0, 1, 2, 3, 4]);
+    }
+
+    #[test]
+    fn gemm_maps_row_major_products_onto_cublas() {
+        let g = gemm(5, 4096, 11008).unwrap();
+        assert_eq!((g.m, g.n, g.k), (11008, 5, 4096));
+        assert_eq!((g.lda, g.ldb, g.ldc), (4096, 4096, 11008));
+        assert!(gemm(0, 1, 1).is_err());
+        assert!(gemm(1, 1 << 31, 1).is_err());
+    }
+}

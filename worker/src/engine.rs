@@ -20,9 +20,9 @@ use tonic::Status;
 
 use crate::comm::Communicator;
 use crate::error::{Result, WorkerError};
-use crate::kv::{KvDtype, PagedKv};
+use crate::kv::KvDtype;
 use crate::metrics::{Finished, WorkerMetrics};
-use crate::model::{Llama, LogitsFor, SeqInput};
+use crate::model::{LogitsFor, SeqInput};
 use crate::sampler::Sampler;
 use crate::scheduler::{Scheduler, SchedulerConfig, SeqId, Sequence, StepPlan};
 use crate::tp::{Control, HEARTBEAT};
@@ -112,7 +112,7 @@ impl EngineHandle {
     /// group) carries each step to the other ranks, and a heartbeat while
     /// idle. Each step is observed in `metrics`.
     pub fn start(
-        model: Llama,
+        model: crate::backend::Model,
         eos_ids: Vec<u32>,
         cfg: EngineConfig,
         control: Option<Arc<dyn Communicator>>,
@@ -121,7 +121,7 @@ impl EngineHandle {
         let (tx, rx) = mpsc::channel();
         let stats = Arc::new(Stats::default());
         stats.kv_blocks_free.store(cfg.kv_blocks as u32, Relaxed);
-        let kv = model.new_kv_with(cfg.kv_blocks, cfg.block_size, cfg.kv_dtype);
+        let backend = model.into_backend(cfg.kv_blocks, cfg.block_size, cfg.kv_dtype)?;
         let scheduler = Scheduler::new(SchedulerConfig {
             max_running: cfg.max_running,
             max_batch_tokens: cfg.max_batch_tokens,
@@ -129,8 +129,7 @@ impl EngineHandle {
             block_size: cfg.block_size,
         });
         let engine = Engine {
-            model,
-            kv,
+            backend,
             eos_ids,
             stats: stats.clone(),
             rx,
@@ -217,8 +216,7 @@ struct Active {
 }
 
 struct Engine {
-    model: Llama,
-    kv: PagedKv,
+    backend: crate::backend::Backend,
     eos_ids: Vec<u32>,
     stats: Arc<Stats>,
     rx: mpsc::Receiver<Request>,
@@ -359,9 +357,9 @@ impl Engine {
             return self.fail(e);
         }
         // A panic in model code fails this step's requests, not the engine.
-        let (model, kv) = (&self.model, &mut self.kv);
+        let backend = &mut self.backend;
         let result = std::panic::catch_unwind(std::panic::AssertUnwindSafe(|| {
-            model.forward(kv, &inputs, LogitsFor::Last)
+            backend.forward(&inputs, LogitsFor::Last)
         }))
         .unwrap_or_else(|_| Err(WorkerError::EngineStopped));
         drop(inputs);

@@ -3,6 +3,7 @@
 //! internal `aquila.worker.v1` API. Knows nothing of text beyond handing the
 //! tokenizer to the gateway.
 
+pub mod backend;
 pub mod bench;
 pub mod comm;
 pub mod config;

@@ -24,8 +24,10 @@ The assistant gives helpful, detailed, and polite answers to the human's questio
 {% for m in rest %}{% if m['role'] == 'user' %}###Human: {{ m['content'] }}\
 {% else %}###Assistant: {{ m['content'] }}{% endif %}{% endfor %}###Assistant:";
 
-pub struct LoadedModel {
-    pub model: Llama,
+/// A model (the CPU engine's `Llama` unless said otherwise) with what
+/// serving it needs besides.
+pub struct Loaded<M = Llama> {
+    pub model: M,
     pub tokenizer: LoadedTokenizer,
     pub name: String,
     /// As the checkpoint says: "AquilaForCausalLM", "llama" (GGUF)...
@@ -65,7 +67,39 @@ pub fn read_config(path: &Path) -> Result<ModelConfig> {
     }
 }
 
+pub type LoadedModel = Loaded<Llama>;
+
+impl<M> Loaded<M> {
+    pub fn map<N>(self, f: impl FnOnce(M) -> N) -> Loaded<N> {
+        Loaded {
+            model: f(self.model),
+            tokenizer: self.tokenizer,
+            name: self.name,
+            architecture: self.architecture,
+            dtype: self.dtype,
+            chat_template: self.chat_template,
+            chat_stop: self.chat_stop,
+        }
+    }
+}
+
+/// Loads the model for the CPU engine.
 pub fn load(path: &Path, opts: &LoadOptions, comm: Arc<dyn Communicator>) -> Result<LoadedModel> {
+    load_with(path, opts, |cfg, store, progress| {
+        let m = Llama::load(cfg, store, opts, comm, progress)?;
+        let bytes = m.weight_bytes();
+        Ok((m, bytes))
+    })
+}
+
+/// Loads the model with `build`, which makes it from the config and the
+/// weights (reporting each tensor to `progress`) and says how many bytes of
+/// weights it holds.
+pub fn load_with<M>(
+    path: &Path,
+    opts: &LoadOptions,
+    build: impl FnOnce(ModelConfig, &WeightStore, &mut dyn FnMut(&str)) -> Result<(M, usize)>,
+) -> Result<Loaded<M>> {
     let started = Instant::now();
     let is_gguf = path.is_file() && path.extension().is_some_and(|e| e == "gguf");
     let (cfg, store, tok) = if is_gguf {
@@ -111,12 +145,12 @@ pub fn load(path: &Path, opts: &LoadOptions, comm: Arc<dyn Communicator>) -> Res
         }
     };
     let params = cfg.parameter_count();
-    let model = Llama::load(cfg, &store, opts, comm, &mut progress)?;
+    let (model, weight_bytes) = build(cfg, &store, &mut progress)?;
     let name = opts.name.clone().unwrap_or_else(|| default_name(path));
     tracing::info!(
         "loaded {name}: {:.1}M parameters, {} of weights ({dtype}), {:.1} s",
         params as f64 / 1e6,
-        human_bytes(model.weight_bytes()),
+        human_bytes(weight_bytes),
         started.elapsed().as_secs_f64()
     );
     let (chat_template, chat_stop) = match (&tok.chat_template, tok.is_aquila) {
@@ -127,7 +161,7 @@ pub fn load(path: &Path, opts: &LoadOptions, comm: Arc<dyn Communicator>) -> Res
         ),
         (None, false) => (None, Vec::new()),
     };
-    Ok(LoadedModel {
+    Ok(Loaded {
         model,
         tokenizer: tok,
         name,

@@ -36,7 +36,13 @@ use crate::tp::Group;
 /// How a worker loads its model and runs its engine.
 #[derive(clap::Args, Debug, Clone)]
 pub struct WorkerArgs {
-    /// Float type to hold weights in (GGUF quantized weights stay quantized).
+    /// Where the model runs: the CPU, or an NVIDIA GPU (a worker built with
+    /// `--features cuda`; weights in bf16 or f16, so with --dtype bf16 or
+    /// f16; rank r of a tensor-parallel group on GPU r).
+    #[arg(long, env = "AQUILA_DEVICE", value_enum, default_value = "cpu")]
+    pub device: crate::backend::Device,
+    /// Float type to hold weights in (GGUF quantized weights stay quantized
+    /// on the CPU; a GPU dequantizes them to this type).
     #[arg(long, env = "AQUILA_DTYPE", value_enum, default_value = "f32")]
     pub dtype: WeightDtype,
     /// Model name reported to clients (default: the folder or file name).
@@ -132,7 +138,7 @@ fn load_rank(
     args: &WorkerArgs,
     comm: Arc<dyn Communicator>,
     metrics: &WorkerMetrics,
-) -> Result<(loader::LoadedModel, usize)> {
+) -> Result<(loader::Loaded<crate::backend::Model>, usize)> {
     init_threads(args.threads);
     for (flag, value) in [
         ("--kv-block-size", args.kv_block_size),
@@ -161,12 +167,9 @@ fn load_rank(
         comm
     };
     let started = Instant::now();
-    let loaded = loader::load(model, &opts, comm)?;
+    let loaded = crate::backend::load(model, &opts, comm, args.device)?;
     metrics.model_loaded(started.elapsed());
-    let cfg = loaded.model.config();
-    let held = loaded.model.plan().kv_heads.len();
-    let block_bytes =
-        cfg.kv_bytes_per_token(args.kv_cache_dtype) * held / cfg.num_kv_heads * args.kv_block_size;
+    let block_bytes = loaded.model.kv_bytes_per_token(args.kv_cache_dtype) * args.kv_block_size;
     let kv_blocks = args
         .kv_cache_blocks
         .unwrap_or(args.kv_cache_mib * 1024 * 1024 / block_bytes);
@@ -179,7 +182,7 @@ fn load_rank(
     tracing::info!(
         "KV cache: {kv_blocks} blocks of {} tokens, {} ({:.1} MiB)",
         args.kv_block_size,
-        args.kv_cache_dtype.label(),
+        loaded.model.kv_label(args.kv_cache_dtype),
         (kv_blocks * block_bytes) as f64 / (1024.0 * 1024.0)
     );
     Ok((loaded, kv_blocks))
@@ -206,7 +209,7 @@ pub fn run_follower(
         let metrics = WorkerMetrics::new(registry)?;
         let (loaded, kv_blocks) = load_rank(&model, args, group.collectives.clone(), &metrics)?;
         ready(&group.control, op_timeout)?;
-        crate::tp::follow(&loaded.model, kv_blocks, args, &group.control, &metrics)
+        crate::tp::follow(loaded.model, kv_blocks, args, &group.control, &metrics)
     };
     match run() {
         Ok(()) => WorkerError::Comm("the group ended".into()),
@@ -260,7 +263,7 @@ impl WorkerState {
     }
 
     fn with_engine(
-        loaded: loader::LoadedModel,
+        loaded: loader::Loaded<crate::backend::Model>,
         kv_blocks: usize,
         args: &WorkerArgs,
         control: Option<Arc<TcpComm>>,

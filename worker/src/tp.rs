@@ -21,7 +21,7 @@ use crate::comm::Communicator;
 use crate::comm::tcp::TcpComm;
 use crate::error::{Result, WorkerError};
 use crate::kv::BlockId;
-use crate::model::{Llama, LogitsFor, SeqInput};
+use crate::model::{LogitsFor, SeqInput};
 
 /// How often an idle leader tells the followers it is alive.
 pub const HEARTBEAT: Duration = Duration::from_secs(1);
@@ -295,13 +295,13 @@ impl Control {
 /// shard, until the group breaks (a communicator error: the process exits
 /// non-zero).
 pub fn follow(
-    model: &Llama,
+    model: crate::backend::Model,
     kv_blocks: usize,
     args: &crate::WorkerArgs,
     comm: &TcpComm,
     metrics: &crate::metrics::WorkerMetrics,
 ) -> Result<()> {
-    let mut kv = model.new_kv_with(kv_blocks, args.kv_block_size, args.kv_cache_dtype);
+    let mut backend = model.into_backend(kv_blocks, args.kv_block_size, args.kv_cache_dtype)?;
     loop {
         let mut buf = Vec::new();
         comm.broadcast(&mut buf, 0)?;
@@ -317,7 +317,7 @@ pub fn follow(
                         table: &s.table,
                     })
                     .collect();
-                match model.forward(&mut kv, &inputs, LogitsFor::Last) {
+                match backend.forward(&inputs, LogitsFor::Last) {
                     Ok(_) => {}
                     Err(e @ WorkerError::Comm(_)) => return Err(e),
                     // The leader meets the same error on the same inputs,

@@ -7,6 +7,9 @@ one rank). (dict "ctx" $ "role" "group|leader|follower")
 {{- $ := .ctx -}}
 {{- $w := $.Values.worker -}}
 {{- $cuda := eq $w.device "cuda" -}}
+{{- if and $cuda (eq $w.dtype "f32") -}}
+{{- fail "worker.device=cuda holds weights in bf16 or f16: set worker.dtype to bf16 (or f16)" -}}
+{{- end -}}
 {{- $gpus := ternary $w.multiNode.gpusPerPod $w.tp (ne .role "group") -}}
 {{- $vol := $.Values.model.volume -}}
 metadata:
@@ -86,6 +89,7 @@ spec:
         {{- if and $cuda (or (gt (int $w.tp) 1) (ne .role "group")) }}
         - --collectives=nccl
         {{- end }}
+        - --device={{ $w.device }}
         - --dtype={{ $w.dtype }}
         - --kv-cache-mib={{ $w.kvCacheMib }}
         - --max-running={{ $w.maxRunning }}

@@ -370,9 +370,9 @@ pub fn tiny<T: Elem>(gpu: &Arc<Gpu>, report: &mut Report) -> Result<()> {
         cfg,
         &Source::Store(&store),
         Arc::new(SingleRank),
-        16,
-        16,
+        &mut |_| {},
     )?;
+    gpu_model.alloc_cache(16, 16)?;
     let prompt: Vec<u32> = vec![1, 72, 101, 108, 108, 111, 44, 32, 119, 111, 114, 108, 100];
     let n = 48;
     let (cpu_first, cpu_tokens) = greedy_cpu(&cpu, &prompt, n)?;
@@ -497,9 +497,9 @@ pub fn speed<T: Elem>(gpu: &Arc<Gpu>, report: &mut Report, batches: &[usize]) ->
         cfg,
         &Source::Random(1),
         Arc::new(SingleRank),
-        num_blocks,
-        bs,
+        &mut |_| {},
     )?;
+    m.alloc_cache(num_blocks, bs)?;
     gpu.sync()?;
     report.measure(
         "aquila-7b",

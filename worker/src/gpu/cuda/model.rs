@@ -21,7 +21,9 @@ use crate::comm::Communicator;
 use crate::config::ModelConfig;
 use crate::error::{Result, WorkerError};
 use crate::gpu::launch::{attention_plan, step_index};
-use crate::model::{LogitsFor, Rope, SeqInput, Shard, TpPlan, check_step, gather_vocab};
+use crate::model::{
+    LogitsFor, Rope, SeqInput, Shard, TpPlan, WeightDtype, check_step, gather_vocab,
+};
 use crate::weights::{Weight, WeightStore};
 
 struct Layer<T> {
@@ -74,6 +76,7 @@ struct Uploader<'a, T: Elem> {
     whole: bool,
     seed: u64,
     bytes: usize,
+    progress: &'a mut dyn FnMut(&str),
     _t: std::marker::PhantomData<T>,
 }
 
@@ -90,6 +93,7 @@ impl<T: Elem> Uploader<'_, T> {
     ) -> Result<CudaSlice<T>> {
         let n = shape[0] * shape[1];
         self.bytes += n * std::mem::size_of::<T>();
+        (self.progress)(name);
         let store = match self.source {
             Source::Random(seed) => {
                 self.seed += 1;
@@ -135,16 +139,15 @@ impl<T: Elem> Uploader<'_, T> {
 }
 
 impl<T: Elem> CudaLlama<T> {
-    /// This rank's share of the model, and a KV cache of `num_blocks` blocks
-    /// of `block_size` tokens, on `gpu`. `comm` sums the row-parallel
-    /// products (NCCL on the device when the ranks are GPUs).
+    /// This rank's share of the model on `gpu`; `progress` hears of each
+    /// tensor. `comm` sums the row-parallel products. The KV cache comes
+    /// after ([`alloc_cache`](Self::alloc_cache)), sized from what is left.
     pub fn load(
         gpu: Arc<Gpu>,
         cfg: ModelConfig,
         source: &Source<'_>,
         comm: Arc<dyn Communicator>,
-        num_blocks: usize,
-        block_size: usize,
+        progress: &mut dyn FnMut(&str),
     ) -> Result<Self> {
         let plan = TpPlan::new(
             Shard {
@@ -169,6 +172,7 @@ impl<T: Elem> CudaLlama<T> {
             whole: plan.world == 1,
             seed: 0,
             bytes: 0,
+            progress,
             _t: std::marker::PhantomData,
         };
         let embed = up.tensor(
@@ -239,15 +243,6 @@ impl<T: Elem> CudaLlama<T> {
         let weight_bytes = up.bytes;
         let rope = Rope::new(hd, cfg.context_length, cfg.rope_theta, cfg.rope_style);
         let (cos, sin) = rope.tables();
-        let kv_width = plan.kv_heads.len() * hd;
-        let cache = (0..cfg.num_layers)
-            .map(|_| {
-                Ok((
-                    gpu.zeros::<T>(num_blocks * block_size * kv_width)?,
-                    gpu.zeros::<T>(num_blocks * block_size * kv_width)?,
-                ))
-            })
-            .collect::<Result<Vec<_>>>()?;
         Ok(Self {
             cos: gpu.upload(cos)?,
             sin: gpu.upload(sin)?,
@@ -261,11 +256,30 @@ impl<T: Elem> CudaLlama<T> {
             layers,
             norm,
             lm_head,
-            cache,
-            num_blocks,
-            block_size,
+            cache: Vec::new(),
+            num_blocks: 0,
+            block_size: 1,
             weight_bytes,
         })
+    }
+
+    /// The paged KV cache: `num_blocks` blocks of `block_size` tokens per
+    /// layer, keys and values in T.
+    pub fn alloc_cache(&mut self, num_blocks: usize, block_size: usize) -> Result<()> {
+        let width = self.plan.kv_heads.len() * self.cfg.head_dim;
+        let n = num_blocks * block_size * width;
+        self.cache.clear();
+        for _ in 0..self.cfg.num_layers {
+            self.cache
+                .push((self.gpu.zeros::<T>(n)?, self.gpu.zeros::<T>(n)?));
+        }
+        self.num_blocks = num_blocks;
+        self.block_size = block_size;
+        Ok(())
+    }
+
+    pub fn plan(&self) -> &TpPlan {
+        &self.plan
     }
 
     pub fn config(&self) -> &ModelConfig {
@@ -400,5 +414,62 @@ impl<T: Elem> CudaLlama<T> {
             at += count;
         }
         Ok(out)
+    }
+}
+
+/// The model on a GPU, in the type `--dtype` names.
+pub enum CudaModel {
+    Bf16(CudaLlama<half::bf16>),
+    F16(CudaLlama<half::f16>),
+}
+
+macro_rules! each {
+    ($self:expr, $m:ident => $e:expr) => {
+        match $self {
+            CudaModel::Bf16($m) => $e,
+            CudaModel::F16($m) => $e,
+        }
+    };
+}
+
+impl CudaModel {
+    pub fn load(
+        gpu: Arc<Gpu>,
+        cfg: ModelConfig,
+        store: &WeightStore,
+        comm: Arc<dyn Communicator>,
+        dtype: WeightDtype,
+        progress: &mut dyn FnMut(&str),
+    ) -> Result<Self> {
+        let source = Source::Store(store);
+        Ok(match dtype {
+            WeightDtype::Bf16 => Self::Bf16(CudaLlama::load(gpu, cfg, &source, comm, progress)?),
+            WeightDtype::F16 => Self::F16(CudaLlama::load(gpu, cfg, &source, comm, progress)?),
+            WeightDtype::F32 => {
+                return Err(WorkerError::Config(
+                    "--device cuda holds weights in bf16 or f16: pass --dtype bf16 (or f16)".into(),
+                ));
+            }
+        })
+    }
+
+    pub fn alloc_cache(&mut self, num_blocks: usize, block_size: usize) -> Result<()> {
+        each!(self, m => m.alloc_cache(num_blocks, block_size))
+    }
+
+    pub fn forward(&mut self, seqs: &[SeqInput<'_>], which: LogitsFor) -> Result<Vec<Vec<f32>>> {
+        each!(self, m => m.forward(seqs, which))
+    }
+
+    pub fn config(&self) -> &ModelConfig {
+        each!(self, m => m.config())
+    }
+
+    pub fn plan(&self) -> &TpPlan {
+        each!(self, m => m.plan())
+    }
+
+    pub fn weight_bytes(&self) -> usize {
+        each!(self, m => m.weight_bytes())
     }
 }

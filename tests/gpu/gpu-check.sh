@@ -1,0 +1,69 @@
+#!/usr/bin/env bash
+# The CUDA backend's check, for a machine with one NVIDIA GPU and no Rust
+# toolchain. Build the binary where Rust is, strip it (about 20 MB), copy it
+# over with this repository:
+#
+#   NVCC=… CUDA_COMPUTE_CAP=90 cargo build --release --features cuda --bin aquila
+#   strip -o aquila-cuda target/release/aquila
+#   tests/gpu/gpu-check.sh [./aquila-cuda]          # on the GPU machine
+#
+# It runs `aquila gpu-check` (kernels against f64 references, the tiny preset
+# on CPU and GPU, an Aquila-7B-shaped model's prefill and decode speed and the
+# bandwidth roofline) and then the same shapes through PyTorch + transformers
+# as the peer (skipped with a message where they are missing). CUDA's and
+# NCCL's libraries come from the driver and, where they are pip wheels, from
+# Python's site-packages. Prints a table last; about 5 minutes on an H100.
+set -uo pipefail
+cd "$(dirname "$0")/../.."
+bin="${1:-${AQUILA_BIN:-./aquila-cuda}}"
+out="${OUT:-$(mktemp -d)}"
+py="${PYTHON:-python3}"
+[ -x "$bin" ] || { echo "no binary at $bin (see the top of $0)"; exit 2; }
+
+# cuBLAS and NCCL from pip wheels (nvidia-cublas, nvidia-nccl-cu13...), if any.
+libs=$("$py" - <<'PY' 2>/dev/null
+import glob, os, site
+dirs = set()
+for sp in site.getsitepackages() + [site.getusersitepackages()]:
+    for lib in glob.glob(os.path.join(sp, "nvidia", "**", "lib"), recursive=True):
+        if glob.glob(os.path.join(lib, "lib*.so*")):
+            dirs.add(lib)
+print(":".join(sorted(dirs)))
+PY
+)
+export LD_LIBRARY_PATH="${libs}${LD_LIBRARY_PATH:+:$LD_LIBRARY_PATH}"
+nvidia-smi --query-gpu=name,driver_version,memory.total --format=csv,noheader 2>/dev/null
+
+echo "==> aquila gpu-check"
+timeout 300 "$bin" gpu-check --json "$out/aquila.json" | tee "$out/aquila.md"
+status=${PIPESTATUS[0]}
+
+echo "==> peer: transformers LlamaForCausalLM, bf16, same shapes"
+timeout 180 "$py" tests/gpu/peer_transformers.py | tee "$out/peer.jsonl"
+
+"$py" - "$out/aquila.json" "$out/peer.jsonl" <<'PY'
+import json, re, sys
+rows = json.load(open(sys.argv[1])) if open(sys.argv[1]).read().strip() else []
+peer = {}
+for line in open(sys.argv[2]):
+    try:
+        r = json.loads(line)
+    except ValueError:
+        continue
+    if "skipped" in r:
+        print(f"\npeer skipped: {r['skipped']}")
+    elif "tokens_per_s" in r:
+        peer[r["what"]] = r["tokens_per_s"]
+print("\n| measurement | aquila | transformers | aquila ÷ transformers |")
+print("| --- | --- | --- | --- |")
+for r in rows:
+    if r["part"] != "aquila-7b":
+        continue
+    ours = re.match(r"([\d.]+) tokens/s", r["value"])
+    theirs = peer.get(r["what"])
+    ratio = f"{float(ours.group(1)) / theirs:.1f}×" if ours and theirs else ""
+    print(f"| {r['what']} | {r['value']} | {f'{theirs:.0f} tokens/s' if theirs else ''} | {ratio} |")
+failed = [r for r in rows if r.get("pass") is False]
+print(f"\ncomparisons: {sum(r.get('pass') is True for r in rows)} passed, {len(failed)} failed")
+PY
+exit "$status"

@@ -1,0 +1,165 @@
+//! What runs the model's steps: the CPU engine (`model::Llama`, its paged KV
+//! pool in host memory) or, with `--device cuda`, the model on a GPU with
+//! its pool in device memory (`gpu::cuda`). The engine and the
+//! tensor-parallel followers drive either one through `Backend::forward`,
+//! with the same inputs and the same block tables.
+
+use std::path::Path;
+use std::sync::Arc;
+
+use crate::comm::Communicator;
+use crate::config::ModelConfig;
+use crate::error::Result;
+use crate::kv::{KvDtype, PagedKv};
+use crate::loader::{self, LoadOptions, Loaded};
+use crate::model::{Llama, LogitsFor, SeqInput, TpPlan};
+
+/// Where the model runs (`--device`).
+#[derive(Debug, Clone, Copy, PartialEq, Eq, clap::ValueEnum)]
+pub enum Device {
+    Cpu,
+    /// An NVIDIA GPU (a worker built with `--features cuda`); rank r of a
+    /// tensor-parallel group uses GPU r.
+    Cuda,
+}
+
+/// A loaded model, before its KV cache exists.
+// One per worker, moved a few times: the variants' sizes do not matter.
+#[allow(clippy::large_enum_variant)]
+pub enum Model {
+    Cpu(Llama),
+    #[cfg(feature = "cuda")]
+    Cuda(crate::gpu::cuda::model::CudaModel),
+}
+
+/// A model with its KV cache: what runs steps.
+#[allow(clippy::large_enum_variant)]
+pub enum Backend {
+    Cpu {
+        model: Llama,
+        kv: PagedKv,
+    },
+    #[cfg(feature = "cuda")]
+    Cuda(crate::gpu::cuda::model::CudaModel),
+}
+
+/// Loads `path` for `device`; a GPU rank takes GPU `comm.rank()`.
+pub fn load(
+    path: &Path,
+    opts: &LoadOptions,
+    comm: Arc<dyn Communicator>,
+    device: Device,
+) -> Result<Loaded<Model>> {
+    match device {
+        Device::Cpu => Ok(loader::load(path, opts, comm)?.map(Model::Cpu)),
+        #[cfg(feature = "cuda")]
+        Device::Cuda => loader::load_with(path, opts, |cfg, store, progress| {
+            use crate::gpu::cuda::{model::CudaModel, ops::Gpu};
+            let gpu = Arc::new(Gpu::new(comm.rank())?);
+            tracing::info!(gpu = %gpu.name, sms = gpu.sms, "loading the model onto the GPU");
+            let m = CudaModel::load(gpu, cfg, store, comm, opts.dtype, progress)?;
+            let bytes = m.weight_bytes();
+            Ok((Model::Cuda(m), bytes))
+        }),
+        #[cfg(not(feature = "cuda"))]
+        Device::Cuda => Err(crate::error::WorkerError::Config(
+            "--device cuda: this worker was built without the CUDA backend (build with --features cuda)"
+                .into(),
+        )),
+    }
+}
+
+impl Model {
+    pub fn config(&self) -> &ModelConfig {
+        match self {
+            Model::Cpu(m) => m.config(),
+            #[cfg(feature = "cuda")]
+            Model::Cuda(m) => m.config(),
+        }
+    }
+
+    /// This rank's share of the model.
+    pub fn plan(&self) -> &TpPlan {
+        match self {
+            Model::Cpu(m) => m.plan(),
+            #[cfg(feature = "cuda")]
+            Model::Cuda(m) => m.plan(),
+        }
+    }
+
+    /// Bytes one token takes in this rank's KV cache (keys and values, all
+    /// layers, its heads): in `kv_dtype` on the CPU; on a GPU the cache holds
+    /// the weights' 16-bit type.
+    pub fn kv_bytes_per_token(&self, kv_dtype: KvDtype) -> usize {
+        let cfg = self.config();
+        let held = self.plan().kv_heads.len();
+        let elem = match self {
+            Model::Cpu(_) => kv_dtype.size(),
+            #[cfg(feature = "cuda")]
+            Model::Cuda(_) => 2,
+        };
+        2 * cfg.num_layers * held * cfg.head_dim * elem
+    }
+
+    /// What the KV cache holds, for the logs.
+    pub fn kv_label(&self, kv_dtype: KvDtype) -> &'static str {
+        match self {
+            Model::Cpu(_) => kv_dtype.label(),
+            #[cfg(feature = "cuda")]
+            Model::Cuda(m) => match m {
+                crate::gpu::cuda::model::CudaModel::Bf16(_) => "bf16 on the GPU",
+                crate::gpu::cuda::model::CudaModel::F16(_) => "f16 on the GPU",
+            },
+        }
+    }
+
+    /// Allocates the KV cache: `num_blocks` blocks of `block_size` tokens.
+    pub fn into_backend(
+        self,
+        num_blocks: usize,
+        block_size: usize,
+        kv_dtype: KvDtype,
+    ) -> Result<Backend> {
+        Ok(match self {
+            Model::Cpu(model) => Backend::Cpu {
+                kv: model.new_kv_with(num_blocks, block_size, kv_dtype),
+                model,
+            },
+            #[cfg(feature = "cuda")]
+            Model::Cuda(mut m) => {
+                m.alloc_cache(num_blocks, block_size)?;
+                Backend::Cuda(m)
+            }
+        })
+    }
+}
+
+impl Backend {
+    /// One step: per sequence, logits `[n, vocab]` (see `Llama::forward`).
+    pub fn forward(&mut self, seqs: &[SeqInput<'_>], which: LogitsFor) -> Result<Vec<Vec<f32>>> {
+        match self {
+            Backend::Cpu { model, kv } => model.forward(kv, seqs, which),
+            #[cfg(feature = "cuda")]
+            Backend::Cuda(m) => m.forward(seqs, which),
+        }
+    }
+}
+
+#[cfg(all(test, not(feature = "cuda")))]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn cuda_without_the_feature_says_how_to_get_it() {
+        let opts = LoadOptions {
+            dtype: crate::model::WeightDtype::Bf16,
+            name: None,
+            tp_invariant: false,
+        };
+        let comm = Arc::new(crate::comm::SingleRank);
+        let e = load(Path::new("/nonexistent"), &opts, comm, Device::Cuda)
+            .err()
+            .unwrap();
+        assert!(e.to_string().contains("--features cuda"), "{e}");
+    }
+}

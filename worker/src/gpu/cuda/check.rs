@@ -574,7 +574,7 @@ pub fn speed<T: Elem>(gpu: &Arc<Gpu>, report: &mut Report, batches: &[usize]) ->
             per_step * 1e3
         );
         if batch == 1 {
-            let floor = m.weight_bytes() as f64 / bw;
+            let floor = m.step_bytes() as f64 / bw;
             value += &format!(
                 ", {:.0}% of the roofline ({:.2} ms)",
                 100.0 * floor / per_step,

@@ -67,6 +67,9 @@ pub struct CudaLlama<T: Elem> {
     block_size: usize,
     scratch: AttentionScratch,
     weight_bytes: usize,
+    /// Bytes a decode step reads: every weight but the embedding's rows
+    /// (unless the output layer is the embedding).
+    step_bytes: usize,
 }
 
 /// Loads tensors (this rank's slice) into T on the device.
@@ -241,6 +244,8 @@ impl<T: Elem> CudaLlama<T> {
             None
         };
         let weight_bytes = up.bytes;
+        let embed_bytes = plan.vocab.len() * h * std::mem::size_of::<T>();
+        let step_bytes = weight_bytes - if lm_head.is_some() { embed_bytes } else { 0 };
         let rope = Rope::new(hd, cfg.context_length, cfg.rope_theta, cfg.rope_style);
         let (cos, sin) = rope.tables();
         Ok(Self {
@@ -260,6 +265,7 @@ impl<T: Elem> CudaLlama<T> {
             num_blocks: 0,
             block_size: 1,
             weight_bytes,
+            step_bytes,
         })
     }
 
@@ -286,9 +292,15 @@ impl<T: Elem> CudaLlama<T> {
         &self.cfg
     }
 
-    /// Bytes of weights on this rank's GPU (read once per decode step).
+    /// Bytes of weights on this rank's GPU.
     pub fn weight_bytes(&self) -> usize {
         self.weight_bytes
+    }
+
+    /// Bytes of weights one decode step reads (the embedding table only
+    /// where it is also the output layer): the bandwidth floor's numerator.
+    pub fn step_bytes(&self) -> usize {
+        self.step_bytes
     }
 
     pub fn gpu(&self) -> &Arc<Gpu> {

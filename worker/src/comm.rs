@@ -24,6 +24,14 @@ pub trait Communicator: Send + Sync {
     /// Copies `buf` from rank `root` to every rank.
     fn broadcast(&self, buf: &mut Vec<u8>, root: usize) -> Result<()>;
     fn barrier(&self) -> Result<()>;
+    /// Sums a buffer in GPU memory across ranks, in place and on the device,
+    /// enqueued on the GPU's default stream. Only a communicator of GPUs
+    /// (NCCL) can; the others answer None and the caller goes through host
+    /// memory.
+    #[cfg(feature = "cuda")]
+    fn all_reduce_device(&self, _buf: &mut cudarc::driver::CudaSlice<f32>) -> Option<Result<()>> {
+        None
+    }
 }
 
 /// The group of one: every collective is the identity.
@@ -87,6 +95,11 @@ impl Communicator for Timed {
     }
     fn all_gather(&self, local: &[f32]) -> Result<Vec<f32>> {
         self.time(|| self.inner.all_gather(local))
+    }
+    /// Host time of enqueueing: the GPU's time shows in the step's.
+    #[cfg(feature = "cuda")]
+    fn all_reduce_device(&self, buf: &mut cudarc::driver::CudaSlice<f32>) -> Option<Result<()>> {
+        self.time(|| self.inner.all_reduce_device(buf))
     }
     fn broadcast(&self, buf: &mut Vec<u8>, root: usize) -> Result<()> {
         self.inner.broadcast(buf, root)

@@ -327,24 +327,30 @@ impl Engine {
         }
     }
 
+    /// Runs a step, records it, then sends its tokens: a client that has
+    /// its last token finds the step in the metrics already.
     fn step(&mut self, plan: &StepPlan) {
         let started = Instant::now();
-        self.run_step(plan);
+        let sampled = self.run_step(plan);
         let tokens = plan.seqs.iter().map(|s| s.len).sum();
         let prefill = plan.seqs.iter().any(|s| s.len > 1);
         let tp = self.control.is_some();
         self.metrics
             .step(tokens, plan.seqs.len(), prefill, started.elapsed(), tp);
+        for (id, token) in sampled {
+            self.deliver(id, token);
+        }
     }
 
-    fn run_step(&mut self, plan: &StepPlan) {
+    /// The step's forward pass and sampling: the tokens to deliver.
+    fn run_step(&mut self, plan: &StepPlan) -> Vec<(SeqId, Token)> {
         // The plan comes straight from the scheduler, so every sequence in
         // it exists; inputs stay index-aligned with `plan.seqs`.
         let mut inputs = Vec::with_capacity(plan.seqs.len());
         for s in &plan.seqs {
             let Some(seq) = self.scheduler.seq(s.id) else {
                 tracing::error!(seq = s.id, "scheduled sequence is gone; skipping the step");
-                return;
+                return Vec::new();
             };
             inputs.push(SeqInput {
                 tokens: &seq.tokens[s.start..s.start + s.len],
@@ -354,7 +360,8 @@ impl Engine {
         }
         if let Err(e) = self.send_control(&Control::step(&inputs)) {
             drop(inputs);
-            return self.fail(e);
+            self.fail(e);
+            return Vec::new();
         }
         // A panic in model code fails this step's requests, not the engine.
         let backend = &mut self.backend;
@@ -366,7 +373,10 @@ impl Engine {
         let logits = match result {
             Ok(l) => l,
             // A rank failed during the step: the group is broken.
-            Err(e @ WorkerError::Comm(_)) => return self.fail(e),
+            Err(e @ WorkerError::Comm(_)) => {
+                self.fail(e);
+                return Vec::new();
+            }
             Err(e) => {
                 tracing::error!(error = %e, "step failed; failing its requests");
                 for s in &plan.seqs {
@@ -379,7 +389,7 @@ impl Engine {
                     }
                     self.remove(s.id);
                 }
-                return;
+                return Vec::new();
             }
         };
         let now = Instant::now();
@@ -396,9 +406,7 @@ impl Engine {
         }
         let ids: Vec<(SeqId, u32)> = sampled.iter().map(|(id, t)| (*id, t.id)).collect();
         self.scheduler.complete(plan, &ids);
-        for (id, token) in sampled {
-            self.deliver(id, token);
-        }
+        sampled
     }
 
     fn send_control(&self, msg: &Control) -> Result<()> {

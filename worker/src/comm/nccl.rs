@@ -5,8 +5,8 @@
 //! without them; on a machine without them `NcclComm::new` is an error, not
 //! a crash.
 //!
-//! Until the model runs on the GPU (the CUDA issue), the trait's host
-//! buffers are staged through device memory around each collective.
+//! The trait's host-buffer collectives are staged through device memory;
+//! the GPU model sums its device buffers in place (`all_reduce_device`).
 
 use std::sync::Arc;
 
@@ -139,6 +139,17 @@ impl Communicator for NcclComm {
 
     fn barrier(&self) -> Result<()> {
         self.all_reduce_sum(&mut [0.0])
+    }
+
+    /// On the context's default stream, which the GPU model's kernels use
+    /// too (both are the device's primary context): no copy, no host wait.
+    fn all_reduce_device(&self, buf: &mut cudarc::driver::CudaSlice<f32>) -> Option<Result<()>> {
+        Some(
+            self.comm
+                .all_reduce_in_place(buf, &ReduceOp::Sum)
+                .map(|_| ())
+                .map_err(|e| nccl_err("all-reduce", e)),
+        )
     }
 }
 

@@ -307,11 +307,14 @@ impl<T: Elem> CudaLlama<T> {
         &self.gpu
     }
 
-    /// Sums `buf` over the ranks, through the communicator's host buffers
-    /// (device-to-device NCCL for this path is still to come).
+    /// Sums `buf` over the ranks: in place on the device through NCCL,
+    /// else (a CPU communicator) through host memory.
     fn all_reduce(&self, buf: &mut CudaSlice<f32>) -> Result<()> {
         if self.plan.world == 1 {
             return Ok(());
+        }
+        if let Some(done) = self.comm.all_reduce_device(buf) {
+            return done;
         }
         let mut host = self.gpu.download(buf)?;
         self.comm.all_reduce_sum(&mut host)?;

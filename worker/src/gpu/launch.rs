@@ -66,7 +66,7 @@ pub fn attention_plan(
             "head_dim = {head_dim}: the CUDA attention kernel needs a multiple of 32 up to {MAX_HEAD_DIM}"
         )));
     }
-    if rows == 0 || heads == 0 || max_keys == 0 {
+    if rows == 0 || heads == 0 || max_keys == 0 || heads > 65535 {
         return Err(WorkerError::Config(format!(
             "attention over {rows} rows, {heads} heads, {max_keys} keys"
         )));
@@ -84,12 +84,13 @@ pub fn attention_plan(
     Ok(AttentionPlan {
         partition,
         max_splits,
+        // Rows in x, whose limit is 2³¹ − 1 blocks (y and z stop at 65535).
         launch: Launch {
-            grid: (heads as u32, rows as u32, max_splits as u32),
+            grid: (rows as u32, heads as u32, max_splits as u32),
             block: ATTENTION_THREADS,
         },
         merge: Launch {
-            grid: (heads as u32, rows as u32, 1),
+            grid: (rows as u32, heads as u32, 1),
             block: (head_dim.div_ceil(32) * 32) as u32,
         },
     })
@@ -201,7 +202,7 @@ mod tests {
             assert!(p.partition * (p.max_splits - 1) < keys);
             assert_eq!(
                 p.launch.grid,
-                (heads as u32, rows as u32, p.max_splits as u32)
+                (rows as u32, heads as u32, p.max_splits as u32)
             );
             assert!((64..=1024).contains(&p.partition));
             assert_eq!(p.merge.block, 128);

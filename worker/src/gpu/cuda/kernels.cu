@@ -124,7 +124,7 @@ __device__ void kv_write(const float* k, const float* v, const uint32_t* slots, 
 // ---- paged attention ------------------------------------------------------------
 // Every query row (a decode token, or one token of a prefill chunk) attends
 // the keys at positions 0..=row_pos[r] of its sequence (causal), read in place
-// from the paged cache: no gather, no score matrix. Grid (heads, rows,
+// from the paged cache: no gather, no score matrix. Grid (rows, heads,
 // splits): split z covers keys [z·partition, (z+1)·partition), so a long
 // context is spread over many blocks; each block's warps take every
 // (blockDim/32)-th key with an online softmax, merge in shared memory, and
@@ -140,7 +140,7 @@ __device__ void attention(const float* q, const T* cache_k, const T* cache_v,
                           const uint32_t* tables, int table_stride, int heads, int kv_heads,
                           int head_dim, int block_size, int partition, int max_splits,
                           float scale, float* part_m, float* part_l, float* part_acc) {
-    const int h = blockIdx.x, r = blockIdx.y, split = blockIdx.z;
+    const int r = blockIdx.x, h = blockIdx.y, split = blockIdx.z;
     const int keys = (int)row_pos[r] + 1;
     const int k0 = split * partition;
     if (k0 >= keys) return;
@@ -202,12 +202,12 @@ __device__ void attention(const float* q, const T* cache_k, const T* cache_v,
 }
 
 // Combines a row's splits: out = Σ e^(m_s − M) acc_s / Σ e^(m_s − M) l_s.
-// Grid (heads, rows), head_dim threads (rounded up to a warp).
+// Grid (rows, heads), head_dim threads (rounded up to a warp).
 template <typename T>
 __device__ void attention_merge(const float* part_m, const float* part_l, const float* part_acc,
                                 const uint32_t* row_pos, int heads, int head_dim, int partition,
                                 int max_splits, T* out) {
-    const int h = blockIdx.x, r = blockIdx.y;
+    const int r = blockIdx.x, h = blockIdx.y;
     const int splits = ((int)row_pos[r] + partition) / partition;
     const size_t at = ((size_t)r * heads + h) * max_splits;
     float mx = -INFINITY;

@@ -530,3 +530,46 @@ impl AttentionScratch {
         Ok(())
     }
 }
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    /// Without a GPU (CI), opening one says what is missing instead of
+    /// crashing; with one, a product through cuBLAS and a kernel run.
+    #[test]
+    fn a_gpu_or_a_clear_error() {
+        match Gpu::new(0) {
+            Err(e) => {
+                assert!(!available(), "CUDA is loadable, yet: {e}");
+                assert!(e.to_string().contains("NVIDIA driver (libcuda)"), "{e}");
+            }
+            Ok(gpu) => {
+                // [1, 2] · [[1, 2], [3, 4]]ᵀ = [5, 11]
+                let x = gpu
+                    .upload(&[half::bf16::from_f32(1.0), half::bf16::from_f32(2.0)])
+                    .unwrap();
+                let w: Vec<half::bf16> = [1.0f32, 2.0, 3.0, 4.0].map(half::bf16::from_f32).to_vec();
+                let w = gpu.upload(&w).unwrap();
+                let mut y = gpu.zeros::<f32>(2).unwrap();
+                gpu.gemm(&x, &w, 1, 2, 2, &mut y).unwrap();
+                assert_eq!(gpu.download(&y).unwrap(), [5.0, 11.0]);
+                let g = gpu.upload(&[0.0f32, 1.0]).unwrap();
+                let u = gpu.upload(&[3.0f32, 2.0]).unwrap();
+                let mut out = gpu.zeros::<half::bf16>(2).unwrap();
+                gpu.silu_mul(&g, &u, 2, &mut out).unwrap();
+                let out: Vec<f32> = gpu
+                    .download(&out)
+                    .unwrap()
+                    .iter()
+                    .map(|v| v.to_f32())
+                    .collect();
+                assert_eq!(out[0], 0.0);
+                assert!(
+                    (out[1] - 2.0 / (1.0 + (-1.0f32).exp())).abs() < 1e-2,
+                    "{out:?}"
+                );
+            }
+        }
+    }
+}

@@ -38,6 +38,50 @@ struct Layer<T> {
     down: CudaSlice<T>,
 }
 
+/// A step's activations. Every kernel and product overwrites its output
+/// whole, so the buffers are reused as they are while steps keep the same
+/// (tokens, logit rows): a decode batch of a steady size allocates nothing.
+struct Workspace<T> {
+    step: (usize, usize),
+    x: CudaSlice<f32>,
+    xn: CudaSlice<T>,
+    q: CudaSlice<f32>,
+    k: CudaSlice<f32>,
+    v: CudaSlice<f32>,
+    attn: CudaSlice<T>,
+    o: CudaSlice<f32>,
+    g: CudaSlice<f32>,
+    u: CudaSlice<f32>,
+    gu: CudaSlice<T>,
+    down: CudaSlice<f32>,
+    xf: CudaSlice<T>,
+    logits: CudaSlice<f32>,
+}
+
+impl<T: Elem> Workspace<T> {
+    /// For `(tokens, logit rows)` and widths `[hidden, q, kv, mlp, vocab held]`.
+    fn new(gpu: &Gpu, step: (usize, usize), widths: [usize; 5]) -> Result<Self> {
+        let (n, rows) = step;
+        let [h, qd, kvd, inter, held] = widths;
+        Ok(Self {
+            step,
+            x: gpu.zeros(n * h)?,
+            xn: gpu.zeros(n * h)?,
+            q: gpu.zeros(n * qd)?,
+            k: gpu.zeros(n * kvd)?,
+            v: gpu.zeros(n * kvd)?,
+            attn: gpu.zeros(n * qd)?,
+            o: gpu.zeros(n * h)?,
+            g: gpu.zeros(n * inter)?,
+            u: gpu.zeros(n * inter)?,
+            gu: gpu.zeros(n * inter)?,
+            down: gpu.zeros(n * h)?,
+            xf: gpu.zeros(rows * h)?,
+            logits: gpu.zeros(rows * held)?,
+        })
+    }
+}
+
 /// Where the weights come from.
 pub enum Source<'a> {
     /// A checkpoint (any format the CPU engine reads; GGUF quantized
@@ -66,6 +110,8 @@ pub struct CudaLlama<T: Elem> {
     num_blocks: usize,
     block_size: usize,
     scratch: AttentionScratch,
+    /// The last step's buffers, reused while steps keep its shape.
+    workspace: Option<Workspace<T>>,
     weight_bytes: usize,
     /// Bytes a decode step reads: every weight but the embedding's rows
     /// (unless the output layer is the embedding).
@@ -262,6 +308,7 @@ impl<T: Elem> CudaLlama<T> {
             norm,
             lm_head,
             cache: Vec::new(),
+            workspace: None,
             num_blocks: 0,
             block_size: 1,
             weight_bytes,
@@ -342,20 +389,30 @@ impl<T: Elem> CudaLlama<T> {
         let plan = attention_plan(n, heads, hd, ix.max_keys, gpu.sms)?;
         let eps = cfg.rms_norm_eps as f32;
 
-        let mut x = gpu.zeros::<f32>(n * h)?;
+        let held = self.plan.vocab.len();
+        let step = (n, d.logit_count);
+        let ws = match self.workspace.take() {
+            Some(ws) if ws.step == step => ws,
+            _ => Workspace::new(&gpu, step, [h, qd, kvd, inter, held])?,
+        };
+        let Workspace {
+            mut x,
+            mut xn,
+            mut q,
+            mut k,
+            mut v,
+            mut attn,
+            mut o,
+            mut g,
+            mut u,
+            mut gu,
+            mut down,
+            mut xf,
+            mut logits,
+            ..
+        } = ws;
         gpu.embedding(&d.ids, n, &self.embed, self.plan.vocab.clone(), h, &mut x)?;
         self.all_reduce(&mut x)?;
-        let mut xn = gpu.zeros::<T>(n * h)?;
-        let (mut q, mut k, mut v) = (
-            gpu.zeros::<f32>(n * qd)?,
-            gpu.zeros::<f32>(n * kvd)?,
-            gpu.zeros::<f32>(n * kvd)?,
-        );
-        let mut attn = gpu.zeros::<T>(n * qd)?;
-        let mut o = gpu.zeros::<f32>(n * h)?;
-        let (mut g, mut u) = (gpu.zeros::<f32>(n * inter)?, gpu.zeros::<f32>(n * inter)?);
-        let mut gu = gpu.zeros::<T>(n * inter)?;
-        let mut down = gpu.zeros::<f32>(n * h)?;
         for (l, layer) in self.layers.iter().enumerate() {
             // The previous layer's MLP output joins the residual here.
             let delta = (l > 0).then_some(&down);
@@ -398,7 +455,6 @@ impl<T: Elem> CudaLlama<T> {
         // The last MLP output joins the residual in the final norm, for the
         // rows whose logits are wanted.
         let rows = d.logit_count;
-        let mut xf = gpu.zeros::<T>(rows * h)?;
         let delta = (!self.layers.is_empty()).then_some(&down);
         gpu.rms_norm(
             &mut x,
@@ -410,11 +466,25 @@ impl<T: Elem> CudaLlama<T> {
             h,
             &mut xf,
         )?;
-        let held = self.plan.vocab.len();
-        let mut logits = gpu.zeros::<f32>(rows * held)?;
         let head = self.lm_head.as_ref().unwrap_or(&self.embed);
         gpu.gemm(&xf, head, rows, h, held, &mut logits)?;
         let local = gpu.download(&logits)?;
+        self.workspace = Some(Workspace {
+            step,
+            x,
+            xn,
+            q,
+            k,
+            v,
+            attn,
+            o,
+            g,
+            u,
+            gu,
+            down,
+            xf,
+            logits,
+        });
         let logits = gather_vocab(&*self.comm, &self.plan, cfg.vocab_size, local, rows)?;
         let vocab = cfg.vocab_size;
         let mut out = Vec::with_capacity(seqs.len());

@@ -31,7 +31,20 @@ for sp in site.getsitepackages() + [site.getusersitepackages()]:
 print(":".join(sorted(dirs)))
 PY
 )
-export LD_LIBRARY_PATH="${libs}${LD_LIBRARY_PATH:+:$LD_LIBRARY_PATH}"
+# The loader (cudarc) asks for libNAME.so or a few CUDA-versioned names, not
+# NCCL's libnccl.so.2 nor CUDA 13's .so.13: give every wheel library an
+# unversioned name too.
+links="$out/lib"
+mkdir -p "$links"
+for dir in ${libs//:/ }; do
+    for f in "$dir"/lib*.so.*; do
+        [ -e "$f" ] || continue
+        name=$(basename "$f")
+        name=${name%%.so.*}
+        [ -e "$links/$name.so" ] || ln -s "$f" "$links/$name.so"
+    done
+done
+export LD_LIBRARY_PATH="$links${libs:+:$libs}${LD_LIBRARY_PATH:+:$LD_LIBRARY_PATH}"
 nvidia-smi --query-gpu=name,driver_version,memory.total --format=csv,noheader 2>/dev/null
 
 echo "==> aquila gpu-check"

@@ -44,7 +44,9 @@ impl NcclComm {
     pub fn new(control: &TcpComm, device: usize) -> Result<Self> {
         if !available() {
             return Err(WorkerError::Comm(
-                "NCCL needs the CUDA driver and libnccl, and this machine has neither loadable"
+                "NCCL needs the CUDA driver and libnccl, and this machine has neither loadable \
+                 (they are looked up as libcuda.so.1 and libnccl.so: link libnccl.so.2 as \
+                 libnccl.so on LD_LIBRARY_PATH if that is the name it has)"
                     .into(),
             ));
         }

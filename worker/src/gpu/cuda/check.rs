@@ -586,7 +586,9 @@ pub fn speed<T: Elem>(gpu: &Arc<Gpu>, report: &mut Report, batches: &[usize]) ->
     Ok(())
 }
 
-/// Runs every part on GPU 0 and returns the report.
+/// Runs every part on GPU 0 and returns the report. A part that stops
+/// with an error is a failed row with the error, and the next part runs:
+/// one run on a borrowed GPU should say as much as it can.
 pub fn run(skip_speed: bool, batches: &[usize]) -> Result<Report> {
     let gpu = Arc::new(Gpu::new(0)?);
     let mut report = Report::default();
@@ -595,12 +597,43 @@ pub fn run(skip_speed: bool, batches: &[usize]) -> Result<Report> {
         "GPU".into(),
         format!("{} ({} SMs)", gpu.name, gpu.sms),
     );
-    kernels::<bf16>(&gpu, &mut report)?;
-    kernels::<f16>(&gpu, &mut report)?;
-    tiny::<bf16>(&gpu, &mut report)?;
-    tiny::<f16>(&gpu, &mut report)?;
+    type Part<'a> = (&'static str, Box<dyn Fn(&mut Report) -> Result<()> + 'a>);
+    let mut parts: Vec<Part<'_>> = vec![
+        ("kernels bf16", Box::new(|r| kernels::<bf16>(&gpu, r))),
+        ("kernels f16", Box::new(|r| kernels::<f16>(&gpu, r))),
+        ("tiny bf16", Box::new(|r| tiny::<bf16>(&gpu, r))),
+        ("tiny f16", Box::new(|r| tiny::<f16>(&gpu, r))),
+    ];
     if !skip_speed {
-        speed::<bf16>(&gpu, &mut report, batches)?;
+        parts.push((
+            "aquila-7b bf16",
+            Box::new(|r| speed::<bf16>(&gpu, r, batches)),
+        ));
+    }
+    for (name, part) in parts {
+        let started = Instant::now();
+        eprintln!("gpu-check: {name}...");
+        let outcome = std::panic::catch_unwind(std::panic::AssertUnwindSafe(|| part(&mut report)));
+        let error = match outcome {
+            Ok(Ok(())) => None,
+            Ok(Err(e)) => Some(e.to_string()),
+            Err(p) => Some(format!(
+                "panicked: {}",
+                p.downcast_ref::<String>().map_or("?", |s| s.as_str())
+            )),
+        };
+        if let Some(value) = error {
+            report.rows.push(Row {
+                part: "error",
+                what: name.to_string(),
+                value,
+                pass: Some(false),
+            });
+        }
+        eprintln!(
+            "gpu-check: {name} done in {:.1} s",
+            started.elapsed().as_secs_f64()
+        );
     }
     Ok(report)
 }

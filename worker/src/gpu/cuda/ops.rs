@@ -98,7 +98,9 @@ impl Gpu {
     pub fn new(ordinal: usize) -> Result<Self> {
         if !available() {
             return Err(WorkerError::Config(
-                "--device cuda needs the NVIDIA driver (libcuda) and cuBLAS, and neither loads here"
+                "--device cuda needs the NVIDIA driver (libcuda) and cuBLAS, and neither loads \
+                 here (they are looked up as libcuda.so.1 and libcublas.so or libcublas.so.12: \
+                 link another version's file under that name on LD_LIBRARY_PATH)"
                     .into(),
             ));
         }

@@ -229,14 +229,19 @@ fn tools() -> Option<Tools> {
 }
 
 impl Tools {
-    /// `helm template` with `--set` values: the YAML, or helm's error.
+    /// `helm template` with `--set` values (`@FILE`: a values file of the
+    /// chart): the YAML, or helm's error.
     fn template(&self, values: &[&str]) -> Result<String, String> {
+        let chart = repo().join("deploy/helm/aquila-serve");
         let mut cmd = Command::new(&self.helm);
         cmd.args(["template", RELEASE])
-            .arg(repo().join("deploy/helm/aquila-serve"))
+            .arg(&chart)
             .args(["--namespace", NAMESPACE]);
         for v in values {
-            cmd.args(["--set", v]);
+            match v.strip_prefix('@') {
+                Some(file) => cmd.arg("-f").arg(chart.join(file)),
+                None => cmd.args(["--set", v]),
+            };
         }
         let out = cmd.output().expect("run helm");
         if out.status.success() {
@@ -300,6 +305,10 @@ impl Tools {
 /// each one makes.
 const VALUE_SETS: &[(&[&str], &[&str])] = &[
     (&[], &[]),
+    (
+        &["@values-aquila-7b-gpu.yaml"],
+        &["PodMonitor", "ServiceMonitor"],
+    ),
     (
         &[
             "worker.device=cuda",

@@ -396,7 +396,23 @@ pub fn tiny<T: Elem>(gpu: &Arc<Gpu>, report: &mut Report) -> Result<()> {
         gpu_tokens.push(next);
         tokens = vec![next];
     }
+    // The same model the way a worker loads it (`--device cuda`): the
+    // loader, the KV cache sized apart, the engine's Backend.
+    let served = served_greedy(&dir, &opts, &prompt, n)?;
     let _ = std::fs::remove_dir_all(&dir);
+    report.rows.push(Row {
+        part: "tiny",
+        what: format!(
+            "greedy {n} tokens through --device cuda's Backend ({})",
+            T::SUFFIX
+        ),
+        value: if served == gpu_tokens {
+            "identical to the GPU model's".into()
+        } else {
+            format!("{served:?} vs {gpu_tokens:?}")
+        },
+        pass: Some(served == gpu_tokens),
+    });
     let same = gpu_tokens == cpu_tokens;
     report.rows.push(Row {
         part: "tiny",
@@ -430,6 +446,34 @@ pub fn tiny<T: Elem>(gpu: &Arc<Gpu>, report: &mut Report) -> Result<()> {
         tolerance::<T>(),
     );
     Ok(())
+}
+
+fn served_greedy(
+    dir: &std::path::Path,
+    opts: &crate::loader::LoadOptions,
+    prompt: &[u32],
+    n: usize,
+) -> Result<Vec<u32>> {
+    use crate::backend::{Device, load};
+    let loaded = load(dir, opts, Arc::new(SingleRank), Device::Cuda)?;
+    let mut backend = loaded.model.into_backend(8, 16, crate::kv::KvDtype::F32)?;
+    let table: Vec<u32> = (0..8).collect();
+    let (mut tokens, mut start, mut out) = (prompt.to_vec(), 0, Vec::new());
+    for _ in 0..n {
+        let logits = backend.forward(
+            &[SeqInput {
+                tokens: &tokens,
+                start,
+                table: &table,
+            }],
+            LogitsFor::Last,
+        )?;
+        let next = crate::sampler::argmax(&logits[0]);
+        start += tokens.len();
+        out.push(next);
+        tokens = vec![next];
+    }
+    Ok(out)
 }
 
 fn greedy_cpu(m: &crate::model::Llama, prompt: &[u32], n: usize) -> Result<(Vec<f32>, Vec<u32>)> {

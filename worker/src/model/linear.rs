@@ -226,6 +226,31 @@ pub struct TpPlan {
 }
 
 impl TpPlan {
+    /// This rank's share of the model `cfg` in the group `comm` belongs to.
+    pub fn of(cfg: &crate::config::ModelConfig, comm: &dyn Communicator) -> Result<Self> {
+        Self::new(
+            Shard {
+                rank: comm.rank(),
+                world_size: comm.world_size(),
+            },
+            cfg.num_heads,
+            cfg.num_kv_heads,
+            cfg.intermediate_size,
+            cfg.vocab_size,
+        )
+    }
+
+    /// The rows this rank holds of the q, of the k and v, and of the gate
+    /// and up projections (head ranges × `head_dim`, MLP columns).
+    pub fn projection_rows(&self, head_dim: usize) -> [Range<usize>; 3] {
+        let by = |r: &Range<usize>| r.start * head_dim..r.end * head_dim;
+        [
+            by(&self.heads),
+            by(&self.kv_heads),
+            self.intermediate.clone(),
+        ]
+    }
+
     pub fn new(
         shard: Shard,
         heads: usize,

@@ -230,24 +230,9 @@ impl Llama {
         progress: &mut dyn FnMut(&str),
     ) -> Result<Self> {
         let dtype = opts.dtype;
-        let shard = Shard {
-            rank: comm.rank(),
-            world_size: comm.world_size(),
-        };
-        let plan = TpPlan::new(
-            shard,
-            cfg.num_heads,
-            cfg.num_kv_heads,
-            cfg.intermediate_size,
-            cfg.vocab_size,
-        )?;
-        let (h, hd) = (cfg.hidden_size, cfg.head_dim);
-        let scale = |r: &Range<usize>, by: usize| r.start * by..r.end * by;
-        let (q, kv, i) = (
-            scale(&plan.heads, hd),
-            scale(&plan.kv_heads, hd),
-            plan.intermediate.clone(),
-        );
+        let plan = TpPlan::of(&cfg, &*comm)?;
+        let h = cfg.hidden_size;
+        let [q, kv, i] = plan.projection_rows(cfg.head_dim);
         let mut ld = Loader {
             store,
             dtype,

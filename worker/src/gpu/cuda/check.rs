@@ -376,26 +376,9 @@ pub fn tiny<T: Elem>(gpu: &Arc<Gpu>, report: &mut Report) -> Result<()> {
     let prompt: Vec<u32> = vec![1, 72, 101, 108, 108, 111, 44, 32, 119, 111, 114, 108, 100];
     let n = 48;
     let (cpu_first, cpu_tokens) = greedy_cpu(&cpu, &prompt, n)?;
-    let table: Vec<u32> = (0..16).collect();
-    let mut tokens = prompt.clone();
-    let mut start = 0;
-    let mut gpu_tokens = Vec::new();
-    let mut gpu_first = None;
-    for _ in 0..n {
-        let logits = gpu_model.forward(
-            &[SeqInput {
-                tokens: &tokens,
-                start,
-                table: &table,
-            }],
-            LogitsFor::Last,
-        )?;
-        let next = crate::sampler::argmax(&logits[0]);
-        gpu_first.get_or_insert(logits[0].clone());
-        start += tokens.len();
-        gpu_tokens.push(next);
-        tokens = vec![next];
-    }
+    let (gpu_first, gpu_tokens) = greedy_steps(&prompt, n, 16, |seqs| {
+        gpu_model.forward(seqs, LogitsFor::Last)
+    })?;
     // The same model the way a worker loads it (`--device cuda`): the
     // loader, the KV cache sized apart, the engine's Backend.
     let served = served_greedy(&dir, &opts, &prompt, n)?;
@@ -438,7 +421,7 @@ pub fn tiny<T: Elem>(gpu: &Arc<Gpu>, report: &mut Report) -> Result<()> {
         pass: Some(same),
     });
     let first: Vec<f64> = cpu_first.iter().map(|&v| v as f64).collect();
-    let err = max_rel_error(gpu_first.as_deref().unwrap_or_default(), &first);
+    let err = max_rel_error(&gpu_first, &first);
     report.compare(
         "tiny",
         format!("first-step logits, CPU vs GPU ({})", T::SUFFIX),
@@ -457,23 +440,36 @@ fn served_greedy(
     use crate::backend::{Device, load};
     let loaded = load(dir, opts, Arc::new(SingleRank), Device::Cuda)?;
     let mut backend = loaded.model.into_backend(8, 16, crate::kv::KvDtype::F32)?;
-    let table: Vec<u32> = (0..8).collect();
-    let (mut tokens, mut start, mut out) = (prompt.to_vec(), 0, Vec::new());
+    let (_, tokens) = greedy_steps(prompt, n, 8, |seqs| backend.forward(seqs, LogitsFor::Last))?;
+    Ok(tokens)
+}
+
+/// Greedy decoding of `n` tokens after `prompt`, one sequence on blocks
+/// `0..blocks`, each step through `forward`: (the first step's logits, the
+/// tokens).
+fn greedy_steps(
+    prompt: &[u32],
+    n: usize,
+    blocks: u32,
+    mut forward: impl FnMut(&[SeqInput<'_>]) -> Result<Vec<Vec<f32>>>,
+) -> Result<(Vec<f32>, Vec<u32>)> {
+    let table: Vec<u32> = (0..blocks).collect();
+    let (mut tokens, mut start) = (prompt.to_vec(), 0);
+    let (mut first, mut out) = (None, Vec::new());
     for _ in 0..n {
-        let logits = backend.forward(
-            &[SeqInput {
-                tokens: &tokens,
-                start,
-                table: &table,
-            }],
-            LogitsFor::Last,
-        )?;
-        let next = crate::sampler::argmax(&logits[0]);
+        let mut logits = forward(&[SeqInput {
+            tokens: &tokens,
+            start,
+            table: &table,
+        }])?;
+        let last = logits.pop().unwrap_or_default();
+        let next = crate::sampler::argmax(&last);
+        first.get_or_insert(last);
         start += tokens.len();
         out.push(next);
         tokens = vec![next];
     }
-    Ok(out)
+    Ok((first.unwrap_or_default(), out))
 }
 
 fn greedy_cpu(m: &crate::model::Llama, prompt: &[u32], n: usize) -> Result<(Vec<f32>, Vec<u32>)> {

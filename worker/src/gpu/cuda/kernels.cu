@@ -232,14 +232,7 @@ __device__ void silu_mul(const float* gate, const float* up, size_t n, T* out) {
     }
 }
 
-// ---- conversions and random weights (the GPU check's model) ----------------------
-template <typename T>
-__device__ void cast_from_f32(const float* x, size_t n, T* out) {
-    for (size_t i = (size_t)blockIdx.x * blockDim.x + threadIdx.x; i < n;
-         i += (size_t)gridDim.x * blockDim.x)
-        out[i] = from_f<T>(x[i]);
-}
-
+// ---- random weights (the GPU check's model) ---------------------------------------
 // out[i] = center + scale · u, u uniform in [-1, 1) from a hash of (seed, i):
 // the same values for a seed on every GPU, with no download.
 __device__ __forceinline__ float uniform(uint64_t seed, uint64_t i) {
@@ -291,9 +284,6 @@ __device__ void fill_random(T* out, size_t n, uint64_t seed, float center, float
     extern "C" __global__ void silu_mul_##S(const float* gate, const float* up, size_t n,       \
                                             T* out) {                                           \
         silu_mul<T>(gate, up, n, out);                                                          \
-    }                                                                                           \
-    extern "C" __global__ void cast_from_f32_##S(const float* x, size_t n, T* out) {            \
-        cast_from_f32<T>(x, n, out);                                                            \
     }                                                                                           \
     extern "C" __global__ void fill_random_##S(T* out, size_t n, uint64_t seed, float center,   \
                                                float scale) {                                   \

@@ -21,9 +21,7 @@ use crate::comm::Communicator;
 use crate::config::ModelConfig;
 use crate::error::{Result, WorkerError};
 use crate::gpu::launch::{attention_plan, step_index};
-use crate::model::{
-    LogitsFor, Rope, SeqInput, Shard, TpPlan, WeightDtype, check_step, gather_vocab,
-};
+use crate::model::{LogitsFor, Rope, SeqInput, TpPlan, WeightDtype, check_step, gather_vocab};
 use crate::weights::{Weight, WeightStore};
 
 struct Layer<T> {
@@ -198,23 +196,9 @@ impl<T: Elem> CudaLlama<T> {
         comm: Arc<dyn Communicator>,
         progress: &mut dyn FnMut(&str),
     ) -> Result<Self> {
-        let plan = TpPlan::new(
-            Shard {
-                rank: comm.rank(),
-                world_size: comm.world_size(),
-            },
-            cfg.num_heads,
-            cfg.num_kv_heads,
-            cfg.intermediate_size,
-            cfg.vocab_size,
-        )?;
+        let plan = TpPlan::of(&cfg, &*comm)?;
         let (h, hd) = (cfg.hidden_size, cfg.head_dim);
-        let by = |r: &Range<usize>, k: usize| r.start * k..r.end * k;
-        let (q, kv, i) = (
-            by(&plan.heads, hd),
-            by(&plan.kv_heads, hd),
-            plan.intermediate.clone(),
-        );
+        let [q, kv, i] = plan.projection_rows(hd);
         let mut up = Uploader::<T> {
             gpu: &gpu,
             source,

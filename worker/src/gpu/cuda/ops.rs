@@ -369,21 +369,6 @@ impl Gpu {
         )
     }
 
-    pub fn cast_from_f32<T: Elem>(
-        &self,
-        x: &CudaSlice<f32>,
-        n: usize,
-        out: &mut CudaSlice<T>,
-    ) -> Result<()> {
-        let n64 = n as u64;
-        launch!(
-            self,
-            format!("cast_from_f32_{}", T::SUFFIX),
-            launch::elementwise(n, self.sms),
-            [x, &n64, out]
-        )
-    }
-
     /// `center + scale · u`, u uniform in [-1, 1) from (seed, index).
     pub fn fill_random<T: Elem>(
         &self,

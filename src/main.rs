@@ -264,6 +264,11 @@ async fn dispatch(cmd: Command) -> Result<()> {
             batch,
             worker,
         } => {
+            if worker.device != aquila_worker::backend::Device::Cpu {
+                anyhow::bail!(
+                    "bench-model measures the CPU engine; on a GPU, `aquila gpu-check` times the model"
+                );
+            }
             let model = match model {
                 Some(m) => m,
                 None => aquila_worker::demo::fetch_demo()?,

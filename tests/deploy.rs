@@ -32,6 +32,8 @@ use aquila_proto::v1::{FinishReason, GenerateRequest};
 use common::{env_or_skip, greedy_params};
 use serde_json::Value;
 use tempfile::TempDir;
+use tonic::Status;
+use tonic::transport::{Certificate, ClientTlsConfig, Endpoint};
 
 const BIN: &str = env!("CARGO_BIN_EXE_aquila");
 /// Where the images put the binary (checked against the Dockerfile).
@@ -631,6 +633,13 @@ impl Pod {
         &cs[0]
     }
 
+    /// Writes Secret files into their volumes, as the kubelet mounts them.
+    fn mount_secrets(&self, files: &[(&str, &str, String)]) {
+        for (volume, file, text) in files {
+            std::fs::write(self.volume(volume).join(file), text).expect("write a secret");
+        }
+    }
+
     fn volume(&self, name: &str) -> PathBuf {
         let dir = self.dir.path().join(name);
         std::fs::create_dir_all(&dir).expect("volume folder");
@@ -1007,30 +1016,49 @@ async fn wait_replicas(admin: &str, want: &[(String, String, bool)]) {
 }
 
 async fn generate(gateway: &str, n: u32) -> Vec<u32> {
-    let mut c = GenerationClient::connect(gateway.to_string())
+    let endpoint = Endpoint::from_shared(gateway.to_string()).expect("a URL");
+    generate_on(endpoint, None, n).await.expect("Generate")
+}
+
+/// `n` greedy tokens through `endpoint`, sending `key` as a bearer token.
+async fn generate_on(endpoint: Endpoint, key: Option<&str>, n: u32) -> Result<Vec<u32>, Status> {
+    let channel = endpoint
+        .connect()
         .await
-        .expect("gateway");
-    let r = c
-        .generate(GenerateRequest {
-            prompt: "The capital of France is".into(),
-            params: Some(greedy_params(n)),
-            ..Default::default()
-        })
-        .await
-        .expect("Generate")
+        .map_err(|e| Status::unavailable(format!("connect: {e:?}")))?;
+    let mut req = tonic::Request::new(GenerateRequest {
+        prompt: "The capital of France is".into(),
+        params: Some(greedy_params(n)),
+        ..Default::default()
+    });
+    if let Some(k) = key {
+        let value = format!("Bearer {k}").parse().expect("a header value");
+        req.metadata_mut().insert("authorization", value);
+    }
+    let r = GenerationClient::new(channel)
+        .generate(req)
+        .await?
         .into_inner();
     assert_eq!(r.finish_reason, FinishReason::Length as i32);
     assert_eq!(r.token_ids.len(), n as usize);
-    r.token_ids
+    Ok(r.token_ids)
 }
 
 /// The gateway Deployment's one pod, started once the workers are in DNS,
 /// and ready: a replica found through DNS is healthy.
-async fn start_gateway(docs: &[Value], cluster: &Cluster, ip: Ipv4Addr) -> Pod {
+/// `secrets` are files (volume, file name, content) the kubelet would have
+/// mounted from Secrets.
+async fn start_gateway(
+    docs: &[Value],
+    cluster: &Cluster,
+    ip: Ipv4Addr,
+    secrets: &[(&str, &str, String)],
+) -> Pod {
     let name = format!("{RELEASE}-aquila-serve-gateway");
     let deploy = find(docs, "Deployment", &name);
     assert_eq!(deploy["spec"]["replicas"], 1);
     let mut gateway = Pod::new(format!("{name}-0"), ip, &deploy["spec"]["template"]);
+    gateway.mount_secrets(secrets);
     gateway.start(cluster);
     gateway.wait_ready().await;
     gateway
@@ -1086,7 +1114,7 @@ async fn the_rendered_manifests_run_as_processes() {
     };
     cluster.set_dns(&dns(&workers.iter().collect::<Vec<_>>()));
 
-    let mut gateway = start_gateway(&docs, &cluster, pod_ip(2)).await;
+    let mut gateway = start_gateway(&docs, &cluster, pod_ip(2), &[]).await;
     let admin = gateway.url(&"admin".into());
     let worker_port = workers[0].port(&"grpc".into());
     let entry = |p: &Pod| (format!("{}:{worker_port}", p.ip), "dns".to_string(), true);
@@ -1207,7 +1235,7 @@ async fn a_leader_worker_set_group_runs_as_processes() {
 
     let fqdn = format!("{name}-headless.{NAMESPACE}.svc.cluster.local");
     cluster.set_dns(&[(leader.ip, leader_address), (leader.ip, fqdn)]);
-    let mut gateway = start_gateway(&docs, &cluster, pod_ip(3)).await;
+    let mut gateway = start_gateway(&docs, &cluster, pod_ip(3), &[]).await;
     let entry = (
         format!("{}:{}", leader.ip, leader.port(&"grpc".into())),
         "dns".to_string(),
@@ -1238,6 +1266,121 @@ async fn a_leader_worker_set_group_runs_as_processes() {
     }
 
     for pod in [&mut gateway, &mut leader] {
+        let status = pod.terminate();
+        assert!(status.success(), "{} exited {status}", pod.name);
+    }
+}
+
+/// TLS on the gateway's port, API keys and mutual TLS to the workers, from
+/// Secrets as the chart mounts them: gRPC probes cannot speak TLS, so the
+/// gateway must pass its HTTP probes and the worker its TCP ones, the
+/// gateway must reach the worker with its client certificate (it is not
+/// ready otherwise), and a client needs the CA and a key.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn tls_and_api_keys_from_secrets_run_as_processes() {
+    use rcgen::{
+        BasicConstraints, CertificateParams, DnType, IsCa, Issuer, KeyPair, KeyUsagePurpose,
+    };
+    let Some(tools) = tools() else { return };
+    let Some(model) = env_or_skip("AQUILA_DEMO_MODEL", "tests/run.sh") else {
+        return;
+    };
+    let docs = tools.render(&[
+        "worker.replicas=1",
+        "worker.threads=1",
+        "worker.kvCacheMib=64",
+        "gateway.replicas=1",
+        "gateway.discoverIntervalMs=200",
+        "tls.enabled=true",
+        "tls.secretName=gateway-tls",
+        "workerTls.enabled=true",
+        "workerTls.secretName=worker-mtls",
+        "auth.apiKeys={key-one,key-two}",
+    ]);
+    // The Secrets: a CA; the gateway's certificate; the workers' one, for
+    // the name the chart makes the gateway check (workerTls.domain), which
+    // both sides present (the gateway as its client certificate).
+    let ca_key = KeyPair::generate().expect("key");
+    let mut ca = CertificateParams::new(Vec::<String>::new()).expect("params");
+    ca.is_ca = IsCa::Ca(BasicConstraints::Unconstrained);
+    ca.distinguished_name.push(DnType::CommonName, "cluster CA");
+    ca.key_usages = vec![
+        KeyUsagePurpose::KeyCertSign,
+        KeyUsagePurpose::DigitalSignature,
+    ];
+    let ca_pem = ca.self_signed(&ca_key).expect("self-sign").pem();
+    let issuer = Issuer::new(ca, ca_key);
+    let leaf = |name: &str| {
+        let key = KeyPair::generate().expect("key");
+        let cert = CertificateParams::new(vec![name.to_string()])
+            .expect("params")
+            .signed_by(&key, &issuer)
+            .expect("sign");
+        (cert.pem(), key.serialize_pem())
+    };
+    let (gateway_crt, gateway_key) = leaf("localhost");
+    let (worker_crt, worker_key) = leaf("aquila-worker");
+    let mtls = |volume| {
+        [
+            (volume, "ca.crt", ca_pem.clone()),
+            (volume, "tls.crt", worker_crt.clone()),
+            (volume, "tls.key", worker_key.clone()),
+        ]
+    };
+    let keys = find(&docs, "Secret", &format!("{RELEASE}-aquila-serve-api-keys"));
+    let keys_file = keys["stringData"]["api-keys"]
+        .as_str()
+        .expect("the keys")
+        .to_string();
+
+    let cluster = Cluster::new(PathBuf::from(model));
+    let worker_name = format!("{RELEASE}-aquila-serve-worker");
+    let sts = find(&docs, "StatefulSet", &worker_name);
+    let mut worker = Pod::new(
+        format!("{worker_name}-0"),
+        pod_ip(30),
+        &sts["spec"]["template"],
+    );
+    worker.mount_secrets(&mtls("worker-tls"));
+    worker.start(&cluster);
+    worker.wait_ready().await;
+    assert!(worker.app()["readinessProbe"].get("tcpSocket").is_some());
+    let fqdn = format!("{worker_name}-headless.{NAMESPACE}.svc.cluster.local");
+    cluster.set_dns(&[(worker.ip, fqdn)]);
+
+    let mut secrets = vec![
+        ("tls", "tls.crt", gateway_crt),
+        ("tls", "tls.key", gateway_key),
+        ("api-keys", "api-keys", keys_file),
+    ];
+    secrets.extend(mtls("worker-tls"));
+    // Ready (HTTP /ready) only once the mutual-TLS worker is healthy.
+    let mut gateway = start_gateway(&docs, &cluster, pod_ip(31), &secrets).await;
+    assert_eq!(gateway.app()["readinessProbe"]["httpGet"]["path"], "/ready");
+
+    let tls = ClientTlsConfig::new()
+        .ca_certificate(Certificate::from_pem(&ca_pem))
+        .domain_name("localhost");
+    let port = gateway.port(&"grpc".into());
+    let endpoint = Endpoint::from_shared(format!("https://{}:{port}", gateway.ip))
+        .expect("a URL")
+        .tls_config(tls)
+        .expect("TLS settings");
+    let tokens = generate_on(endpoint.clone(), Some("key-two"), 8)
+        .await
+        .expect("with a key");
+    assert_eq!(tokens.len(), 8);
+    let refused = generate_on(endpoint, None, 8)
+        .await
+        .expect_err("without a key");
+    assert_eq!(refused.code(), tonic::Code::Unauthenticated, "{refused:?}");
+    let plain = Endpoint::from_shared(format!("http://{}:{port}", gateway.ip)).expect("a URL");
+    assert!(
+        generate_on(plain, Some("key-two"), 8).await.is_err(),
+        "plaintext was served"
+    );
+
+    for pod in [&mut gateway, &mut worker] {
         let status = pod.terminate();
         assert!(status.success(), "{} exited {status}", pod.name);
     }

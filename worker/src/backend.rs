@@ -91,14 +91,14 @@ impl Model {
     /// layers, its heads): in `kv_dtype` on the CPU; on a GPU the cache holds
     /// the weights' 16-bit type.
     pub fn kv_bytes_per_token(&self, kv_dtype: KvDtype) -> usize {
-        let cfg = self.config();
-        let held = self.plan().kv_heads.len();
-        let elem = match self {
-            Model::Cpu(_) => kv_dtype.size(),
+        let dtype = match self {
+            Model::Cpu(_) => kv_dtype,
+            // bf16 or f16: two bytes either way.
             #[cfg(feature = "cuda")]
-            Model::Cuda(_) => 2,
+            Model::Cuda(_) => KvDtype::Bf16,
         };
-        2 * cfg.num_layers * held * cfg.head_dim * elem
+        let cfg = self.config();
+        cfg.kv_bytes_per_token(dtype) * self.plan().kv_heads.len() / cfg.num_kv_heads
     }
 
     /// What the KV cache holds, for the logs.

@@ -28,14 +28,6 @@ impl RmsNorm {
         Self { weight, eps }
     }
 
-    pub fn weight(&self) -> &[f32] {
-        &self.weight
-    }
-
-    pub fn eps(&self) -> f32 {
-        self.eps
-    }
-
     /// `x` is `[rows, dim]`.
     pub fn forward(&self, x: &[f32], rows: usize) -> Vec<f32> {
         let dim = self.weight.len();

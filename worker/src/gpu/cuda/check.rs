@@ -375,7 +375,10 @@ pub fn tiny<T: Elem>(gpu: &Arc<Gpu>, report: &mut Report) -> Result<()> {
     gpu_model.alloc_cache(16, 16)?;
     let prompt: Vec<u32> = vec![1, 72, 101, 108, 108, 111, 44, 32, 119, 111, 114, 108, 100];
     let n = 48;
-    let (cpu_first, cpu_tokens) = greedy_cpu(&cpu, &prompt, n)?;
+    let mut kv = cpu.new_kv(16, 16);
+    let (cpu_first, cpu_tokens) = greedy_steps(&prompt, n, 16, |seqs| {
+        cpu.forward(&mut kv, seqs, LogitsFor::Last)
+    })?;
     let (gpu_first, gpu_tokens) = greedy_steps(&prompt, n, 16, |seqs| {
         gpu_model.forward(seqs, LogitsFor::Last)
     })?;
@@ -466,21 +469,6 @@ fn greedy_steps(
         let next = crate::sampler::argmax(&last);
         first.get_or_insert(last);
         start += tokens.len();
-        out.push(next);
-        tokens = vec![next];
-    }
-    Ok((first.unwrap_or_default(), out))
-}
-
-fn greedy_cpu(m: &crate::model::Llama, prompt: &[u32], n: usize) -> Result<(Vec<f32>, Vec<u32>)> {
-    let mut seq = crate::model::SingleSeq::new(m, prompt.len() + n);
-    let mut tokens = prompt.to_vec();
-    let mut first = None;
-    let mut out = Vec::new();
-    for _ in 0..n {
-        let logits = seq.step(m, &tokens, LogitsFor::Last)?;
-        let next = crate::sampler::argmax(&logits);
-        first.get_or_insert(logits);
         out.push(next);
         tokens = vec![next];
     }

@@ -334,10 +334,6 @@ impl<T: Elem> CudaLlama<T> {
         self.step_bytes
     }
 
-    pub fn gpu(&self) -> &Arc<Gpu> {
-        &self.gpu
-    }
-
     /// Sums `buf` over the ranks: in place on the device through NCCL,
     /// else (a CPU communicator) through host memory.
     fn all_reduce(&self, buf: &mut CudaSlice<f32>) -> Result<()> {

@@ -55,7 +55,11 @@ pub fn load(
         #[cfg(feature = "cuda")]
         Device::Cuda => loader::load_with(path, opts, |cfg, store, progress| {
             use crate::gpu::cuda::{model::CudaModel, ops::Gpu};
-            let gpu = Arc::new(Gpu::new(comm.rank())?);
+            // NCCL's stream if the group has one: kernels and collectives in order.
+            let gpu = Arc::new(match comm.cuda_stream() {
+                Some(stream) => Gpu::on(stream)?,
+                None => Gpu::new(comm.rank())?,
+            });
             tracing::info!(gpu = %gpu.name, sms = gpu.sms, "loading the model onto the GPU");
             let m = CudaModel::load(gpu, cfg, store, comm, opts.dtype, progress)?;
             let bytes = m.weight_bytes();
@@ -84,6 +88,17 @@ impl Model {
             Model::Cpu(m) => m.plan(),
             #[cfg(feature = "cuda")]
             Model::Cuda(m) => m.plan(),
+        }
+    }
+
+    /// Decode batches of up to `max_batch` sequences run as CUDA graphs on
+    /// a GPU (0: none); the CPU has no graphs.
+    #[cfg_attr(not(feature = "cuda"), allow(unused_variables))]
+    pub fn set_cuda_graph_max_batch(&mut self, max_batch: usize) {
+        match self {
+            Model::Cpu(_) => {}
+            #[cfg(feature = "cuda")]
+            Model::Cuda(m) => m.set_graph_max_batch(max_batch),
         }
     }
 

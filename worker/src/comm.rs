@@ -25,11 +25,17 @@ pub trait Communicator: Send + Sync {
     fn broadcast(&self, buf: &mut Vec<u8>, root: usize) -> Result<()>;
     fn barrier(&self) -> Result<()>;
     /// Sums a buffer in GPU memory across ranks, in place and on the device,
-    /// enqueued on the GPU's default stream. Only a communicator of GPUs
-    /// (NCCL) can; the others answer None and the caller goes through host
-    /// memory.
+    /// enqueued on [`cuda_stream`](Self::cuda_stream). Only a communicator
+    /// of GPUs (NCCL) can; the others answer None and the caller goes
+    /// through host memory.
     #[cfg(feature = "cuda")]
     fn all_reduce_device(&self, _buf: &mut cudarc::driver::CudaSlice<f32>) -> Option<Result<()>> {
+        None
+    }
+    /// The stream a communicator of GPUs runs on, which the rank's model
+    /// must use too so that its kernels and the collectives stay in order.
+    #[cfg(feature = "cuda")]
+    fn cuda_stream(&self) -> Option<Arc<cudarc::driver::CudaStream>> {
         None
     }
 }
@@ -100,6 +106,10 @@ impl Communicator for Timed {
     #[cfg(feature = "cuda")]
     fn all_reduce_device(&self, buf: &mut cudarc::driver::CudaSlice<f32>) -> Option<Result<()>> {
         self.time(|| self.inner.all_reduce_device(buf))
+    }
+    #[cfg(feature = "cuda")]
+    fn cuda_stream(&self) -> Option<Arc<cudarc::driver::CudaStream>> {
+        self.inner.cuda_stream()
     }
     fn broadcast(&self, buf: &mut Vec<u8>, root: usize) -> Result<()> {
         self.inner.broadcast(buf, root)

@@ -41,6 +41,12 @@ pub struct WorkerArgs {
     /// f16; rank r of a tensor-parallel group on GPU r).
     #[arg(long, env = "AQUILA_DEVICE", value_enum, default_value = "cpu")]
     pub device: crate::backend::Device,
+    /// With --device cuda: decode batches of up to this many sequences run
+    /// as CUDA graphs (one launch a step instead of a few hundred), captured
+    /// for batch sizes 1, 2, 4, 8, 16, ... on first use; larger batches and
+    /// prefill steps run kernel by kernel. 0 turns graphs off.
+    #[arg(long, env = "AQUILA_CUDA_GRAPH_MAX_BATCH", default_value_t = 256)]
+    pub cuda_graph_max_batch: usize,
     /// Float type to hold weights in (GGUF quantized weights stay quantized
     /// on the CPU; a GPU dequantizes them to this type).
     #[arg(long, env = "AQUILA_DTYPE", value_enum, default_value = "f32")]
@@ -167,7 +173,10 @@ fn load_rank(
         comm
     };
     let started = Instant::now();
-    let loaded = crate::backend::load(model, &opts, comm, args.device)?;
+    let mut loaded = crate::backend::load(model, &opts, comm, args.device)?;
+    loaded
+        .model
+        .set_cuda_graph_max_batch(args.cuda_graph_max_batch.min(args.max_running));
     metrics.model_loaded(started.elapsed());
     let block_bytes = loaded.model.kv_bytes_per_token(args.kv_cache_dtype) * args.kv_block_size;
     let kv_blocks = args

@@ -64,7 +64,8 @@ impl NcclComm {
             .try_into()
             .map_err(|_| WorkerError::Comm("the NCCL id from rank 0 is not 128 bytes".into()))?;
         let ctx = CudaContext::new(device).map_err(|e| nccl_err(&format!("GPU {device}"), e))?;
-        let stream = ctx.default_stream();
+        let stream =
+            crate::gpu::cuda::ops::single_stream(&ctx).map_err(|e| nccl_err("stream", e))?;
         let comm = Comm::from_rank(
             stream.clone(),
             control.rank(),
@@ -143,8 +144,12 @@ impl Communicator for NcclComm {
         self.all_reduce_sum(&mut [0.0])
     }
 
-    /// On the context's default stream, which the GPU model's kernels use
-    /// too (both are the device's primary context): no copy, no host wait.
+    fn cuda_stream(&self) -> Option<Arc<CudaStream>> {
+        Some(self.stream.clone())
+    }
+
+    /// On the communicator's stream, which the GPU model's kernels use too
+    /// (`cuda_stream`): no copy, no host wait, and capturable in a CUDA graph.
     fn all_reduce_device(&self, buf: &mut cudarc::driver::CudaSlice<f32>) -> Option<Result<()>> {
         Some(
             self.comm

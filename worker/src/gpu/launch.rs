@@ -142,6 +142,128 @@ pub fn step_index(seqs: &[SeqInput<'_>], block_size: usize, all_logits: bool) ->
     ix
 }
 
+/// Decode steps replayed as CUDA graphs. A graph fixes every launch's shape
+/// and every buffer's address, so a decode batch runs as the smallest
+/// captured batch size that holds it (the extra rows decode a dummy token
+/// into a block of their own), its block tables padded to the longest a
+/// sequence can have, and its attention planned for the next power of two
+/// of its keys (rows with fewer keys leave the extra splits idle). One
+/// graph per (batch size, key bucket) then serves every step of that shape.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct GraphShape {
+    /// The batch sizes captured: 1, 2, 4, then every 8 (as vLLM), up to the
+    /// largest asked for.
+    pub sizes: Vec<usize>,
+    /// Block-table entries per sequence: a sequence's longest table.
+    pub stride: usize,
+    pub block_size: usize,
+}
+
+impl GraphShape {
+    pub fn new(max_batch: usize, context: usize, block_size: usize) -> Self {
+        let mut sizes: Vec<usize> = [1, 2, 4]
+            .into_iter()
+            .chain((1..).map(|i| 8 * i))
+            .take_while(|&b| b < max_batch)
+            .collect();
+        if max_batch > 0 {
+            sizes.push(max_batch);
+        }
+        GraphShape {
+            sizes,
+            stride: context.div_ceil(block_size.max(1)).max(1),
+            block_size,
+        }
+    }
+
+    pub fn max_batch(&self) -> usize {
+        self.sizes.last().copied().unwrap_or(0)
+    }
+
+    /// The captured size a decode batch of `batch` runs as, if any.
+    pub fn batch_for(&self, batch: usize) -> Option<usize> {
+        self.sizes
+            .iter()
+            .copied()
+            .find(|&b| b >= batch && batch > 0)
+    }
+
+    /// Attention is planned for this many keys: the next power of two, at
+    /// least 64 (one split's minimum).
+    pub fn keys_for(max_keys: usize) -> usize {
+        max_keys.next_power_of_two().max(64)
+    }
+
+    /// The key buckets a context of `context` tokens can reach.
+    pub fn key_buckets(context: usize) -> impl Iterator<Item = usize> {
+        let last = Self::keys_for(context.max(1));
+        (6..).map(|p| 1usize << p).take_while(move |&k| k <= last)
+    }
+
+    /// Partial-result entries (rows × heads × splits) the largest graph's
+    /// attention needs, so one scratch allocation, made before any capture,
+    /// serves every graph (a graph must not see a buffer move).
+    pub fn scratch_entries(
+        &self,
+        heads: usize,
+        head_dim: usize,
+        context: usize,
+        sms: usize,
+    ) -> usize {
+        self.sizes
+            .iter()
+            .flat_map(|&rows| {
+                Self::key_buckets(context).filter_map(move |keys| {
+                    attention_plan(rows, heads, head_dim, keys, sms)
+                        .ok()
+                        .map(|p| rows * heads * p.max_splits)
+                })
+            })
+            .max()
+            .unwrap_or(0)
+    }
+
+    /// `ix` (a decode step: one token per sequence) padded to `rows` rows
+    /// and this shape's table stride. Padding row r decodes token 0 at
+    /// position 0 into slot 0 of `pad_block`, through a table of its own;
+    /// every row's logits are computed. None if the step is not a decode
+    /// step that fits (more rows than `rows`, a table longer than the
+    /// stride).
+    pub fn pad(&self, ix: &StepIndex, rows: usize, pad_block: u32) -> Option<StepIndex> {
+        let real = ix.ids.len();
+        let decode = ix.row_seq.iter().enumerate().all(|(i, &s)| s as usize == i)
+            && ix.logit_rows.len() == real
+            && ix.tables.len() == real * ix.table_stride;
+        if !decode || real > rows || ix.table_stride > self.stride {
+            return None;
+        }
+        let stride = self.stride;
+        let mut tables = vec![0u32; rows * stride];
+        for (s, t) in ix.tables.chunks(ix.table_stride).enumerate() {
+            tables[s * stride..s * stride + t.len()].copy_from_slice(t);
+        }
+        for r in real..rows {
+            tables[r * stride] = pad_block;
+        }
+        let pad = |v: &[u32], with: &dyn Fn(usize) -> u32| {
+            v.iter()
+                .copied()
+                .chain((real..rows).map(with))
+                .collect::<Vec<u32>>()
+        };
+        Some(StepIndex {
+            ids: pad(&ix.ids, &|_| 0),
+            positions: pad(&ix.positions, &|_| 0),
+            slots: pad(&ix.slots, &|_| pad_block * self.block_size as u32),
+            row_seq: pad(&ix.row_seq, &|r| r as u32),
+            tables,
+            table_stride: stride,
+            logit_rows: (0..rows as u32).collect(),
+            max_keys: ix.max_keys,
+        })
+    }
+}
+
 /// cuBLAS is column-major; our matrices are row-major. `Y[rows][out] =
 /// X[rows][in] · W[out][in]ᵀ` is, read column-major, `Yᶜ(out × rows) =
 /// Wᶜ(in × out)ᵀ · Xᶜ(in × rows)`: `gemm(T, N, m = out, n = rows, k = in,
@@ -255,6 +377,91 @@ mod tests {
         assert_eq!(ix.logit_rows, [3, 4]);
         assert_eq!(ix.max_keys, 18);
         assert_eq!(step_index(&seqs, 16, true).logit_rows, [0, 1, 2, 3, 4]);
+    }
+
+    #[test]
+    fn graph_sizes_cover_every_batch_up_to_the_largest() {
+        let g = GraphShape::new(20, 2048, 16);
+        assert_eq!(g.sizes, [1, 2, 4, 8, 16, 20]);
+        assert_eq!(g.stride, 128);
+        assert_eq!(
+            (1..=21).map(|b| g.batch_for(b)).collect::<Vec<_>>(),
+            [
+                1, 2, 4, 4, 8, 8, 8, 8, 16, 16, 16, 16, 16, 16, 16, 16, 20, 20, 20, 20
+            ]
+            .map(Some)
+            .into_iter()
+            .chain([None])
+            .collect::<Vec<_>>()
+        );
+        assert_eq!(g.batch_for(0), None);
+        assert_eq!(GraphShape::new(256, 2048, 16).sizes.len(), 3 + 32);
+        assert_eq!(GraphShape::new(1, 100, 16).sizes, [1]);
+        assert!(GraphShape::new(0, 100, 16).sizes.is_empty());
+        assert_eq!(GraphShape::new(3, 100, 16).sizes, [1, 2, 3]);
+    }
+
+    #[test]
+    fn graph_key_buckets_are_powers_of_two_from_64() {
+        assert_eq!(GraphShape::keys_for(1), 64);
+        assert_eq!(GraphShape::keys_for(64), 64);
+        assert_eq!(GraphShape::keys_for(65), 128);
+        assert_eq!(
+            GraphShape::key_buckets(2000).collect::<Vec<_>>(),
+            [64, 128, 256, 512, 1024, 2048]
+        );
+        // The scratch for the largest graph holds every graph's partials.
+        let g = GraphShape::new(16, 2048, 16);
+        let most = g.scratch_entries(32, 128, 2048, 132);
+        for &rows in &g.sizes {
+            for keys in GraphShape::key_buckets(2048) {
+                let p = attention_plan(rows, 32, 128, keys, 132).unwrap();
+                assert!(rows * 32 * p.max_splits <= most);
+            }
+        }
+    }
+
+    #[test]
+    fn graph_padding_keeps_real_rows_and_parks_the_rest() {
+        let (t0, t1) = ([4u32, 9], [7u32]);
+        let seqs = [
+            SeqInput {
+                tokens: &[10],
+                start: 20,
+                table: &t0,
+            },
+            SeqInput {
+                tokens: &[20],
+                start: 3,
+                table: &t1,
+            },
+        ];
+        let g = GraphShape::new(8, 64, 16);
+        let ix = step_index(&seqs, 16, false);
+        let p = g.pad(&ix, 4, 99).unwrap();
+        assert_eq!(p.ids, [10, 20, 0, 0]);
+        assert_eq!(p.positions, [20, 3, 0, 0]);
+        assert_eq!(p.slots, [9 * 16 + 4, 7 * 16 + 3, 99 * 16, 99 * 16]);
+        assert_eq!(p.row_seq, [0, 1, 2, 3]);
+        assert_eq!(p.table_stride, 4);
+        assert_eq!(p.tables, [4, 9, 0, 0, 7, 0, 0, 0, 99, 0, 0, 0, 99, 0, 0, 0]);
+        assert_eq!(p.logit_rows, [0, 1, 2, 3]);
+        assert_eq!(p.max_keys, 21);
+        // Not a decode step, or too big: no graph.
+        let prefill = [SeqInput {
+            tokens: &[1, 2],
+            start: 0,
+            table: &t1,
+        }];
+        assert_eq!(g.pad(&step_index(&prefill, 16, false), 4, 99), None);
+        assert_eq!(g.pad(&ix, 1, 99), None);
+        let long: Vec<u32> = (0..5).collect();
+        let past = [SeqInput {
+            tokens: &[1],
+            start: 70,
+            table: &long,
+        }];
+        assert_eq!(g.pad(&step_index(&past, 16, false), 4, 99), None);
     }
 
     #[test]

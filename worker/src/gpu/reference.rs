@@ -143,6 +143,119 @@ pub fn embedding(ids: &[u32], table: &[f32], vocab_start: u32, hidden: usize) ->
     out
 }
 
+/// Columns `from..from + len` of each row of `rows` (rows `width` long): a
+/// part of a fused product's output (`[q | k | v]`, `[gate | up]`).
+#[cfg(feature = "cuda")]
+pub fn columns(rows: &[f32], width: usize, from: usize, len: usize) -> Vec<f32> {
+    rows.chunks(width)
+        .flat_map(|r| r[from..from + len].iter().copied())
+        .collect()
+}
+
+/// Sequences for a paged-attention check: each has `cached` tokens already
+/// in the cache and `new` tokens in the step, on blocks given out in a
+/// shuffled order (so neighbouring blocks in a table are far apart).
+#[cfg(feature = "cuda")]
+pub struct PagedCase {
+    pub lens: Vec<(usize, usize)>,
+    pub tables: Vec<Vec<u32>>,
+    pub num_blocks: usize,
+    pub block_size: usize,
+    zeros: Vec<u32>,
+}
+
+#[cfg(feature = "cuda")]
+impl PagedCase {
+    /// `lens` as (cached, new) per sequence; a few blocks are left unused.
+    pub fn new(lens: &[(usize, usize)], block_size: usize, rng: &mut impl rand::Rng) -> Self {
+        let per_seq: Vec<usize> = lens
+            .iter()
+            .map(|(c, n)| (c + n).div_ceil(block_size))
+            .collect();
+        let num_blocks = per_seq.iter().sum::<usize>() + 5;
+        let mut order: Vec<u32> = (0..num_blocks as u32).collect();
+        for i in (1..order.len()).rev() {
+            order.swap(i, rng.random_range(0..=i));
+        }
+        let mut next = 0;
+        let tables = per_seq
+            .iter()
+            .map(|&k| {
+                next += k;
+                order[next - k..next].to_vec()
+            })
+            .collect();
+        let longest = lens.iter().map(|(c, n)| c + n).max().unwrap_or(0);
+        PagedCase {
+            lens: lens.to_vec(),
+            tables,
+            num_blocks,
+            block_size,
+            zeros: vec![0; longest],
+        }
+    }
+
+    /// Every position of every sequence (cached and new), as the steps that
+    /// wrote the cache would have had them; every row's logits.
+    pub fn fill(&self) -> StepIndex {
+        self.index(|c, n| (0, c + n))
+    }
+
+    /// The step: each sequence's new tokens, attending their whole prefix.
+    pub fn step(&self) -> StepIndex {
+        self.index(|c, n| (c, n))
+    }
+
+    /// The step of sequence `s` alone.
+    pub fn step_of(&self, s: usize) -> StepIndex {
+        let (c, n) = self.lens[s];
+        let seq = crate::model::SeqInput {
+            tokens: &self.zeros[..n],
+            start: c,
+            table: &self.tables[s],
+        };
+        super::launch::step_index(&[seq], self.block_size, true)
+    }
+
+    fn index(&self, range: impl Fn(usize, usize) -> (usize, usize)) -> StepIndex {
+        let seqs: Vec<crate::model::SeqInput<'_>> = self
+            .lens
+            .iter()
+            .zip(&self.tables)
+            .map(|(&(c, n), table)| {
+                let (start, len) = range(c, n);
+                crate::model::SeqInput {
+                    tokens: &self.zeros[..len],
+                    start,
+                    table,
+                }
+            })
+            .collect();
+        super::launch::step_index(&seqs, self.block_size, true)
+    }
+
+    /// The keys (or values) of each token of `ix` read back from a cache
+    /// `[block][kv_head][slot][head_dim]`: rows `[tokens][kv_heads][head_dim]`.
+    pub fn gather(
+        &self,
+        ix: &StepIndex,
+        cache: &[f32],
+        kv_heads: usize,
+        head_dim: usize,
+    ) -> Vec<f32> {
+        let bs = self.block_size;
+        let mut rows = Vec::with_capacity(ix.slots.len() * kv_heads * head_dim);
+        for &slot in &ix.slots {
+            let (blk, off) = (slot as usize / bs, slot as usize % bs);
+            for h in 0..kv_heads {
+                let at = ((blk * kv_heads + h) * bs + off) * head_dim;
+                rows.extend_from_slice(&cache[at..at + head_dim]);
+            }
+        }
+        rows
+    }
+}
+
 /// The largest |a − b| relative to the largest |b| (1 when b is all zeros).
 pub fn max_rel_error(a: &[f32], b: &[f64]) -> f64 {
     assert_eq!(a.len(), b.len(), "compared lengths");

@@ -20,8 +20,8 @@ use super::ops::{AttentionScratch, AttentionShape, DeviceIndex, Elem, Gpu};
 use crate::comm::SingleRank;
 use crate::config::{ModelConfig, RopeStyle};
 use crate::error::{Result, WorkerError};
-use crate::gpu::launch::{attention_plan, step_index};
-use crate::gpu::reference::{self, max_rel_error};
+use crate::gpu::launch::attention_plan;
+use crate::gpu::reference::{self, PagedCase, columns, max_rel_error};
 use crate::model::{LogitsFor, SeqInput, WeightDtype};
 
 /// One line of the report.
@@ -130,44 +130,20 @@ pub fn kernels<T: Elem>(gpu: &Gpu, report: &mut Report) -> Result<()> {
             1e-6,
         );
     }
-    // RoPE, both pair layouts.
-    for (heads, hd, interleaved) in [(9usize, 64usize, false), (32, 128, true), (32, 128, false)] {
-        let positions: Vec<u32> = vec![0, 1, 77, 1999];
-        let x = random(positions.len() * heads * hd, &mut rng);
-        let style = if interleaved {
-            RopeStyle::Interleaved
-        } else {
-            RopeStyle::Half
-        };
-        let rope = crate::model::Rope::new(hd, 2048, 10000.0, style);
-        let (cos, sin) = rope.tables();
-        let mut dx = gpu.upload(&x)?;
-        let (dc, ds, dp) = (gpu.upload(cos)?, gpu.upload(sin)?, gpu.upload(&positions)?);
-        gpu.rope(
-            &mut dx,
-            &dp,
-            positions.len(),
-            &dc,
-            &ds,
-            heads,
-            hd,
-            interleaved,
-        )?;
-        let want = reference::rope(&x, &positions, heads, hd, 10000.0, interleaved);
-        let err = max_rel_error(&gpu.download(&dx)?, &want);
-        report.compare(
-            "kernels",
-            format!("rope_f32 {heads}×{hd} interleaved={interleaved}"),
-            err,
-            1e-5,
-        );
-    }
-    // SiLU · up.
-    let n = 3 * 11008;
-    let (g, u) = (random(n, &mut rng), random(n, &mut rng));
-    let (dg, du) = (gpu.upload(&g)?, gpu.upload(&u)?);
-    let mut out = gpu.zeros::<T>(n)?;
-    gpu.silu_mul(&dg, &du, n, &mut out)?;
+    // SiLU · up, rows of [gate | up].
+    let (rows, inter) = (3usize, 11008usize);
+    let gu = random(rows * 2 * inter, &mut rng);
+    let (g, u): (Vec<f32>, Vec<f32>) = (0..rows * inter)
+        .map(|i| {
+            (
+                gu[i / inter * 2 * inter + i % inter],
+                gu[i / inter * 2 * inter + inter + i % inter],
+            )
+        })
+        .unzip();
+    let dgu = gpu.upload(&gu)?;
+    let mut out = gpu.zeros::<T>(rows * inter)?;
+    gpu.silu_mul(&dgu, rows, inter, &mut out)?;
     let err = max_rel_error(&to_f32(&gpu.download(&out)?), &reference::silu_mul(&g, &u));
     report.compare("kernels", format!("silu_mul_{s} 3×11008"), err, tol);
     // Embedding, a rank holding ids 100..400.
@@ -219,104 +195,101 @@ pub fn kernels<T: Elem>(gpu: &Gpu, report: &mut Report) -> Result<()> {
     attention::<T>(gpu, report, &mut rng)
 }
 
-/// kv_write and paged attention: grouped-query and plain heads, decodes
-/// with short and long contexts (several splits), and a prefill chunk
-/// after cached tokens, blocks in a shuffled order.
+/// RoPE with the cache write, and paged attention: grouped-query and
+/// plain heads, both RoPE pair layouts, decodes with short and long
+/// contexts (several splits), and a prefill chunk after cached tokens,
+/// blocks in a shuffled order; q read from rows of the fused q/k/v product.
 fn attention<T: Elem>(gpu: &Gpu, report: &mut Report, rng: &mut ChaCha8Rng) -> Result<()> {
     let s = T::SUFFIX;
     let bs = 16usize;
-    for (heads, kv_heads, hd) in [(32usize, 32usize, 128usize), (9, 3, 64), (32, 8, 128)] {
+    let theta = 10000.0;
+    for (heads, kv_heads, hd, interleaved) in [
+        (32usize, 32usize, 128usize, false),
+        (9, 3, 64, true),
+        (32, 8, 128, false),
+    ] {
         // (cached tokens, new tokens) per sequence.
-        let seqs_shape: [(usize, usize); 4] = [(0, 1), (16, 1), (4000, 1), (300, 37)];
-        let blocks_needed: usize = seqs_shape.iter().map(|(c, n)| (c + n).div_ceil(bs)).sum();
-        let num_blocks = blocks_needed + 5;
-        let mut order: Vec<u32> = (0..num_blocks as u32).collect();
-        for i in (1..order.len()).rev() {
-            order.swap(i, rng.random_range(0..=i));
-        }
-        let mut tables = Vec::new();
-        let mut next = 0;
-        for (c, n) in seqs_shape {
-            let k = (c + n).div_ceil(bs);
-            tables.push(order[next..next + k].to_vec());
-            next += k;
-        }
-        let width = kv_heads * hd;
-        let mut ck = gpu.zeros::<T>(num_blocks * bs * width)?;
-        let mut cv = gpu.zeros::<T>(num_blocks * bs * width)?;
-        // Fill every position (cached and new) through kv_write, as a step would.
-        let all: Vec<SeqInput<'_>> = seqs_shape
-            .iter()
-            .zip(&tables)
-            .map(|(&(c, n), t)| SeqInput {
-                tokens: &ZEROS[..c + n],
-                start: 0,
-                table: t,
-            })
-            .collect();
-        let fill = step_index(&all, bs, true);
-        let (k, v) = (
-            random(fill.ids.len() * width, rng),
-            random(fill.ids.len() * width, rng),
-        );
-        let (dk, dv, dslots) = (gpu.upload(&k)?, gpu.upload(&v)?, gpu.upload(&fill.slots)?);
-        gpu.kv_write(
-            &dk,
-            &dv,
-            &dslots,
-            fill.ids.len(),
-            kv_heads,
-            hd,
-            bs,
-            &mut ck,
-            &mut cv,
-        )?;
-        // The reference's cache: the same values, rounded, in the same places.
-        let (kr, vr) = (rounded::<T>(&k), rounded::<T>(&v));
-        let mut host_k = vec![0f32; num_blocks * bs * width];
-        let mut host_v = host_k.clone();
-        for (t, &slot) in fill.slots.iter().enumerate() {
-            let (blk, off) = (slot as usize / bs, slot as usize % bs);
-            for h in 0..kv_heads {
-                let at = ((blk * kv_heads + h) * bs + off) * hd;
-                host_k[at..at + hd].copy_from_slice(&kr[(t * kv_heads + h) * hd..][..hd]);
-                host_v[at..at + hd].copy_from_slice(&vr[(t * kv_heads + h) * hd..][..hd]);
-            }
-        }
-        let got_k = to_f32(&gpu.download(&ck)?);
-        let exact = got_k == host_k && to_f32(&gpu.download(&cv)?) == host_v;
-        report.compare(
-            "kernels",
-            format!("kv_write_{s} {kv_heads}×{hd}"),
-            if exact { 0.0 } else { 1.0 },
-            0.0,
-        );
-
-        // The step: each sequence's new tokens attend their whole prefix.
-        let step: Vec<SeqInput<'_>> = seqs_shape
-            .iter()
-            .zip(&tables)
-            .map(|(&(c, n), t)| SeqInput {
-                tokens: &ZEROS[..n],
-                start: c,
-                table: t,
-            })
-            .collect();
-        let ix = step_index(&step, bs, true);
-        let q = random(ix.ids.len() * heads * hd, rng);
-        let d = DeviceIndex::upload(gpu, &ix)?;
-        let plan = attention_plan(ix.ids.len(), heads, hd, ix.max_keys, gpu.sms)?;
-        let dq = gpu.upload(&q)?;
-        let mut out = gpu.zeros::<T>(ix.ids.len() * heads * hd)?;
-        let mut scratch = AttentionScratch::new(gpu)?;
+        let case = PagedCase::new(&[(0, 1), (16, 1), (4000, 1), (300, 37)], bs, rng);
+        let num_blocks = case.num_blocks;
+        let (qd, width) = (heads * hd, kv_heads * hd);
+        let row = qd + 2 * width;
         let shape = AttentionShape {
             heads,
             kv_heads,
             head_dim: hd,
             block_size: bs,
         };
-        gpu.attention(&dq, &ck, &cv, &d, &plan, shape, &mut scratch, &mut out)?;
-        let want = reference::attention(&q, &host_k, &host_v, &ix, heads, kv_heads, hd, bs);
+        let style = if interleaved {
+            RopeStyle::Interleaved
+        } else {
+            RopeStyle::Half
+        };
+        let rope = crate::model::Rope::new(hd, 4096, theta, style);
+        let (cos, sin) = rope.tables();
+        let (dcos, dsin) = (gpu.upload(cos)?, gpu.upload(sin)?);
+        let mut ck = gpu.zeros::<T>(num_blocks * bs * width)?;
+        let mut cv = gpu.zeros::<T>(num_blocks * bs * width)?;
+        // Every position (cached and new) through the fused RoPE and cache
+        // write, as steps would have written them.
+        let fill = case.fill();
+        let tokens = fill.ids.len();
+        let qkv = random(tokens * row, rng);
+        let part = |from: usize, len: usize| columns(&qkv, row, from, len);
+        let (q, k, v) = (part(0, qd), part(qd, width), part(qd + width, width));
+        let mut dqkv = gpu.upload(&qkv)?;
+        let dfill = DeviceIndex::upload(gpu, &fill)?;
+        gpu.rope_kv_write(
+            &mut dqkv,
+            &dfill,
+            &dcos,
+            &dsin,
+            shape,
+            interleaved,
+            &mut ck,
+            &mut cv,
+        )?;
+        let after = gpu.download(&dqkv)?;
+        let q_after = columns(&after, row, 0, qd);
+        let q_want = reference::rope(&q, &fill.positions, heads, hd, theta, interleaved);
+        report.compare(
+            "kernels",
+            format!("rope_kv_write_{s} q in place, {heads}×{hd} interleaved={interleaved}"),
+            max_rel_error(&q_after, &q_want),
+            1e-5,
+        );
+        // The cache as the GPU wrote it, and where each token's rows went.
+        let (got_k, got_v) = (to_f32(&gpu.download(&ck)?), to_f32(&gpu.download(&cv)?));
+        let k_want = reference::rope(&k, &fill.positions, kv_heads, hd, theta, interleaved);
+        let v_want = rounded::<T>(&v);
+        let (k_got, v_got) = (
+            case.gather(&fill, &got_k, kv_heads, hd),
+            case.gather(&fill, &got_v, kv_heads, hd),
+        );
+        report.compare(
+            "kernels",
+            format!("rope_kv_write_{s} keys in their slots, {kv_heads}×{hd}"),
+            max_rel_error(&k_got, &k_want),
+            tolerance::<T>(),
+        );
+        report.compare(
+            "kernels",
+            format!("rope_kv_write_{s} values in their slots, {kv_heads}×{hd}"),
+            if v_got == v_want { 0.0 } else { 1.0 },
+            0.0,
+        );
+
+        // The step: each sequence's new tokens attend their whole prefix;
+        // q is the first part of rows of a fused product.
+        let ix = case.step();
+        let rows_q = random(ix.ids.len() * row, rng);
+        let q = columns(&rows_q, row, 0, qd);
+        let d = DeviceIndex::upload(gpu, &ix)?;
+        let plan = attention_plan(ix.ids.len(), heads, hd, ix.max_keys, gpu.sms)?;
+        let dq = gpu.upload(&rows_q)?;
+        let mut out = gpu.zeros::<T>(ix.ids.len() * qd)?;
+        let mut scratch = AttentionScratch::new(gpu)?;
+        gpu.attention(&dq, row, &ck, &cv, &d, &plan, shape, &mut scratch, &mut out)?;
+        let want = reference::attention(&q, &got_k, &got_v, &ix, heads, kv_heads, hd, bs);
         let err = max_rel_error(&to_f32(&gpu.download(&out)?), &want);
         report.compare(
             "kernels",
@@ -327,11 +300,35 @@ fn attention<T: Elem>(gpu: &Gpu, report: &mut Report, rng: &mut ChaCha8Rng) -> R
             err,
             tolerance::<T>(),
         );
+        // One decode row of a short context: a single split, no merge.
+        let ix1 = case.step_of(1);
+        let plan1 = attention_plan(1, heads, hd, ix1.max_keys, 1)?;
+        let d1 = DeviceIndex::upload(gpu, &ix1)?;
+        let mut out1 = gpu.zeros::<T>(qd)?;
+        gpu.attention(
+            &dq,
+            row,
+            &ck,
+            &cv,
+            &d1,
+            &plan1,
+            shape,
+            &mut scratch,
+            &mut out1,
+        )?;
+        let want1 = reference::attention(&q[..qd], &got_k, &got_v, &ix1, heads, kv_heads, hd, bs);
+        report.compare(
+            "kernels",
+            format!(
+                "attention_{s} {heads}/{kv_heads} heads ×{hd}, one row, {} split",
+                plan1.max_splits
+            ),
+            max_rel_error(&to_f32(&gpu.download(&out1)?), &want1),
+            tolerance::<T>(),
+        );
     }
     Ok(())
 }
-
-static ZEROS: [u32; 4096] = [0; 4096];
 
 /// (a): the tiny preset, greedy on the CPU engine (weights rounded to T)
 /// and on the GPU from the same files: the same tokens, logits close.
@@ -367,7 +364,7 @@ pub fn tiny<T: Elem>(gpu: &Arc<Gpu>, report: &mut Report) -> Result<()> {
     let cfg: ModelConfig = crate::loader::read_config(&dir)?;
     let mut gpu_model = CudaLlama::<T>::load(
         gpu.clone(),
-        cfg,
+        cfg.clone(),
         &Source::Store(&store),
         Arc::new(SingleRank),
         &mut |_| {},
@@ -383,13 +380,14 @@ pub fn tiny<T: Elem>(gpu: &Arc<Gpu>, report: &mut Report) -> Result<()> {
         gpu_model.forward(seqs, LogitsFor::Last)
     })?;
     // The same model the way a worker loads it (`--device cuda`): the
-    // loader, the KV cache sized apart, the engine's Backend.
+    // loader, the KV cache sized apart, the engine's Backend, CUDA graphs.
     let served = served_greedy(&dir, &opts, &prompt, n)?;
+    graphs_vs_eager::<T>(gpu, &store, &cfg, report)?;
     let _ = std::fs::remove_dir_all(&dir);
     report.rows.push(Row {
         part: "tiny",
         what: format!(
-            "greedy {n} tokens through --device cuda's Backend ({})",
+            "greedy {n} tokens through --device cuda's Backend, CUDA graphs on ({})",
             T::SUFFIX
         ),
         value: if served == gpu_tokens {
@@ -441,10 +439,99 @@ fn served_greedy(
     n: usize,
 ) -> Result<Vec<u32>> {
     use crate::backend::{Device, load};
-    let loaded = load(dir, opts, Arc::new(SingleRank), Device::Cuda)?;
+    let mut loaded = load(dir, opts, Arc::new(SingleRank), Device::Cuda)?;
+    loaded.model.set_cuda_graph_max_batch(16);
     let mut backend = loaded.model.into_backend(8, 16, crate::kv::KvDtype::F32)?;
     let (_, tokens) = greedy_steps(prompt, n, 8, |seqs| backend.forward(seqs, LogitsFor::Last))?;
     Ok(tokens)
+}
+
+/// Decode batches through CUDA graphs (three sequences, run as a graph of
+/// four with a padding row, across two key buckets) against the same
+/// batches launched kernel by kernel: the same tokens, logits close.
+fn graphs_vs_eager<T: Elem>(
+    gpu: &Arc<Gpu>,
+    store: &crate::weights::WeightStore,
+    cfg: &ModelConfig,
+    report: &mut Report,
+) -> Result<()> {
+    let load = |graphs: usize| -> Result<CudaLlama<T>> {
+        let source = Source::Store(store);
+        let mut m = CudaLlama::<T>::load(
+            gpu.clone(),
+            cfg.clone(),
+            &source,
+            Arc::new(SingleRank),
+            &mut |_| {},
+        )?;
+        m.alloc_cache(48, 16)?;
+        m.set_graph_max_batch(graphs);
+        Ok(m)
+    };
+    let prompts: [&[u32]; 3] = [
+        &[1, 72, 101],
+        &[1, 5, 6, 7, 8, 9, 10, 11, 12, 13, 14],
+        &[1, 300],
+    ];
+    let steps = 80;
+    let run = |m: &mut CudaLlama<T>| -> Result<(Vec<Vec<u32>>, Vec<f32>)> {
+        let tables: Vec<Vec<u32>> = (0..3u32)
+            .map(|s| (s * 16..(s + 1) * 16).collect())
+            .collect();
+        let mut tokens: Vec<Vec<u32>> = prompts.iter().map(|p| p.to_vec()).collect();
+        let mut starts = [0usize; 3];
+        let mut out = vec![Vec::new(); 3];
+        let mut last = Vec::new();
+        for _ in 0..steps {
+            let seqs: Vec<SeqInput<'_>> = (0..3)
+                .map(|s| SeqInput {
+                    tokens: &tokens[s],
+                    start: starts[s],
+                    table: &tables[s],
+                })
+                .collect();
+            let logits = m.forward(&seqs, LogitsFor::Last)?;
+            for s in 0..3 {
+                starts[s] += tokens[s].len();
+                let next = crate::sampler::argmax(&logits[s]);
+                out[s].push(next);
+                tokens[s] = vec![next];
+            }
+            last = logits.concat();
+        }
+        Ok((out, last))
+    };
+    let (eager_tokens, eager_last) = run(&mut load(0)?)?;
+    let mut graphed = load(8)?;
+    let (graph_tokens, graph_last) = run(&mut graphed)?;
+    let captured = graphed.graphs_captured();
+    report.rows.push(Row {
+        part: "tiny",
+        what: format!(
+            "decode batch of 3 as CUDA graphs, {steps} steps ({})",
+            T::SUFFIX
+        ),
+        value: format!(
+            "{captured} graphs captured; tokens {}",
+            if graph_tokens == eager_tokens {
+                "identical to kernel by kernel"
+            } else {
+                "differ from kernel by kernel"
+            }
+        ),
+        pass: Some(captured >= 2 && graph_tokens == eager_tokens),
+    });
+    let want: Vec<f64> = eager_last.iter().map(|&v| v as f64).collect();
+    report.compare(
+        "tiny",
+        format!(
+            "last-step logits, CUDA graphs vs kernel by kernel ({})",
+            T::SUFFIX
+        ),
+        max_rel_error(&graph_last, &want),
+        tolerance::<T>(),
+    );
+    Ok(())
 }
 
 /// Greedy decoding of `n` tokens after `prompt`, one sequence on blocks
@@ -516,8 +603,8 @@ pub fn speed<T: Elem>(gpu: &Arc<Gpu>, report: &mut Report, batches: &[usize]) ->
     let bs = 16;
     let (prompt, new_tokens) = (512usize, 64usize);
     let max_batch = batches.iter().copied().max().unwrap_or(1).max(8);
-    // Blocks for the largest decode batch at 32 prompt tokens + new_tokens, or 8 × 512.
-    let per_seq = (32 + new_tokens + 1).div_ceil(bs);
+    // Blocks for the largest decode batch at 64 cached tokens + the steps, or 8 × 512.
+    let per_seq = (64 + new_tokens + 1).div_ceil(bs);
     let num_blocks = (max_batch * per_seq).max(8 * (prompt / bs + 1));
     let started = Instant::now();
     let mut m = CudaLlama::<T>::load(
@@ -577,39 +664,50 @@ pub fn speed<T: Elem>(gpu: &Arc<Gpu>, report: &mut Report, batches: &[usize]) ->
                 .collect()
         })
         .collect();
+    // Contexts of 65–98 keys: one key bucket for the graphs throughout.
+    let first = 64;
     for &batch in batches {
-        let steps = new_tokens.min(32);
-        let one = [1u32];
-        let mut time = 0.0;
-        for step in 0..steps + 2 {
-            let seqs: Vec<SeqInput<'_>> = (0..batch)
-                .map(|s| SeqInput {
-                    tokens: &one,
-                    start: 32 + step,
-                    table: &decode_tables[s],
-                })
-                .collect();
-            let t = Instant::now();
-            m.forward(&seqs, LogitsFor::Last)?;
-            if step >= 2 {
-                time += t.elapsed().as_secs_f64();
+        for graphs in [true, false] {
+            m.set_graph_max_batch(if graphs { batch } else { 0 });
+            let steps = 32;
+            let one = [1u32];
+            let mut time = 0.0;
+            // Two untimed steps: the first runs eagerly, the second is captured.
+            for step in 0..steps + 2 {
+                let seqs: Vec<SeqInput<'_>> = (0..batch)
+                    .map(|s| SeqInput {
+                        tokens: &one,
+                        start: first + step,
+                        table: &decode_tables[s],
+                    })
+                    .collect();
+                let t = Instant::now();
+                m.forward(&seqs, LogitsFor::Last)?;
+                if step >= 2 {
+                    time += t.elapsed().as_secs_f64();
+                }
             }
-        }
-        let per_step = time / steps as f64;
-        let mut value = format!(
-            "{:.0} tokens/s ({:.2} ms a step)",
-            batch as f64 / per_step,
-            per_step * 1e3
-        );
-        if batch == 1 {
-            let floor = m.step_bytes() as f64 / bw;
-            value += &format!(
-                ", {:.0}% of the roofline ({:.2} ms)",
-                100.0 * floor / per_step,
-                floor * 1e3
+            let per_step = time / steps as f64;
+            let mut value = format!(
+                "{:.0} tokens/s ({:.2} ms a step)",
+                batch as f64 / per_step,
+                per_step * 1e3
             );
+            if batch == 1 {
+                let floor = m.step_bytes() as f64 / bw;
+                value += &format!(
+                    ", {:.0}% of the roofline ({:.2} ms)",
+                    100.0 * floor / per_step,
+                    floor * 1e3
+                );
+            }
+            let what = if graphs {
+                format!("decode, batch {batch}")
+            } else {
+                format!("decode, batch {batch}, without CUDA graphs")
+            };
+            report.measure("aquila-7b", what, value);
         }
-        report.measure("aquila-7b", format!("decode, batch {batch}"), value);
     }
     Ok(())
 }

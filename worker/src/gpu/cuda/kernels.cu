@@ -5,7 +5,8 @@
 // residual stream, q/k/v, matrix-product outputs); every sum is in f32.
 //
 // Layouts match the CPU engine:
-//   - activations row-major `[rows][width]`; q `[rows][heads][head_dim]`;
+//   - activations row-major `[rows][width]`; the fused products' rows are
+//     [q | k | v] (heads, kv heads, kv heads × head_dim) and [gate | up];
 //   - the paged KV cache of one layer `[block][kv_head][slot][head_dim]`;
 //   - a block table per sequence, padded to `table_stride` entries.
 // Launch parameters come from worker/src/gpu/launch.rs, which states what
@@ -84,41 +85,46 @@ __device__ void rms_norm(float* x, const float* delta, const uint32_t* rows, con
         out[dst + i] = from_f<T>(x[src + i] * inv * to_f(w[i]));
 }
 
-// ---- RoPE in place on q or k: one block per token ----------------------------
-// cos/sin are the CPU engine's tables, [context][head_dim / 2]. Pairs are
-// (i, i + head_dim/2) or, interleaved (GGUF), (2i, 2i + 1).
-extern "C" __global__ void rope_f32(float* x, const uint32_t* pos, const float* cos_t,
-                                    const float* sin_t, int heads, int head_dim, int interleaved) {
-    const int half = head_dim / 2;
+// ---- RoPE and the cache write, fused: one block per token ---------------------
+// A row of qkv is [q: heads × head_dim | k: kv_heads × head_dim | v: same]
+// (the fused q/k/v product). q is rotated in place; k is rotated and, with
+// v, written into the token's cache slot: slots[t] = block id · block_size
+// + offset, from the sequence's block table. cos/sin are the CPU engine's
+// tables, [context][head_dim / 2]; pairs are (i, i + head_dim/2) or,
+// interleaved (GGUF), (2i, 2i + 1).
+template <typename T>
+__device__ void rope_kv_write(float* qkv, const uint32_t* pos, const float* cos_t,
+                              const float* sin_t, const uint32_t* slots, int heads, int kv_heads,
+                              int head_dim, int interleaved, int block_size, T* cache_k,
+                              T* cache_v) {
+    const int half = head_dim / 2, q_width = heads * head_dim, kv_width = kv_heads * head_dim;
     const float* c = cos_t + (size_t)pos[blockIdx.x] * half;
     const float* s = sin_t + (size_t)pos[blockIdx.x] * half;
-    float* row = x + (size_t)blockIdx.x * heads * head_dim;
-    for (int j = threadIdx.x; j < heads * half; j += blockDim.x) {
-        const int h = j / half, i = j % half;
-        float* v = row + (size_t)h * head_dim;
-        const int a = interleaved ? 2 * i : i, b = interleaved ? 2 * i + 1 : i + half;
-        const float x0 = v[a], x1 = v[b];
-        v[a] = x0 * c[i] - x1 * s[i];
-        v[b] = x0 * s[i] + x1 * c[i];
-    }
-}
-
-// ---- writing new keys and values into their slots: one block per token --------
-// slots[t] = block id · block_size + offset, from the sequence's block table.
-template <typename T>
-__device__ void kv_write(const float* k, const float* v, const uint32_t* slots, int kv_heads,
-                         int head_dim, int block_size, T* cache_k, T* cache_v) {
+    float* row = qkv + (size_t)blockIdx.x * (q_width + 2 * kv_width);
     const uint32_t slot = slots[blockIdx.x];
     const size_t blk = slot / block_size, off = slot % block_size;
-    const int width = kv_heads * head_dim;
-    const float* ks = k + (size_t)blockIdx.x * width;
-    const float* vs = v + (size_t)blockIdx.x * width;
-    for (int j = threadIdx.x; j < width; j += blockDim.x) {
-        const int h = j / head_dim, d = j % head_dim;
-        const size_t at = ((blk * kv_heads + h) * block_size + off) * head_dim + d;
-        cache_k[at] = from_f<T>(ks[j]);
-        cache_v[at] = from_f<T>(vs[j]);
+    // Where dim d of kv head h goes in the cache.
+    auto at = [&](int h, int d) {
+        return ((blk * kv_heads + h) * block_size + off) * head_dim + d;
+    };
+    for (int j = threadIdx.x; j < (heads + kv_heads) * half; j += blockDim.x) {
+        const int h = j / half, i = j % half;
+        const bool is_k = h >= heads;
+        float* v = row + (size_t)h * head_dim;  // k's heads follow q's in the row
+        const int a = interleaved ? 2 * i : i, b = interleaved ? 2 * i + 1 : i + half;
+        const float x0 = v[a], x1 = v[b];
+        const float y0 = x0 * c[i] - x1 * s[i], y1 = x0 * s[i] + x1 * c[i];
+        if (is_k) {
+            cache_k[at(h - heads, a)] = from_f<T>(y0);
+            cache_k[at(h - heads, b)] = from_f<T>(y1);
+        } else {
+            v[a] = y0;
+            v[b] = y1;
+        }
     }
+    const float* vs = row + q_width + kv_width;
+    for (int j = threadIdx.x; j < kv_width; j += blockDim.x)
+        cache_v[at(j / head_dim, j % head_dim)] = from_f<T>(vs[j]);
 }
 
 // ---- paged attention ------------------------------------------------------------
@@ -128,8 +134,11 @@ __device__ void kv_write(const float* k, const float* v, const uint32_t* slots, 
 // splits): split z covers keys [z·partition, (z+1)·partition), so a long
 // context is spread over many blocks; each block's warps take every
 // (blockDim/32)-th key with an online softmax, merge in shared memory, and
-// write the split's (max, sum, weighted values). attention_merge combines the
-// splits. Query head h reads kv head h / (heads / kv_heads) (grouped-query).
+// write the split's (max, sum, weighted values); attention_merge combines the
+// splits. With one split (max_splits == 1) the block writes the row's output
+// itself and no merge runs. Rows of q are q_stride floats apart (q is the
+// first part of the fused q/k/v product's row). Query head h reads kv head
+// h / (heads / kv_heads) (grouped-query).
 // head_dim is a multiple of 32, at most 256: lane l holds dims l, l+32, ...
 #define MAX_PER_LANE 8
 #define MAX_WARPS 8
@@ -139,7 +148,8 @@ __device__ void attention(const float* q, const T* cache_k, const T* cache_v,
                           const uint32_t* row_seq, const uint32_t* row_pos,
                           const uint32_t* tables, int table_stride, int heads, int kv_heads,
                           int head_dim, int block_size, int partition, int max_splits,
-                          float scale, float* part_m, float* part_l, float* part_acc) {
+                          int q_stride, float scale, float* part_m, float* part_l,
+                          float* part_acc, T* out) {
     const int r = blockIdx.x, h = blockIdx.y, split = blockIdx.z;
     const int keys = (int)row_pos[r] + 1;
     const int k0 = split * partition;
@@ -149,7 +159,7 @@ __device__ void attention(const float* q, const T* cache_k, const T* cache_v,
     const int lane = threadIdx.x & 31, warp = threadIdx.x >> 5, warps = blockDim.x >> 5;
     const int per_lane = head_dim >> 5;
     const uint32_t* table = tables + (size_t)row_seq[r] * table_stride;
-    const float* qr = q + ((size_t)r * heads + h) * head_dim;
+    const float* qr = q + (size_t)r * q_stride + (size_t)h * head_dim;
 
     float qv[MAX_PER_LANE], acc[MAX_PER_LANE];
 #pragma unroll
@@ -188,6 +198,16 @@ __device__ void attention(const float* q, const T* cache_k, const T* cache_v,
     float mx = -INFINITY;
     for (int w = 0; w < warps; w++) mx = fmaxf(mx, sm_m[w]);
     const size_t at = ((size_t)r * heads + h) * max_splits + split;
+    if (max_splits == 1) {
+        float sum = 0.f;
+        for (int w = 0; w < warps; w++) sum += sm_l[w] * expf(sm_m[w] - mx);
+        for (int d = threadIdx.x; d < head_dim; d += blockDim.x) {
+            float a = 0.f;
+            for (int w = 0; w < warps; w++) a += sm_acc[w][d] * expf(sm_m[w] - mx);
+            out[at * head_dim + d] = from_f<T>(a / sum);
+        }
+        return;
+    }
     if (threadIdx.x == 0) {
         float sum = 0.f;
         for (int w = 0; w < warps; w++) sum += sm_l[w] * expf(sm_m[w] - mx);
@@ -223,12 +243,15 @@ __device__ void attention_merge(const float* part_m, const float* part_l, const 
 }
 
 // ---- SiLU(gate) · up, into the input of the down projection ----------------------
+// A row of gate_up is [gate: inter | up: inter] (the fused product); out is
+// [rows][inter], n = rows · inter.
 template <typename T>
-__device__ void silu_mul(const float* gate, const float* up, size_t n, T* out) {
+__device__ void silu_mul(const float* gate_up, int inter, size_t n, T* out) {
     for (size_t i = (size_t)blockIdx.x * blockDim.x + threadIdx.x; i < n;
          i += (size_t)gridDim.x * blockDim.x) {
-        const float g = gate[i];
-        out[i] = from_f<T>(g / (1.f + expf(-g)) * up[i]);
+        const size_t r = i / inter, j = i % inter;
+        const float g = gate_up[r * 2 * inter + j], u = gate_up[r * 2 * inter + inter + j];
+        out[i] = from_f<T>(g / (1.f + expf(-g)) * u);
     }
 }
 
@@ -260,19 +283,21 @@ __device__ void fill_random(T* out, size_t n, uint64_t seed, float center, float
                                             const T* w, float eps, int dim, T* out) {           \
         rms_norm<T>(x, delta, rows, w, eps, dim, out);                                          \
     }                                                                                           \
-    extern "C" __global__ void kv_write_##S(const float* k, const float* v,                     \
-                                            const uint32_t* slots, int kv_heads, int head_dim,  \
-                                            int block_size, T* cache_k, T* cache_v) {           \
-        kv_write<T>(k, v, slots, kv_heads, head_dim, block_size, cache_k, cache_v);             \
+    extern "C" __global__ void rope_kv_write_##S(                                               \
+        float* qkv, const uint32_t* pos, const float* cos_t, const float* sin_t,                \
+        const uint32_t* slots, int heads, int kv_heads, int head_dim, int interleaved,          \
+        int block_size, T* cache_k, T* cache_v) {                                               \
+        rope_kv_write<T>(qkv, pos, cos_t, sin_t, slots, heads, kv_heads, head_dim, interleaved, \
+                         block_size, cache_k, cache_v);                                         \
     }                                                                                           \
     extern "C" __global__ void attention_##S(                                                   \
         const float* q, const T* cache_k, const T* cache_v, const uint32_t* row_seq,            \
         const uint32_t* row_pos, const uint32_t* tables, int table_stride, int heads,           \
-        int kv_heads, int head_dim, int block_size, int partition, int max_splits, float scale, \
-        float* part_m, float* part_l, float* part_acc) {                                        \
+        int kv_heads, int head_dim, int block_size, int partition, int max_splits,              \
+        int q_stride, float scale, float* part_m, float* part_l, float* part_acc, T* out) {     \
         attention<T>(q, cache_k, cache_v, row_seq, row_pos, tables, table_stride, heads,        \
-                     kv_heads, head_dim, block_size, partition, max_splits, scale, part_m,      \
-                     part_l, part_acc);                                                         \
+                     kv_heads, head_dim, block_size, partition, max_splits, q_stride, scale,    \
+                     part_m, part_l, part_acc, out);                                            \
     }                                                                                           \
     extern "C" __global__ void attention_merge_##S(                                             \
         const float* part_m, const float* part_l, const float* part_acc,                        \
@@ -281,9 +306,8 @@ __device__ void fill_random(T* out, size_t n, uint64_t seed, float center, float
         attention_merge<T>(part_m, part_l, part_acc, row_pos, heads, head_dim, partition,       \
                            max_splits, out);                                                    \
     }                                                                                           \
-    extern "C" __global__ void silu_mul_##S(const float* gate, const float* up, size_t n,       \
-                                            T* out) {                                           \
-        silu_mul<T>(gate, up, n, out);                                                          \
+    extern "C" __global__ void silu_mul_##S(const float* gate_up, int inter, size_t n, T* out) { \
+        silu_mul<T>(gate_up, inter, n, out);                                                    \
     }                                                                                           \
     extern "C" __global__ void fill_random_##S(T* out, size_t n, uint64_t seed, float center,   \
                                                float scale) {                                   \

@@ -5,52 +5,58 @@
 //! tables, the same logits out, so the scheduler above does not know which
 //! one it drives.
 //!
-//! Per layer: RMSNorm (with the previous residual add) → q, k, v products
-//! (cuBLAS) → RoPE → cache write → paged attention → o product → all-reduce
-//! → RMSNorm with the residual add → gate, up products → SiLU·mul → down
-//! product → all-reduce.
+//! Per layer: RMSNorm (with the previous residual add) → the q/k/v product
+//! (cuBLAS; the three weights stacked at load) → RoPE and the cache write →
+//! paged attention → o product → all-reduce → RMSNorm with the residual add
+//! → the gate/up product (stacked too) → SiLU·mul → down product →
+//! all-reduce: five kernels and four products.
+//!
+//! Decode steps can be replayed as CUDA graphs (`--cuda-graph-max-batch`):
+//! a step's few hundred launches become one, on buffers that never move
+//! (`Graphs`; the padding rules are `launch::GraphShape`'s).
 
+use std::collections::{HashMap, HashSet};
 use std::ops::Range;
 use std::sync::Arc;
 
 use candle_core::{DType, Device};
-use cudarc::driver::CudaSlice;
+use cudarc::driver::sys::{CUgraphInstantiate_flags, CUstreamCaptureMode};
+use cudarc::driver::{CudaGraph, CudaSlice};
 
-use super::ops::{AttentionScratch, AttentionShape, DeviceIndex, Elem, Gpu};
+use super::ops::{AttentionScratch, AttentionShape, DeviceIndex, Elem, Gpu, cuda_err};
 use crate::comm::Communicator;
 use crate::config::ModelConfig;
 use crate::error::{Result, WorkerError};
-use crate::gpu::launch::{attention_plan, step_index};
+use crate::gpu::launch::{AttentionPlan, GraphShape, StepIndex, attention_plan, step_index};
 use crate::model::{LogitsFor, Rope, SeqInput, TpPlan, WeightDtype, check_step, gather_vocab};
 use crate::weights::{Weight, WeightStore};
 
 struct Layer<T> {
     input_norm: CudaSlice<T>,
-    q: CudaSlice<T>,
-    k: CudaSlice<T>,
-    v: CudaSlice<T>,
+    /// q, k and v stacked: `[q rows | k rows | v rows][hidden]`.
+    qkv: CudaSlice<T>,
     o: CudaSlice<T>,
     post_norm: CudaSlice<T>,
-    gate: CudaSlice<T>,
-    up: CudaSlice<T>,
+    /// gate and up stacked: `[gate rows | up rows][hidden]`.
+    gate_up: CudaSlice<T>,
     down: CudaSlice<T>,
 }
 
-/// A step's activations. Every kernel and product overwrites its output
-/// whole, so the buffers are reused as they are while steps keep the same
-/// (tokens, logit rows): a decode batch of a steady size allocates nothing.
+/// A step's activations, for up to `step.0` tokens and `step.1` logit
+/// rows. Every kernel and product overwrites its output whole, so the
+/// buffers are reused as they are while steps keep the same (tokens, logit
+/// rows): a decode batch of a steady size allocates nothing.
 struct Workspace<T> {
     step: (usize, usize),
     x: CudaSlice<f32>,
     xn: CudaSlice<T>,
-    q: CudaSlice<f32>,
-    k: CudaSlice<f32>,
-    v: CudaSlice<f32>,
+    /// `[tokens][q | k | v]`.
+    qkv: CudaSlice<f32>,
     attn: CudaSlice<T>,
     o: CudaSlice<f32>,
-    g: CudaSlice<f32>,
-    u: CudaSlice<f32>,
-    gu: CudaSlice<T>,
+    /// `[tokens][gate | up]`.
+    gate_up: CudaSlice<f32>,
+    act: CudaSlice<T>,
     down: CudaSlice<f32>,
     xf: CudaSlice<T>,
     logits: CudaSlice<f32>,
@@ -65,20 +71,39 @@ impl<T: Elem> Workspace<T> {
             step,
             x: gpu.zeros(n * h)?,
             xn: gpu.zeros(n * h)?,
-            q: gpu.zeros(n * qd)?,
-            k: gpu.zeros(n * kvd)?,
-            v: gpu.zeros(n * kvd)?,
+            qkv: gpu.zeros(n * (qd + 2 * kvd))?,
             attn: gpu.zeros(n * qd)?,
             o: gpu.zeros(n * h)?,
-            g: gpu.zeros(n * inter)?,
-            u: gpu.zeros(n * inter)?,
-            gu: gpu.zeros(n * inter)?,
+            gate_up: gpu.zeros(n * 2 * inter)?,
+            act: gpu.zeros(n * inter)?,
             down: gpu.zeros(n * h)?,
             xf: gpu.zeros(rows * h)?,
             logits: gpu.zeros(rows * held)?,
         })
     }
 }
+
+/// Decode steps as CUDA graphs: buffers sized for the largest captured
+/// batch, allocated once (a graph holds their addresses), and a graph per
+/// (batch size, key bucket). A shape runs eagerly on these buffers the
+/// first time it comes (which loads its kernels and lets cuBLAS choose its
+/// algorithms) and is captured the second.
+struct Graphs<T: Elem> {
+    shape: GraphShape,
+    index: DeviceIndex,
+    ws: Workspace<T>,
+    scratch: AttentionScratch,
+    graphs: HashMap<(usize, usize), Graph>,
+    seen: HashSet<(usize, usize)>,
+}
+
+/// A captured step.
+struct Graph(CudaGraph);
+
+// SAFETY: a graph is launched and dropped only by the thread that owns the
+// model (the engine's), never by two at once, which is all CUDA asks of
+// graph objects; it moves to that thread once, at start.
+unsafe impl Send for Graph {}
 
 /// Where the weights come from.
 pub enum Source<'a> {
@@ -90,7 +115,9 @@ pub enum Source<'a> {
     Random(u64),
 }
 
-pub struct CudaLlama<T: Elem> {
+/// What every step reads apart from the KV cache: the weights, the RoPE
+/// tables, the rank's share and its communicator.
+struct Net<T: Elem> {
     gpu: Arc<Gpu>,
     cfg: ModelConfig,
     plan: TpPlan,
@@ -103,13 +130,22 @@ pub struct CudaLlama<T: Elem> {
     cos: CudaSlice<f32>,
     sin: CudaSlice<f32>,
     interleaved: bool,
-    /// Per layer, keys and values `[block][kv_head][slot][head_dim]`.
+}
+
+pub struct CudaLlama<T: Elem> {
+    net: Net<T>,
+    /// Per layer, keys and values `[block][kv_head][slot][head_dim]`: the
+    /// scheduler's `num_blocks`, and one more that padding rows of a graph
+    /// write into.
     cache: Vec<(CudaSlice<T>, CudaSlice<T>)>,
     num_blocks: usize,
     block_size: usize,
     scratch: AttentionScratch,
-    /// The last step's buffers, reused while steps keep its shape.
+    /// The last eager step's buffers, reused while steps keep its shape.
     workspace: Option<Workspace<T>>,
+    /// The largest decode batch run as a CUDA graph; 0: none.
+    graph_max_batch: usize,
+    graphs: Option<Graphs<T>>,
     weight_bytes: usize,
     /// Bytes a decode step reads: every weight but the embedding's rows
     /// (unless the output layer is the embedding).
@@ -129,8 +165,7 @@ struct Uploader<'a, T: Elem> {
 
 impl<T: Elem> Uploader<'_, T> {
     /// `name`'s rows (`dim` 0) or columns (`dim` 1) `range`, expected to have
-    /// `shape` once sliced. Random weights: uniform with the scale of a
-    /// 1/√fan-in initialization, norms around 1.
+    /// `shape` once sliced.
     fn tensor(
         &mut self,
         name: &str,
@@ -138,23 +173,63 @@ impl<T: Elem> Uploader<'_, T> {
         range: Range<usize>,
         shape: [usize; 2],
     ) -> Result<CudaSlice<T>> {
+        (self.progress)(name);
+        if let Source::Random(seed) = self.source {
+            return self.random(*seed, shape);
+        }
+        let host = self.host(name, dim, range, shape)?;
+        self.upload(&host)
+    }
+
+    /// Row ranges of several tensors with `cols` columns, stacked in one
+    /// matrix (`[q | k | v]`, `[gate | up]`): one product instead of several.
+    fn stacked(&mut self, parts: &[(String, Range<usize>)], cols: usize) -> Result<CudaSlice<T>> {
+        let rows = parts.iter().map(|(_, r)| r.len()).sum::<usize>();
+        for (name, _) in parts {
+            (self.progress)(name);
+        }
+        if let Source::Random(seed) = self.source {
+            return self.random(*seed, [rows, cols]);
+        }
+        let mut host = Vec::with_capacity(rows * cols);
+        for (name, range) in parts {
+            host.extend(self.host(name, 0, range.clone(), [range.len(), cols])?);
+        }
+        self.upload(&host)
+    }
+
+    fn upload(&mut self, host: &[T]) -> Result<CudaSlice<T>> {
+        self.bytes += std::mem::size_of_val(host);
+        self.gpu.upload(host)
+    }
+
+    /// Uniform random weights with the scale of a 1/√fan-in initialization,
+    /// norms (one row) around 1.
+    fn random(&mut self, seed: u64, shape: [usize; 2]) -> Result<CudaSlice<T>> {
         let n = shape[0] * shape[1];
         self.bytes += n * std::mem::size_of::<T>();
-        (self.progress)(name);
-        let store = match self.source {
-            Source::Random(seed) => {
-                self.seed += 1;
-                let mut d = self.gpu.zeros::<T>(n)?;
-                let (center, scale) = if shape[0] == 1 {
-                    (1.0, 0.05)
-                } else {
-                    (0.0, 1.0 / (shape[1] as f32).sqrt())
-                };
-                self.gpu
-                    .fill_random(&mut d, seed.wrapping_mul(1000) + self.seed, center, scale)?;
-                return Ok(d);
-            }
-            Source::Store(store) => store,
+        self.seed += 1;
+        let mut d = self.gpu.zeros::<T>(n)?;
+        let (center, scale) = if shape[0] == 1 {
+            (1.0, 0.05)
+        } else {
+            (0.0, 1.0 / (shape[1] as f32).sqrt())
+        };
+        self.gpu
+            .fill_random(&mut d, seed.wrapping_mul(1000) + self.seed, center, scale)?;
+        Ok(d)
+    }
+
+    /// A checkpoint tensor's slice in T, in host memory.
+    fn host(
+        &mut self,
+        name: &str,
+        dim: usize,
+        range: Range<usize>,
+        shape: [usize; 2],
+    ) -> Result<Vec<T>> {
+        let Source::Store(store) = self.source else {
+            unreachable!("random weights are made on the GPU")
         };
         let w = if self.whole || shape[0] == 1 {
             store.get(name)?
@@ -169,7 +244,7 @@ impl<T: Elem> Uploader<'_, T> {
             Weight::Dense(t) => t,
             Weight::Quantized(q) => q.dequantize(&Device::Cpu).map_err(werr)?,
         };
-        if t.elem_count() != n {
+        if t.elem_count() != shape[0] * shape[1] {
             return Err(WorkerError::Config(format!(
                 "{name}: shape {:?}, the config implies {shape:?}",
                 t.dims()
@@ -180,8 +255,132 @@ impl<T: Elem> Uploader<'_, T> {
             .and_then(|t| t.flatten_all())
             .and_then(|t| t.to_vec1())
             .map_err(werr)?;
-        let host: Vec<T> = host.into_iter().map(T::from_f32).collect();
-        self.gpu.upload(&host)
+        Ok(host.into_iter().map(T::from_f32).collect())
+    }
+}
+
+impl<T: Elem> Net<T> {
+    fn shape(&self, block_size: usize) -> AttentionShape {
+        AttentionShape {
+            heads: self.plan.heads.len(),
+            kv_heads: self.plan.kv_heads.len(),
+            head_dim: self.cfg.head_dim,
+            block_size,
+        }
+    }
+
+    /// `[hidden, q, kv, mlp, vocab held]` on this rank.
+    fn widths(&self) -> [usize; 5] {
+        let hd = self.cfg.head_dim;
+        [
+            self.cfg.hidden_size,
+            self.plan.heads.len() * hd,
+            self.plan.kv_heads.len() * hd,
+            self.plan.intermediate.len(),
+            self.plan.vocab.len(),
+        ]
+    }
+
+    /// Whether a step can be captured in a CUDA graph: alone, or with
+    /// collectives on the device (NCCL); a sum through host memory cannot.
+    fn capturable(&self) -> bool {
+        self.plan.world == 1 || self.comm.cuda_stream().is_some()
+    }
+
+    /// Sums `buf` over the ranks: in place on the device through NCCL,
+    /// else (a CPU communicator) through host memory.
+    fn all_reduce(&self, buf: &mut CudaSlice<f32>) -> Result<()> {
+        if self.plan.world == 1 {
+            return Ok(());
+        }
+        if let Some(done) = self.comm.all_reduce_device(buf) {
+            return done;
+        }
+        let mut host = self.gpu.download(buf)?;
+        self.comm.all_reduce_sum(&mut host)?;
+        self.gpu.copy_into(&host, buf)
+    }
+
+    /// Enqueues one step, from the token ids in `d` to the logits of its
+    /// logit rows in `ws.logits` (this rank's vocabulary share). Nothing
+    /// here allocates or waits for the GPU, so a step can be captured.
+    fn step(
+        &self,
+        cache: &mut [(CudaSlice<T>, CudaSlice<T>)],
+        block_size: usize,
+        d: &DeviceIndex,
+        attention: &AttentionPlan,
+        scratch: &mut AttentionScratch,
+        ws: &mut Workspace<T>,
+    ) -> Result<()> {
+        let gpu = &*self.gpu;
+        let (n, rows) = (d.rows, d.logit_count);
+        let [h, qd, kvd, inter, held] = self.widths();
+        let shape = self.shape(block_size);
+        let eps = self.cfg.rms_norm_eps as f32;
+        gpu.embedding(
+            &d.ids,
+            n,
+            &self.embed,
+            self.plan.vocab.clone(),
+            h,
+            &mut ws.x,
+        )?;
+        self.all_reduce(&mut ws.x)?;
+        for (l, layer) in self.layers.iter().enumerate() {
+            // The previous layer's MLP output joins the residual here.
+            let delta = (l > 0).then_some(&ws.down);
+            gpu.rms_norm(
+                &mut ws.x,
+                delta,
+                None,
+                n,
+                &layer.input_norm,
+                eps,
+                h,
+                &mut ws.xn,
+            )?;
+            gpu.gemm(&ws.xn, &layer.qkv, n, h, qd + 2 * kvd, &mut ws.qkv)?;
+            let (ck, cv) = &mut cache[l];
+            let (cos, sin) = (&self.cos, &self.sin);
+            gpu.rope_kv_write(&mut ws.qkv, d, cos, sin, shape, self.interleaved, ck, cv)?;
+            gpu.attention(
+                &ws.qkv,
+                qd + 2 * kvd,
+                ck,
+                cv,
+                d,
+                attention,
+                shape,
+                scratch,
+                &mut ws.attn,
+            )?;
+            gpu.gemm(&ws.attn, &layer.o, n, qd, h, &mut ws.o)?;
+            self.all_reduce(&mut ws.o)?;
+            gpu.rms_norm(
+                &mut ws.x,
+                Some(&ws.o),
+                None,
+                n,
+                &layer.post_norm,
+                eps,
+                h,
+                &mut ws.xn,
+            )?;
+            gpu.gemm(&ws.xn, &layer.gate_up, n, h, 2 * inter, &mut ws.gate_up)?;
+            gpu.silu_mul(&ws.gate_up, n, inter, &mut ws.act)?;
+            gpu.gemm(&ws.act, &layer.down, n, inter, h, &mut ws.down)?;
+            self.all_reduce(&mut ws.down)?;
+        }
+        // The last MLP output joins the residual in the final norm, for the
+        // rows whose logits are wanted.
+        let delta = (!self.layers.is_empty()).then_some(&ws.down);
+        let picked = Some(&d.logit_rows);
+        gpu.rms_norm(
+            &mut ws.x, delta, picked, rows, &self.norm, eps, h, &mut ws.xf,
+        )?;
+        let head = self.lm_head.as_ref().unwrap_or(&self.embed);
+        gpu.gemm(&ws.xf, head, rows, h, held, &mut ws.logits)
     }
 }
 
@@ -217,25 +416,20 @@ impl<T: Elem> CudaLlama<T> {
         let mut layers = Vec::with_capacity(cfg.num_layers);
         for l in 0..cfg.num_layers {
             let p = format!("model.layers.{l}");
-            let mut column = |name: &str, rows: &Range<usize>| {
-                up.tensor(
-                    &format!("{p}.{name}.weight"),
-                    0,
-                    rows.clone(),
-                    [rows.len(), h],
-                )
-            };
-            let (wq, wk, wv) = (
-                column("self_attn.q_proj", &q)?,
-                column("self_attn.k_proj", &kv)?,
-                column("self_attn.v_proj", &kv)?,
-            );
-            let (gate, upw) = (column("mlp.gate_proj", &i)?, column("mlp.up_proj", &i)?);
+            let part =
+                |name: &str, rows: &Range<usize>| (format!("{p}.{name}.weight"), rows.clone());
+            let qkv = up.stacked(
+                &[
+                    part("self_attn.q_proj", &q),
+                    part("self_attn.k_proj", &kv),
+                    part("self_attn.v_proj", &kv),
+                ],
+                h,
+            )?;
+            let gate_up = up.stacked(&[part("mlp.gate_proj", &i), part("mlp.up_proj", &i)], h)?;
             layers.push(Layer {
                 input_norm: up.tensor(&format!("{p}.input_layernorm.weight"), 0, 0..h, [1, h])?,
-                q: wq,
-                k: wk,
-                v: wv,
+                qkv,
                 o: up.tensor(
                     &format!("{p}.self_attn.o_proj.weight"),
                     1,
@@ -248,8 +442,7 @@ impl<T: Elem> CudaLlama<T> {
                     0..h,
                     [1, h],
                 )?,
-                gate,
-                up: upw,
+                gate_up,
                 down: up.tensor(
                     &format!("{p}.mlp.down_proj.weight"),
                     1,
@@ -279,48 +472,73 @@ impl<T: Elem> CudaLlama<T> {
         let rope = Rope::new(hd, cfg.context_length, cfg.rope_theta, cfg.rope_style);
         let (cos, sin) = rope.tables();
         Ok(Self {
-            cos: gpu.upload(cos)?,
-            sin: gpu.upload(sin)?,
-            interleaved: rope.interleaved(),
             scratch: AttentionScratch::new(&gpu)?,
-            gpu,
-            cfg,
-            plan,
-            comm,
-            embed,
-            layers,
-            norm,
-            lm_head,
+            net: Net {
+                cos: gpu.upload(cos)?,
+                sin: gpu.upload(sin)?,
+                interleaved: rope.interleaved(),
+                gpu,
+                cfg,
+                plan,
+                comm,
+                embed,
+                layers,
+                norm,
+                lm_head,
+            },
             cache: Vec::new(),
             workspace: None,
             num_blocks: 0,
             block_size: 1,
+            graph_max_batch: 0,
+            graphs: None,
             weight_bytes,
             step_bytes,
         })
     }
 
     /// The paged KV cache: `num_blocks` blocks of `block_size` tokens per
-    /// layer, keys and values in T.
+    /// layer, keys and values in T (and one block more, where the padding
+    /// rows of a graph's batch write).
     pub fn alloc_cache(&mut self, num_blocks: usize, block_size: usize) -> Result<()> {
-        let width = self.plan.kv_heads.len() * self.cfg.head_dim;
-        let n = num_blocks * block_size * width;
+        let width = self.net.plan.kv_heads.len() * self.net.cfg.head_dim;
+        let n = (num_blocks + 1) * block_size * width;
+        // Graphs hold the old cache's addresses.
+        self.graphs = None;
         self.cache.clear();
-        for _ in 0..self.cfg.num_layers {
-            self.cache
-                .push((self.gpu.zeros::<T>(n)?, self.gpu.zeros::<T>(n)?));
+        for _ in 0..self.net.cfg.num_layers {
+            let gpu = &self.net.gpu;
+            self.cache.push((gpu.zeros::<T>(n)?, gpu.zeros::<T>(n)?));
         }
         self.num_blocks = num_blocks;
         self.block_size = block_size;
         Ok(())
     }
 
+    /// Runs decode batches of up to `max_batch` sequences as CUDA graphs
+    /// (0: never). Off, with a note in the log, where collectives go
+    /// through host memory.
+    pub fn set_graph_max_batch(&mut self, max_batch: usize) {
+        if max_batch > 0 && !self.net.capturable() {
+            tracing::info!(
+                "CUDA graphs are off: this group's collectives go through host memory (use --collectives nccl)"
+            );
+        }
+        self.graph_max_batch = if self.net.capturable() { max_batch } else { 0 };
+        self.graphs = None;
+    }
+
+    /// CUDA graphs captured so far.
+    pub fn graphs_captured(&self) -> usize {
+        self.graphs.as_ref().map_or(0, |g| g.graphs.len())
+    }
+
     pub fn plan(&self) -> &TpPlan {
-        &self.plan
+        &self.net.plan
     }
 
     pub fn config(&self) -> &ModelConfig {
-        &self.cfg
+        &self.net.cfg
     }
 
     /// Bytes of weights on this rank's GPU.
@@ -334,139 +552,18 @@ impl<T: Elem> CudaLlama<T> {
         self.step_bytes
     }
 
-    /// Sums `buf` over the ranks: in place on the device through NCCL,
-    /// else (a CPU communicator) through host memory.
-    fn all_reduce(&self, buf: &mut CudaSlice<f32>) -> Result<()> {
-        if self.plan.world == 1 {
-            return Ok(());
-        }
-        if let Some(done) = self.comm.all_reduce_device(buf) {
-            return done;
-        }
-        let mut host = self.gpu.download(buf)?;
-        self.comm.all_reduce_sum(&mut host)?;
-        *buf = self.gpu.upload(&host)?;
-        Ok(())
-    }
-
     /// One step, as `Llama::forward`: per sequence, logits `[n, vocab]`.
     pub fn forward(&mut self, seqs: &[SeqInput<'_>], which: LogitsFor) -> Result<Vec<Vec<f32>>> {
-        let cfg = &self.cfg;
-        check_step(seqs, self.block_size, self.num_blocks, cfg.context_length)?;
+        let context = self.net.cfg.context_length;
+        check_step(seqs, self.block_size, self.num_blocks, context)?;
         let ix = step_index(seqs, self.block_size, which == LogitsFor::All);
-        let n = ix.ids.len();
-        let gpu = self.gpu.clone();
-        let d = DeviceIndex::upload(&gpu, &ix)?;
-        let (h, hd) = (cfg.hidden_size, cfg.head_dim);
-        let (heads, kv_heads) = (self.plan.heads.len(), self.plan.kv_heads.len());
-        let (qd, kvd, inter) = (heads * hd, kv_heads * hd, self.plan.intermediate.len());
-        let shape = AttentionShape {
-            heads,
-            kv_heads,
-            head_dim: hd,
-            block_size: self.block_size,
+        let rows = ix.logit_rows.len();
+        let local = match self.graph_step(&ix)? {
+            Some(local) => local,
+            None => self.eager_step(&ix)?,
         };
-        let plan = attention_plan(n, heads, hd, ix.max_keys, gpu.sms)?;
-        let eps = cfg.rms_norm_eps as f32;
-
-        let held = self.plan.vocab.len();
-        let step = (n, d.logit_count);
-        let ws = match self.workspace.take() {
-            Some(ws) if ws.step == step => ws,
-            _ => Workspace::new(&gpu, step, [h, qd, kvd, inter, held])?,
-        };
-        let Workspace {
-            mut x,
-            mut xn,
-            mut q,
-            mut k,
-            mut v,
-            mut attn,
-            mut o,
-            mut g,
-            mut u,
-            mut gu,
-            mut down,
-            mut xf,
-            mut logits,
-            ..
-        } = ws;
-        gpu.embedding(&d.ids, n, &self.embed, self.plan.vocab.clone(), h, &mut x)?;
-        self.all_reduce(&mut x)?;
-        for (l, layer) in self.layers.iter().enumerate() {
-            // The previous layer's MLP output joins the residual here.
-            let delta = (l > 0).then_some(&down);
-            gpu.rms_norm(&mut x, delta, None, n, &layer.input_norm, eps, h, &mut xn)?;
-            gpu.gemm(&xn, &layer.q, n, h, qd, &mut q)?;
-            gpu.gemm(&xn, &layer.k, n, h, kvd, &mut k)?;
-            gpu.gemm(&xn, &layer.v, n, h, kvd, &mut v)?;
-            gpu.rope(
-                &mut q,
-                &d.positions,
-                n,
-                &self.cos,
-                &self.sin,
-                heads,
-                hd,
-                self.interleaved,
-            )?;
-            gpu.rope(
-                &mut k,
-                &d.positions,
-                n,
-                &self.cos,
-                &self.sin,
-                kv_heads,
-                hd,
-                self.interleaved,
-            )?;
-            let (ck, cv) = &mut self.cache[l];
-            gpu.kv_write(&k, &v, &d.slots, n, kv_heads, hd, self.block_size, ck, cv)?;
-            gpu.attention(&q, ck, cv, &d, &plan, shape, &mut self.scratch, &mut attn)?;
-            gpu.gemm(&attn, &layer.o, n, qd, h, &mut o)?;
-            self.all_reduce(&mut o)?;
-            gpu.rms_norm(&mut x, Some(&o), None, n, &layer.post_norm, eps, h, &mut xn)?;
-            gpu.gemm(&xn, &layer.gate, n, h, inter, &mut g)?;
-            gpu.gemm(&xn, &layer.up, n, h, inter, &mut u)?;
-            gpu.silu_mul(&g, &u, n * inter, &mut gu)?;
-            gpu.gemm(&gu, &layer.down, n, inter, h, &mut down)?;
-            self.all_reduce(&mut down)?;
-        }
-        // The last MLP output joins the residual in the final norm, for the
-        // rows whose logits are wanted.
-        let rows = d.logit_count;
-        let delta = (!self.layers.is_empty()).then_some(&down);
-        gpu.rms_norm(
-            &mut x,
-            delta,
-            Some(&d.logit_rows),
-            rows,
-            &self.norm,
-            eps,
-            h,
-            &mut xf,
-        )?;
-        let head = self.lm_head.as_ref().unwrap_or(&self.embed);
-        gpu.gemm(&xf, head, rows, h, held, &mut logits)?;
-        let local = gpu.download(&logits)?;
-        self.workspace = Some(Workspace {
-            step,
-            x,
-            xn,
-            q,
-            k,
-            v,
-            attn,
-            o,
-            g,
-            u,
-            gu,
-            down,
-            xf,
-            logits,
-        });
-        let logits = gather_vocab(&*self.comm, &self.plan, cfg.vocab_size, local, rows)?;
-        let vocab = cfg.vocab_size;
+        let vocab = self.net.cfg.vocab_size;
+        let logits = gather_vocab(&*self.net.comm, &self.net.plan, vocab, local, rows)?;
         let mut out = Vec::with_capacity(seqs.len());
         let mut at = 0;
         for s in seqs {
@@ -479,6 +576,113 @@ impl<T: Elem> CudaLlama<T> {
             at += count;
         }
         Ok(out)
+    }
+
+    /// A step launched kernel by kernel; this rank's logits of its logit rows.
+    fn eager_step(&mut self, ix: &StepIndex) -> Result<Vec<f32>> {
+        let gpu = self.net.gpu.clone();
+        let d = DeviceIndex::upload(&gpu, ix)?;
+        let shape = self.net.shape(self.block_size);
+        let plan = attention_plan(d.rows, shape.heads, shape.head_dim, ix.max_keys, gpu.sms)?;
+        let step = (d.rows, d.logit_count);
+        let mut ws = match self.workspace.take() {
+            Some(ws) if ws.step == step => ws,
+            _ => Workspace::new(&gpu, step, self.net.widths())?,
+        };
+        let bs = self.block_size;
+        self.net
+            .step(&mut self.cache, bs, &d, &plan, &mut self.scratch, &mut ws)?;
+        let local = gpu.download(&ws.logits)?;
+        self.workspace = Some(ws);
+        Ok(local)
+    }
+
+    /// A decode step through a CUDA graph (see [`Graphs`]); None where
+    /// graphs are off or do not serve this step (a prefill, a batch larger
+    /// than the largest captured), which then runs eagerly. A capture that
+    /// fails turns graphs off, with a warning, and the step runs eagerly.
+    fn graph_step(&mut self, ix: &StepIndex) -> Result<Option<Vec<f32>>> {
+        if self.graph_max_batch == 0 || self.cache.is_empty() {
+            return Ok(None);
+        }
+        let gpu = self.net.gpu.clone();
+        let shape = self.net.shape(self.block_size);
+        let context = self.net.cfg.context_length;
+        if self.graphs.is_none() {
+            let gs = GraphShape::new(self.graph_max_batch, context, self.block_size);
+            let max = gs.max_batch();
+            let entries = gs.scratch_entries(shape.heads, shape.head_dim, context, gpu.sms);
+            self.graphs = Some(Graphs {
+                index: DeviceIndex::with_capacity(&gpu, max, gs.stride)?,
+                ws: Workspace::new(&gpu, (max, max), self.net.widths())?,
+                scratch: AttentionScratch::with_capacity(&gpu, entries, shape.head_dim)?,
+                shape: gs,
+                graphs: HashMap::new(),
+                seen: HashSet::new(),
+            });
+        }
+        let Some(g) = self.graphs.as_mut() else {
+            return Ok(None);
+        };
+        let Some(rows) = g.shape.batch_for(ix.ids.len()) else {
+            return Ok(None);
+        };
+        let Some(padded) = g.shape.pad(ix, rows, self.num_blocks as u32) else {
+            return Ok(None);
+        };
+        let keys = GraphShape::keys_for(ix.max_keys);
+        let plan = attention_plan(rows, shape.heads, shape.head_dim, keys, gpu.sms)?;
+        g.index.write(&gpu, &padded)?;
+        let bs = self.block_size;
+        let key = (rows, keys);
+        if let Some(Graph(graph)) = g.graphs.get(&key) {
+            graph
+                .launch()
+                .map_err(|e| cuda_err("replaying a decode step's graph", e))?;
+        } else if g.seen.insert(key) {
+            let (d, scratch, ws) = (&g.index, &mut g.scratch, &mut g.ws);
+            self.net.step(&mut self.cache, bs, d, &plan, scratch, ws)?;
+        } else {
+            let stream = &gpu.stream;
+            let captured = match stream
+                .begin_capture(CUstreamCaptureMode::CU_STREAM_CAPTURE_MODE_THREAD_LOCAL)
+            {
+                Err(e) => Err(format!("{e:?}")),
+                Ok(()) => {
+                    let (d, scratch, ws) = (&g.index, &mut g.scratch, &mut g.ws);
+                    let body = self.net.step(&mut self.cache, bs, d, &plan, scratch, ws);
+                    // Ends the capture whatever the body did.
+                    let ended = stream.end_capture(CUgraphInstantiate_flags(0));
+                    match (body, ended) {
+                        (Ok(()), Ok(Some(graph))) => Ok(graph),
+                        (Err(e), _) => Err(e.to_string()),
+                        (_, Err(e)) => Err(format!("{e:?}")),
+                        (Ok(()), Ok(None)) => Err("the capture was empty".to_string()),
+                    }
+                }
+            };
+            let graph = match captured {
+                Ok(graph) => graph,
+                Err(why) => {
+                    tracing::warn!(
+                        %why,
+                        rows,
+                        "capturing a decode step as a CUDA graph failed; decode steps run without graphs from now on"
+                    );
+                    self.graph_max_batch = 0;
+                    self.graphs = None;
+                    return Ok(None);
+                }
+            };
+            graph
+                .launch()
+                .map_err(|e| cuda_err("replaying a decode step's graph", e))?;
+            g.graphs.insert(key, Graph(graph));
+        }
+        let held = self.net.plan.vocab.len();
+        Ok(Some(
+            gpu.download_prefix(&g.ws.logits, ix.ids.len() * held)?,
+        ))
     }
 }
 
@@ -520,6 +724,10 @@ impl CudaModel {
 
     pub fn alloc_cache(&mut self, num_blocks: usize, block_size: usize) -> Result<()> {
         each!(self, m => m.alloc_cache(num_blocks, block_size))
+    }
+
+    pub fn set_graph_max_batch(&mut self, max_batch: usize) {
+        each!(self, m => m.set_graph_max_batch(max_batch))
     }
 
     pub fn forward(&mut self, seqs: &[SeqInput<'_>], which: LogitsFor) -> Result<Vec<Vec<f32>>> {

@@ -83,6 +83,9 @@ pub struct Gpu {
     module: Arc<CudaModule>,
     functions: Mutex<HashMap<String, CudaFunction>>,
     blas: CudaBlas,
+    /// cuBLAS's workspace, ours so that products can be captured in a CUDA
+    /// graph (no allocation inside a capture).
+    _blas_workspace: CudaSlice<u8>,
     /// Streaming multiprocessors, for launch sizes.
     pub sms: usize,
     pub name: String,
@@ -94,7 +97,8 @@ unsafe impl Send for Gpu {}
 unsafe impl Sync for Gpu {}
 
 impl Gpu {
-    /// GPU `ordinal` with a stream of its own.
+    /// GPU `ordinal` with a stream of its own (not the legacy default
+    /// stream, on which CUDA graphs cannot be captured).
     pub fn new(ordinal: usize) -> Result<Self> {
         if !available() {
             return Err(WorkerError::Config(
@@ -105,7 +109,7 @@ impl Gpu {
             ));
         }
         let ctx = CudaContext::new(ordinal).map_err(|e| cuda_err(&format!("GPU {ordinal}"), e))?;
-        Self::on(ctx.default_stream())
+        Self::on(single_stream(&ctx).map_err(|e| cuda_err("a stream", e))?)
     }
 
     /// On an existing stream (a tensor-parallel rank's, which NCCL uses too).
@@ -120,6 +124,24 @@ impl Gpu {
                 )
             })?;
         let blas = CudaBlas::new(stream.clone()).map_err(|e| cuda_err("cuBLAS", e))?;
+        // 32 MiB, what NVIDIA advises for Hopper.
+        let workspace = stream
+            .alloc_zeros::<u8>(32 << 20)
+            .map_err(|e| cuda_err("cuBLAS workspace", e))?;
+        {
+            let (ptr, _w) = workspace.device_ptr(&stream);
+            // SAFETY: the buffer lives as long as the handle (both in Self,
+            // the handle dropped first) and is used on the handle's stream.
+            unsafe {
+                cudarc::cublas::sys::cublasSetWorkspace_v2(
+                    *blas.handle(),
+                    ptr as *mut _,
+                    workspace.len(),
+                )
+            }
+            .result()
+            .map_err(|e| cuda_err("cuBLAS workspace", e))?;
+        }
         let sms = ctx
             .attribute(CUdevice_attribute::CU_DEVICE_ATTRIBUTE_MULTIPROCESSOR_COUNT)
             .map_err(|e| cuda_err("device attributes", e))? as usize;
@@ -129,6 +151,7 @@ impl Gpu {
             module,
             functions: Mutex::new(HashMap::new()),
             blas,
+            _blas_workspace: workspace,
             sms,
             name,
         })
@@ -153,6 +176,20 @@ impl Gpu {
             .map_err(|e| cuda_err("upload", e))
     }
 
+    /// Copies `host` to the start of `d` (which keeps its address).
+    pub fn copy_into<T: DeviceRepr>(&self, host: &[T], d: &mut CudaSlice<T>) -> Result<()> {
+        if host.len() > d.len() {
+            return Err(WorkerError::Config(format!(
+                "{} elements do not fit a device buffer of {}",
+                host.len(),
+                d.len()
+            )));
+        }
+        self.stream
+            .memcpy_htod(host, d)
+            .map_err(|e| cuda_err("upload", e))
+    }
+
     pub fn zeros<T: DeviceRepr + ValidAsZeroBits>(&self, n: usize) -> Result<CudaSlice<T>> {
         self.stream
             .alloc_zeros(n.max(1))
@@ -162,6 +199,17 @@ impl Gpu {
     pub fn download<T: DeviceRepr + Default + Clone>(&self, d: &CudaSlice<T>) -> Result<Vec<T>> {
         self.stream
             .clone_dtoh(d)
+            .map_err(|e| cuda_err("download", e))
+    }
+
+    /// The first `n` elements of `d`.
+    pub fn download_prefix<T: DeviceRepr + Default + Clone>(
+        &self,
+        d: &CudaSlice<T>,
+        n: usize,
+    ) -> Result<Vec<T>> {
+        self.stream
+            .clone_dtoh(&d.slice(..n.min(d.len())))
             .map_err(|e| cuda_err("download", e))
     }
 
@@ -224,57 +272,58 @@ impl Gpu {
         )
     }
 
-    /// RoPE in place on `x` (`[tokens][heads][head_dim]`).
+    /// RoPE on each token's q (in place) and k, and k and v written into
+    /// the token's cache slot. `qkv` is `[tokens][q | k | v]`, the fused
+    /// product's output.
     #[allow(clippy::too_many_arguments)]
-    pub fn rope(
+    pub fn rope_kv_write<T: Elem>(
         &self,
-        x: &mut CudaSlice<f32>,
-        positions: &CudaSlice<u32>,
-        tokens: usize,
+        qkv: &mut CudaSlice<f32>,
+        ix: &DeviceIndex,
         cos: &CudaSlice<f32>,
         sin: &CudaSlice<f32>,
-        heads: usize,
-        head_dim: usize,
+        shape: AttentionShape,
         interleaved: bool,
-    ) -> Result<()> {
-        let (h, hd, il) = (heads as i32, head_dim as i32, interleaved as i32);
-        launch!(
-            self,
-            "rope_f32".to_string(),
-            launch::per_row(tokens, heads * head_dim / 2),
-            [x, positions, cos, sin, &h, &hd, &il]
-        )
-    }
-
-    /// Writes each token's keys and values into its cache slot.
-    #[allow(clippy::too_many_arguments)]
-    pub fn kv_write<T: Elem>(
-        &self,
-        k: &CudaSlice<f32>,
-        v: &CudaSlice<f32>,
-        slots: &CudaSlice<u32>,
-        tokens: usize,
-        kv_heads: usize,
-        head_dim: usize,
-        block_size: usize,
         cache_k: &mut CudaSlice<T>,
         cache_v: &mut CudaSlice<T>,
     ) -> Result<()> {
-        let (kvh, hd, bs) = (kv_heads as i32, head_dim as i32, block_size as i32);
+        let AttentionShape {
+            heads,
+            kv_heads,
+            head_dim,
+            block_size,
+        } = shape;
+        let [h, kvh, hd, il, bs] =
+            [heads, kv_heads, head_dim, interleaved as usize, block_size].map(|v| v as i32);
         launch!(
             self,
-            format!("kv_write_{}", T::SUFFIX),
-            launch::per_row(tokens, kv_heads * head_dim),
-            [k, v, slots, &kvh, &hd, &bs, cache_k, cache_v]
+            format!("rope_kv_write_{}", T::SUFFIX),
+            launch::per_row(ix.rows, (heads + kv_heads) * head_dim / 2),
+            [
+                qkv,
+                &ix.positions,
+                cos,
+                sin,
+                &ix.slots,
+                &h,
+                &kvh,
+                &hd,
+                &il,
+                &bs,
+                cache_k,
+                cache_v
+            ]
         )
     }
 
-    /// Paged attention of every row, then the merge of its splits into `out`
-    /// (`[rows][heads][head_dim]`).
+    /// Paged attention of every row, then (with several splits) the merge
+    /// of its splits, into `out` (`[rows][heads][head_dim]`). Rows of `q`
+    /// are `q_stride` floats apart.
     #[allow(clippy::too_many_arguments)]
     pub fn attention<T: Elem>(
         &self,
         q: &CudaSlice<f32>,
+        q_stride: usize,
         cache_k: &CudaSlice<T>,
         cache_v: &CudaSlice<T>,
         ix: &DeviceIndex,
@@ -299,6 +348,7 @@ impl Gpu {
             block_size,
             partition,
             splits,
+            q_stride,
         ] = [
             ix.table_stride,
             heads,
@@ -307,6 +357,7 @@ impl Gpu {
             block_size,
             plan.partition,
             plan.max_splits,
+            q_stride,
         ]
         .map(|v| v as i32);
         let scale = 1.0 / (head_dim as f32).sqrt();
@@ -328,12 +379,17 @@ impl Gpu {
                 &block_size,
                 &partition,
                 &splits,
+                &q_stride,
                 &scale,
                 &mut scratch.m,
                 &mut scratch.l,
                 &mut scratch.acc,
+                &mut *out,
             ]
         )?;
+        if plan.max_splits == 1 {
+            return Ok(()); // the kernel wrote `out` itself
+        }
         launch!(
             self,
             format!("attention_merge_{}", T::SUFFIX),
@@ -352,20 +408,22 @@ impl Gpu {
         )
     }
 
-    /// `out = silu(gate) · up` over `n` elements.
+    /// `out[r] = silu(gate[r]) · up[r]` for `rows` rows of `gate_up`
+    /// (`[rows][gate | up]`, `inter` each).
     pub fn silu_mul<T: Elem>(
         &self,
-        gate: &CudaSlice<f32>,
-        up: &CudaSlice<f32>,
-        n: usize,
+        gate_up: &CudaSlice<f32>,
+        rows: usize,
+        inter: usize,
         out: &mut CudaSlice<T>,
     ) -> Result<()> {
+        let (n, inter_i) = (rows * inter, inter as i32);
         let n64 = n as u64;
         launch!(
             self,
             format!("silu_mul_{}", T::SUFFIX),
             launch::elementwise(n, self.sms),
-            [gate, up, &n64, out]
+            [gate_up, &inter_i, &n64, out]
         )
     }
 
@@ -448,6 +506,19 @@ impl Gpu {
     }
 }
 
+/// A new stream on `ctx` for everything this process does on the GPU
+/// (kernels, products, copies, NCCL): one stream orders them all, so
+/// cudarc's tracking of buffers across streams (an event recorded per
+/// buffer per launch) is turned off first.
+pub fn single_stream(
+    ctx: &Arc<CudaContext>,
+) -> std::result::Result<Arc<CudaStream>, cudarc::driver::DriverError> {
+    // SAFETY: every buffer of this context is used on the one stream made
+    // here, so no use needs ordering against another stream.
+    unsafe { ctx.disable_event_tracking() };
+    ctx.new_stream()
+}
+
 /// Whether the CUDA driver and cuBLAS can be loaded here.
 pub fn available() -> bool {
     // SAFETY: these only try to open the shared libraries.
@@ -490,6 +561,37 @@ impl DeviceIndex {
             logit_count: ix.logit_rows.len(),
         })
     }
+
+    /// Buffers for steps of up to `rows` tokens and `rows` tables of
+    /// `stride` entries, filled by [`write`](Self::write): their addresses
+    /// never change, which is what a CUDA graph replaying steps needs.
+    pub fn with_capacity(gpu: &Gpu, rows: usize, stride: usize) -> Result<Self> {
+        Ok(Self {
+            rows: 0,
+            ids: gpu.zeros(rows)?,
+            positions: gpu.zeros(rows)?,
+            slots: gpu.zeros(rows)?,
+            row_seq: gpu.zeros(rows)?,
+            tables: gpu.zeros(rows * stride)?,
+            table_stride: stride,
+            logit_rows: gpu.zeros(rows)?,
+            logit_count: 0,
+        })
+    }
+
+    /// `ix` into these buffers (an error if it does not fit).
+    pub fn write(&mut self, gpu: &Gpu, ix: &launch::StepIndex) -> Result<()> {
+        gpu.copy_into(&ix.ids, &mut self.ids)?;
+        gpu.copy_into(&ix.positions, &mut self.positions)?;
+        gpu.copy_into(&ix.slots, &mut self.slots)?;
+        gpu.copy_into(&ix.row_seq, &mut self.row_seq)?;
+        gpu.copy_into(&ix.tables, &mut self.tables)?;
+        gpu.copy_into(&ix.logit_rows, &mut self.logit_rows)?;
+        self.rows = ix.ids.len();
+        self.table_stride = ix.table_stride;
+        self.logit_count = ix.logit_rows.len();
+        Ok(())
+    }
 }
 
 /// The attention kernel's per-split partial results, grown as needed.
@@ -506,6 +608,14 @@ impl AttentionScratch {
             l: gpu.zeros(1)?,
             acc: gpu.zeros(1)?,
         })
+    }
+
+    /// Room for `entries` partial results from the start: a CUDA graph's
+    /// scratch, which must never move.
+    pub fn with_capacity(gpu: &Gpu, entries: usize, head_dim: usize) -> Result<Self> {
+        let mut s = Self::new(gpu)?;
+        s.reserve(gpu, entries, head_dim)?;
+        Ok(s)
     }
 
     fn reserve(&mut self, gpu: &Gpu, entries: usize, head_dim: usize) -> Result<()> {
@@ -541,10 +651,9 @@ mod tests {
                 let mut y = gpu.zeros::<f32>(2).unwrap();
                 gpu.gemm(&x, &w, 1, 2, 2, &mut y).unwrap();
                 assert_eq!(gpu.download(&y).unwrap(), [5.0, 11.0]);
-                let g = gpu.upload(&[0.0f32, 1.0]).unwrap();
-                let u = gpu.upload(&[3.0f32, 2.0]).unwrap();
                 let mut out = gpu.zeros::<half::bf16>(2).unwrap();
-                gpu.silu_mul(&g, &u, 2, &mut out).unwrap();
+                let gu = gpu.upload(&[0.0f32, 1.0, 3.0, 2.0]).unwrap();
+                gpu.silu_mul(&gu, 1, 2, &mut out).unwrap();
                 let out: Vec<f32> = gpu
                     .download(&out)
                     .unwrap()

@@ -6,6 +6,10 @@
 //!
 //! nvcc is `$NVCC`, else `$CUDA_HOME/bin/nvcc`, else `nvcc` on PATH;
 //! tests/run.sh installs it from PyPI (`nvidia-cuda-nvcc`) and sets `NVCC`.
+//!
+//! It also compiles the same kernels for the host with the C++ compiler
+//! (`src/gpu/cuda/emulate.cpp`): the tests run them there against the f64
+//! references (`gpu::cuda::emulate`); nothing else links them.
 
 use std::path::PathBuf;
 use std::process::Command;
@@ -49,4 +53,25 @@ fn main() {
     if !status.success() {
         panic!("nvcc failed on {KERNELS} ({status})");
     }
+    #[cfg(feature = "cuda")]
+    emulation();
+}
+
+/// The kernels for the host, over emulate.h (the `cc` build dependency
+/// comes with the feature).
+#[cfg(feature = "cuda")]
+fn emulation() {
+    const EMULATION: [&str; 2] = ["src/gpu/cuda/emulate.cpp", "src/gpu/cuda/emulate.h"];
+    for f in EMULATION {
+        println!("cargo:rerun-if-changed={f}");
+    }
+    cc::Build::new()
+        .cpp(true)
+        .std("c++20")
+        .opt_level(2)
+        // CUDA's `#pragma unroll` means nothing to a host compiler.
+        .flag_if_supported("-Wno-unknown-pragmas")
+        .flag_if_supported("-Wno-sign-compare")
+        .file(EMULATION[0])
+        .compile("aquila_kernels_emulated");
 }

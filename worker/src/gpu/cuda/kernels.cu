@@ -12,8 +12,12 @@
 // Launch parameters come from worker/src/gpu/launch.rs, which states what
 // each kernel assumes (block sizes, head_dim limits) and is unit-tested.
 
+#ifdef AQUILA_EMULATE
+#include "emulate.h"  // the host emulation the tests run these kernels on
+#else
 #include <cuda_bf16.h>
 #include <cuda_fp16.h>
+#endif
 #include <stdint.h>
 
 typedef __nv_bfloat16 bf16;

@@ -8,6 +8,11 @@ use crate::model::SeqInput;
 
 /// Threads of the attention blocks: 4 warps share a split's keys.
 pub const ATTENTION_THREADS: u32 = 128;
+/// Rows of one prefill attention tile (`PREFILL_ROWS` in kernels.cu).
+pub const PREFILL_ROWS: usize = 16;
+/// The prefill kernel holds a tile's q and 32 keys and values in shared
+/// memory as f32, for head_dim up to this.
+pub const PREFILL_MAX_HEAD_DIM: usize = 128;
 /// The kernel keeps `head_dim / 32` values per lane in registers, at most 8.
 pub const MAX_HEAD_DIM: usize = 256;
 
@@ -48,6 +53,9 @@ pub struct AttentionPlan {
     pub max_splits: usize,
     pub launch: Launch,
     pub merge: Launch,
+    /// Set where the step has prefill chunks: the tiled kernel then runs
+    /// every row (`prefill_attention`), and the split kernel none.
+    pub prefill: Option<Launch>,
 }
 
 /// Splits keys so a step fills the GPU: with few rows (a decode batch of
@@ -93,7 +101,24 @@ pub fn attention_plan(
             grid: (rows as u32, heads as u32, 1),
             block: (head_dim.div_ceil(32) * 32) as u32,
         },
+        prefill: None,
     })
+}
+
+impl AttentionPlan {
+    /// With the tiled prefill kernel where `ix` has a sequence of several
+    /// new tokens (and head_dim fits it): one block per (tile, head). A
+    /// step of decodes alone keeps the split kernel, which spreads a long
+    /// context over many blocks.
+    pub fn with_prefill(mut self, ix: &StepIndex, heads: usize, head_dim: usize) -> Self {
+        let tiles = ix.tiles.len() / 2;
+        let prefill = tiles < ix.ids.len() && head_dim <= PREFILL_MAX_HEAD_DIM;
+        self.prefill = prefill.then_some(Launch {
+            grid: (tiles as u32, heads as u32, 1),
+            block: ATTENTION_THREADS,
+        });
+        self
+    }
 }
 
 /// The index arrays of one step, flattened for the kernels.
@@ -114,6 +139,9 @@ pub struct StepIndex {
     pub logit_rows: Vec<u32>,
     /// Keys of the longest row.
     pub max_keys: usize,
+    /// Prefill attention's tiles, as pairs (first row, rows): each
+    /// sequence's rows in runs of up to `PREFILL_ROWS`.
+    pub tiles: Vec<u32>,
 }
 
 /// Flattens a step's sequences. `all_logits` asks for every row's logits
@@ -125,6 +153,11 @@ pub fn step_index(seqs: &[SeqInput<'_>], block_size: usize, all_logits: bool) ->
         ..StepIndex::default()
     };
     for (i, s) in seqs.iter().enumerate() {
+        for first in (0..s.tokens.len()).step_by(PREFILL_ROWS) {
+            let rows = PREFILL_ROWS.min(s.tokens.len() - first);
+            ix.tiles
+                .extend([(ix.ids.len() + first) as u32, rows as u32]);
+        }
         for (j, &id) in s.tokens.iter().enumerate() {
             let p = s.start + j;
             ix.logit_rows
@@ -260,6 +293,7 @@ impl GraphShape {
             table_stride: stride,
             logit_rows: (0..rows as u32).collect(),
             max_keys: ix.max_keys,
+            tiles: (0..rows as u32).flat_map(|r| [r, 1]).collect(),
         })
     }
 }
@@ -338,6 +372,35 @@ mod tests {
     }
 
     #[test]
+    fn prefill_steps_take_the_tiled_kernel_in_runs_of_16_rows() {
+        let table: Vec<u32> = (0..8).collect();
+        let tokens = [7u32; 40];
+        let seqs = [
+            SeqInput {
+                tokens: &tokens[..1],
+                start: 9,
+                table: &table,
+            },
+            SeqInput {
+                tokens: &tokens[..35],
+                start: 20,
+                table: &table,
+            },
+        ];
+        let ix = step_index(&seqs, 16, false);
+        // The decode is a tile of one; the chunk of 35 is 16 + 16 + 3.
+        assert_eq!(ix.tiles, [0, 1, 1, 16, 17, 16, 33, 3]);
+        let plan = attention_plan(36, 8, 128, 55, 132).unwrap();
+        let p = plan.with_prefill(&ix, 8, 128).prefill.unwrap();
+        assert_eq!(p.grid, (4, 8, 1));
+        assert_eq!(p.block, ATTENTION_THREADS);
+        // Decodes alone, or heads too wide for its shared memory: the split kernel.
+        let decode = step_index(&seqs[..1], 16, false);
+        assert_eq!(plan.with_prefill(&decode, 8, 128).prefill, None);
+        assert_eq!(plan.with_prefill(&ix, 8, 256).prefill, None);
+    }
+
+    #[test]
     fn attention_refuses_head_dims_the_kernel_cannot_hold() {
         for hd in [0, 48, 288] {
             let e = attention_plan(1, 8, hd, 10, 132).unwrap_err();
@@ -376,6 +439,7 @@ mod tests {
         assert_eq!(ix.tables, [4, 9, 7, 0]);
         assert_eq!(ix.logit_rows, [3, 4]);
         assert_eq!(ix.max_keys, 18);
+        assert_eq!(ix.tiles, [0, 4, 4, 1]);
         assert_eq!(step_index(&seqs, 16, true).logit_rows, [0, 1, 2, 3, 4]);
     }
 
@@ -447,6 +511,7 @@ mod tests {
         assert_eq!(p.tables, [4, 9, 0, 0, 7, 0, 0, 0, 99, 0, 0, 0, 99, 0, 0, 0]);
         assert_eq!(p.logit_rows, [0, 1, 2, 3]);
         assert_eq!(p.max_keys, 21);
+        assert_eq!(p.tiles, [0, 1, 1, 1, 2, 1, 3, 1]);
         // Not a decode step, or too big: no graph.
         let prefill = [SeqInput {
             tokens: &[1, 2],

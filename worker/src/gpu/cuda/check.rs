@@ -300,6 +300,28 @@ fn attention<T: Elem>(gpu: &Gpu, report: &mut Report, rng: &mut ChaCha8Rng) -> R
             err,
             tolerance::<T>(),
         );
+        // The same step through the tiled prefill kernel.
+        let prefill = plan.with_prefill(&ix, heads, hd);
+        if prefill.prefill.is_some() {
+            let mut out = gpu.zeros::<T>(ix.ids.len() * qd)?;
+            gpu.attention(
+                &dq,
+                row,
+                &ck,
+                &cv,
+                &d,
+                &prefill,
+                shape,
+                &mut scratch,
+                &mut out,
+            )?;
+            report.compare(
+                "kernels",
+                format!("attention_prefill_{s} {heads}/{kv_heads} heads ×{hd}, tiles of 16 rows"),
+                max_rel_error(&to_f32(&gpu.download(&out)?), &want),
+                tolerance::<T>(),
+            );
+        }
         // One decode row of a short context: a single split, no merge.
         let ix1 = case.step_of(1);
         let plan1 = attention_plan(1, heads, hd, ix1.max_keys, 1)?;

@@ -45,6 +45,17 @@
                                 max_splits, out);                                              \
         });                                                                                    \
     }                                                                                          \
+    extern "C" void emu_attention_prefill_##S(                                                 \
+        Dim3 g, unsigned b, const float* q, int q_stride, const T* cache_k, const T* cache_v,  \
+        const uint32_t* row_seq, const uint32_t* row_pos, const uint32_t* tables,              \
+        int table_stride, const uint32_t* tiles, int heads, int kv_heads, int head_dim,        \
+        int block_size, float scale, T* out) {                                                 \
+        aq_launch(g, b, [=] {                                                                  \
+            attention_prefill_##S(q, q_stride, cache_k, cache_v, row_seq, row_pos, tables,     \
+                                  table_stride, tiles, heads, kv_heads, head_dim, block_size,  \
+                                  scale, out);                                                 \
+        });                                                                                    \
+    }                                                                                          \
     extern "C" void emu_silu_mul_##S(Dim3 g, unsigned b, const float* gate_up, int inter,      \
                                      size_t n, T* out) {                                       \
         aq_launch(g, b, [=] { silu_mul_##S(gate_up, inter, n, out); });                        \

@@ -55,6 +55,15 @@ inline float __shfl_xor_sync(unsigned, float v, int mask) {
     return other;
 }
 
+inline float __shfl_sync(unsigned, float v, int src) {
+    const unsigned lane = threadIdx.x & 31;
+    aq_warp->slot[lane] = v;
+    aq_warp->bar.arrive_and_wait();
+    const float other = aq_warp->slot[(unsigned)src & 31];
+    aq_warp->bar.arrive_and_wait();
+    return other;
+}
+
 inline float rsqrtf(float x) { return 1.0f / std::sqrt(x); }
 
 // bf16 and f16 as their bits, converted with round-to-nearest-even as

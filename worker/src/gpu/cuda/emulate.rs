@@ -41,13 +41,15 @@ struct Kernels<T> {
         i32, i32, i32, i32, i32, i32, i32, i32, f32, *mut f32, *mut f32, *mut f32, *mut T),
     attention_merge: unsafe extern "C" fn(Dim3, u32, *const f32, *const f32, *const f32, *const u32,
         i32, i32, i32, i32, *mut T),
+    attention_prefill: unsafe extern "C" fn(Dim3, u32, *const f32, i32, *const T, *const T, *const u32,
+        *const u32, *const u32, i32, *const u32, i32, i32, i32, i32, f32, *mut T),
     silu_mul: unsafe extern "C" fn(Dim3, u32, *const f32, i32, usize, *mut T),
     fill_random: unsafe extern "C" fn(Dim3, u32, *mut T, usize, u64, f32, f32),
 }
 
 macro_rules! kernels {
     ($name:ident: $t:ty = $embedding:ident, $rms_norm:ident, $rope_kv_write:ident, $attention:ident,
-     $attention_merge:ident, $silu_mul:ident, $fill_random:ident) => {
+     $attention_merge:ident, $attention_prefill:ident, $silu_mul:ident, $fill_random:ident) => {
         unsafe extern "C" {
             fn $embedding(
                 _: Dim3,
@@ -122,6 +124,25 @@ macro_rules! kernels {
                 _: i32,
                 _: *mut $t,
             );
+            fn $attention_prefill(
+                _: Dim3,
+                _: u32,
+                _: *const f32,
+                _: i32,
+                _: *const $t,
+                _: *const $t,
+                _: *const u32,
+                _: *const u32,
+                _: *const u32,
+                _: i32,
+                _: *const u32,
+                _: i32,
+                _: i32,
+                _: i32,
+                _: i32,
+                _: f32,
+                _: *mut $t,
+            );
             fn $silu_mul(_: Dim3, _: u32, _: *const f32, _: i32, _: usize, _: *mut $t);
             fn $fill_random(_: Dim3, _: u32, _: *mut $t, _: usize, _: u64, _: f32, _: f32);
         }
@@ -131,6 +152,7 @@ macro_rules! kernels {
             rope_kv_write: $rope_kv_write,
             attention: $attention,
             attention_merge: $attention_merge,
+            attention_prefill: $attention_prefill,
             silu_mul: $silu_mul,
             fill_random: $fill_random,
         };
@@ -138,9 +160,9 @@ macro_rules! kernels {
 }
 
 kernels!(BF16: bf16 = emu_embedding_bf16, emu_rms_norm_bf16, emu_rope_kv_write_bf16, emu_attention_bf16,
-         emu_attention_merge_bf16, emu_silu_mul_bf16, emu_fill_random_bf16);
+         emu_attention_merge_bf16, emu_attention_prefill_bf16, emu_silu_mul_bf16, emu_fill_random_bf16);
 kernels!(F16: f16 = emu_embedding_f16, emu_rms_norm_f16, emu_rope_kv_write_f16, emu_attention_f16,
-         emu_attention_merge_f16, emu_silu_mul_f16, emu_fill_random_f16);
+         emu_attention_merge_f16, emu_attention_prefill_f16, emu_silu_mul_f16, emu_fill_random_f16);
 
 fn random(n: usize, rng: &mut ChaCha8Rng) -> Vec<f32> {
     (0..n).map(|_| rng.random_range(-1.0f32..1.0)).collect()
@@ -206,7 +228,7 @@ fn rope_and_attention<T: Elem>(kern: &Kernels<T>, interleaved: bool) {
     let (heads, kv_heads, hd, bs) = (4usize, 2usize, 64usize, 16usize);
     let (qd, width) = (heads * hd, kv_heads * hd);
     let row = qd + 2 * width;
-    let case = PagedCase::new(&[(0, 1), (16, 1), (150, 1), (40, 5)], bs, &mut rng);
+    let case = PagedCase::new(&[(0, 1), (16, 1), (150, 1), (20, 20)], bs, &mut rng);
     let style = if interleaved {
         RopeStyle::Interleaved
     } else {
@@ -332,6 +354,40 @@ fn rope_and_attention<T: Elem>(kern: &Kernels<T>, interleaved: bool) {
             assert_eq!(plan.max_splits, 1);
         }
     }
+    // The tiled prefill kernel on the same step: the chunk of 20 rows is a
+    // tile of 16 and one of 4; each decode is a tile of one.
+    let plan = attention_plan(ix.ids.len(), heads, hd, ix.max_keys, 132).unwrap();
+    let prefill = plan
+        .with_prefill(&ix, heads, hd)
+        .prefill
+        .expect("a prefill step");
+    assert_eq!(ix.tiles.len() / 2, 5);
+    let mut out = vec![T::default(); ix.ids.len() * qd];
+    let i = |v: usize| v as i32;
+    let (g, b) = grid(prefill);
+    unsafe {
+        (kern.attention_prefill)(
+            g,
+            b,
+            rows_q.as_ptr(),
+            i(row),
+            ck.as_ptr(),
+            cv.as_ptr(),
+            ix.row_seq.as_ptr(),
+            ix.positions.as_ptr(),
+            ix.tables.as_ptr(),
+            i(ix.table_stride),
+            ix.tiles.as_ptr(),
+            i(heads),
+            i(kv_heads),
+            i(hd),
+            i(bs),
+            1.0 / (hd as f32).sqrt(),
+            out.as_mut_ptr(),
+        )
+    };
+    let err = max_rel_error(&back(&out), &want);
+    assert!(err < tolerance::<T>(), "{s} prefill attention: {err}");
 }
 
 fn elementwise<T: Elem>(kern: &Kernels<T>) {

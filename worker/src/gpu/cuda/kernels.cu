@@ -36,6 +36,12 @@ __device__ __forceinline__ float warp_sum(float v) {
     return v;
 }
 
+__device__ __forceinline__ float warp_max(float v) {
+#pragma unroll
+    for (int o = 16; o > 0; o >>= 1) v = fmaxf(v, __shfl_xor_sync(0xffffffffu, v, o));
+    return v;
+}
+
 // Sum over the block (blockDim.x a multiple of 32, at most 1024).
 __device__ float block_sum(float v) {
     __shared__ float part[32];
@@ -246,6 +252,104 @@ __device__ void attention_merge(const float* part_m, const float* part_l, const 
     }
 }
 
+// ---- causal attention for prefill chunks: a tile of query rows per block ---------
+// Flash-attention style on CUDA cores: a block (4 warps) takes up to
+// PREFILL_ROWS consecutive rows of one sequence's chunk (tiles[2b] = first
+// row, tiles[2b + 1] = count) for one head, and walks its keys in tiles of
+// 32 read once into shared memory for all of its rows, with an online
+// softmax per row: no score matrix, and each key read once per tile of
+// rows instead of once per row. Lane j scores key j of a tile; the
+// weighted values are summed with each lane holding dims lane, lane + 32,
+// ... Keys past a row's position are masked (causal). head_dim ≤ 128.
+#define PREFILL_ROWS 16
+#define PREFILL_KEYS 32
+#define PREFILL_MAX_HEAD_DIM 128
+#define PREFILL_WARPS 4
+
+template <typename T>
+__device__ void attention_prefill(const float* q, int q_stride, const T* cache_k,
+                                  const T* cache_v, const uint32_t* row_seq,
+                                  const uint32_t* row_pos, const uint32_t* tables,
+                                  int table_stride, const uint32_t* tiles, int heads,
+                                  int kv_heads, int head_dim, int block_size, float scale,
+                                  T* out) {
+    __shared__ float sq[PREFILL_ROWS][PREFILL_MAX_HEAD_DIM];
+    __shared__ float sk[PREFILL_KEYS][PREFILL_MAX_HEAD_DIM + 1];  // +1: lanes hit distinct banks
+    __shared__ float sv[PREFILL_KEYS][PREFILL_MAX_HEAD_DIM];
+    constexpr int ROWS = PREFILL_ROWS / PREFILL_WARPS;  // per warp: rows warp, warp + 4, ...
+    const int h = blockIdx.y, kvh = h / (heads / kv_heads);
+    const int r0 = (int)tiles[2 * blockIdx.x], nq = (int)tiles[2 * blockIdx.x + 1];
+    const int lane = threadIdx.x & 31, warp = threadIdx.x >> 5;
+    const int per_lane = head_dim >> 5;
+    const uint32_t* table = tables + (size_t)row_seq[r0] * table_stride;
+    const int p0 = (int)row_pos[r0];
+    const int keys = p0 + nq;  // the tile's last row sees keys 0..keys-1
+    for (int i = threadIdx.x; i < nq * head_dim; i += blockDim.x) {
+        const int rr = i / head_dim, d = i % head_dim;
+        sq[rr][d] = q[(size_t)(r0 + rr) * q_stride + (size_t)h * head_dim + d] * scale;
+    }
+    float m[ROWS], l[ROWS], acc[ROWS][MAX_PER_LANE];
+#pragma unroll
+    for (int w = 0; w < ROWS; w++) {
+        m[w] = -INFINITY;
+        l[w] = 0.f;
+#pragma unroll
+        for (int i = 0; i < MAX_PER_LANE; i++) acc[w][i] = 0.f;
+    }
+    for (int kb = 0; kb < keys; kb += PREFILL_KEYS) {
+        __syncthreads();  // q is in place; the last tile's keys are read
+        for (int i = threadIdx.x; i < PREFILL_KEYS * head_dim; i += blockDim.x) {
+            const int j = i / head_dim, d = i % head_dim, k = kb + j;
+            float kv = 0.f, vv = 0.f;
+            if (k < keys) {
+                const size_t at =
+                    (((size_t)table[k / block_size] * kv_heads + kvh) * block_size + k % block_size) *
+                        head_dim + d;
+                kv = to_f(cache_k[at]);
+                vv = to_f(cache_v[at]);
+            }
+            sk[j][d] = kv;
+            sv[j][d] = vv;
+        }
+        __syncthreads();
+#pragma unroll
+        for (int w = 0; w < ROWS; w++) {
+            const int rr = warp + w * PREFILL_WARPS;
+            const int last = p0 + rr;  // the row's last key
+            if (rr >= nq || kb > last) continue;  // the same for the whole warp
+            const int k = kb + lane;
+            float s = -INFINITY;
+            if (k <= last) {
+                s = 0.f;
+                for (int d = 0; d < head_dim; d++) s += sq[rr][d] * sk[lane][d];
+            }
+            const float m_new = fmaxf(m[w], warp_max(s));
+            const float corr = expf(m[w] - m_new);
+            const float p = k <= last ? expf(s - m_new) : 0.f;
+            l[w] = l[w] * corr + warp_sum(p);
+#pragma unroll
+            for (int i = 0; i < MAX_PER_LANE; i++) acc[w][i] *= corr;
+            const int n = min(PREFILL_KEYS, last - kb + 1);
+            for (int j = 0; j < n; j++) {
+                const float pj = __shfl_sync(0xffffffffu, p, j);
+#pragma unroll
+                for (int i = 0; i < MAX_PER_LANE; i++)
+                    if (i < per_lane) acc[w][i] += pj * sv[j][lane + 32 * i];
+            }
+            m[w] = m_new;
+        }
+    }
+#pragma unroll
+    for (int w = 0; w < ROWS; w++) {
+        const int rr = warp + w * PREFILL_WARPS;
+        if (rr >= nq) continue;
+        T* o = out + ((size_t)(r0 + rr) * heads + h) * head_dim;
+#pragma unroll
+        for (int i = 0; i < MAX_PER_LANE; i++)
+            if (i < per_lane) o[lane + 32 * i] = from_f<T>(acc[w][i] / l[w]);
+    }
+}
+
 // ---- SiLU(gate) · up, into the input of the down projection ----------------------
 // A row of gate_up is [gate: inter | up: inter] (the fused product); out is
 // [rows][inter], n = rows · inter.
@@ -302,6 +406,15 @@ __device__ void fill_random(T* out, size_t n, uint64_t seed, float center, float
         attention<T>(q, cache_k, cache_v, row_seq, row_pos, tables, table_stride, heads,        \
                      kv_heads, head_dim, block_size, partition, max_splits, q_stride, scale,    \
                      part_m, part_l, part_acc, out);                                            \
+    }                                                                                           \
+    extern "C" __global__ void attention_prefill_##S(                                           \
+        const float* q, int q_stride, const T* cache_k, const T* cache_v,                       \
+        const uint32_t* row_seq, const uint32_t* row_pos, const uint32_t* tables,               \
+        int table_stride, const uint32_t* tiles, int heads, int kv_heads, int head_dim,         \
+        int block_size, float scale, T* out) {                                                  \
+        attention_prefill<T>(q, q_stride, cache_k, cache_v, row_seq, row_pos, tables,           \
+                             table_stride, tiles, heads, kv_heads, head_dim, block_size, scale, \
+                             out);                                                              \
     }                                                                                           \
     extern "C" __global__ void attention_merge_##S(                                             \
         const float* part_m, const float* part_l, const float* part_acc,                        \

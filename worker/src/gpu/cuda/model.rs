@@ -583,7 +583,8 @@ impl<T: Elem> CudaLlama<T> {
         let gpu = self.net.gpu.clone();
         let d = DeviceIndex::upload(&gpu, ix)?;
         let shape = self.net.shape(self.block_size);
-        let plan = attention_plan(d.rows, shape.heads, shape.head_dim, ix.max_keys, gpu.sms)?;
+        let plan = attention_plan(d.rows, shape.heads, shape.head_dim, ix.max_keys, gpu.sms)?
+            .with_prefill(ix, shape.heads, shape.head_dim);
         let step = (d.rows, d.logit_count);
         let mut ws = match self.workspace.take() {
             Some(ws) if ws.step == step => ws,

@@ -316,9 +316,10 @@ impl Gpu {
         )
     }
 
-    /// Paged attention of every row, then (with several splits) the merge
-    /// of its splits, into `out` (`[rows][heads][head_dim]`). Rows of `q`
-    /// are `q_stride` floats apart.
+    /// Paged attention of every row into `out` (`[rows][heads][head_dim]`):
+    /// the tiled prefill kernel where the plan has it, else the split
+    /// kernel and (with several splits) the merge of its splits. Rows of
+    /// `q` are `q_stride` floats apart.
     #[allow(clippy::too_many_arguments)]
     pub fn attention<T: Elem>(
         &self,
@@ -332,6 +333,40 @@ impl Gpu {
         scratch: &mut AttentionScratch,
         out: &mut CudaSlice<T>,
     ) -> Result<()> {
+        let scale = 1.0 / (shape.head_dim as f32).sqrt();
+        if let Some(l) = plan.prefill {
+            let [q_stride, stride, heads, kv_heads, head_dim, block_size] = [
+                q_stride,
+                ix.table_stride,
+                shape.heads,
+                shape.kv_heads,
+                shape.head_dim,
+                shape.block_size,
+            ]
+            .map(|v| v as i32);
+            return launch!(
+                self,
+                format!("attention_prefill_{}", T::SUFFIX),
+                l,
+                [
+                    q,
+                    &q_stride,
+                    cache_k,
+                    cache_v,
+                    &ix.row_seq,
+                    &ix.positions,
+                    &ix.tables,
+                    &stride,
+                    &ix.tiles,
+                    &heads,
+                    &kv_heads,
+                    &head_dim,
+                    &block_size,
+                    &scale,
+                    out,
+                ]
+            );
+        }
         let rows = ix.rows * shape.heads * plan.max_splits;
         scratch.reserve(self, rows, shape.head_dim)?;
         let AttentionShape {
@@ -360,7 +395,6 @@ impl Gpu {
             q_stride,
         ]
         .map(|v| v as i32);
-        let scale = 1.0 / (head_dim as f32).sqrt();
         launch!(
             self,
             format!("attention_{}", T::SUFFIX),
@@ -545,6 +579,8 @@ pub struct DeviceIndex {
     pub table_stride: usize,
     pub logit_rows: CudaSlice<u32>,
     pub logit_count: usize,
+    /// Prefill attention's tiles (pairs: first row, rows).
+    pub tiles: CudaSlice<u32>,
 }
 
 impl DeviceIndex {
@@ -559,6 +595,7 @@ impl DeviceIndex {
             table_stride: ix.table_stride,
             logit_rows: gpu.upload(&ix.logit_rows)?,
             logit_count: ix.logit_rows.len(),
+            tiles: gpu.upload(&ix.tiles)?,
         })
     }
 
@@ -576,6 +613,7 @@ impl DeviceIndex {
             table_stride: stride,
             logit_rows: gpu.zeros(rows)?,
             logit_count: 0,
+            tiles: gpu.zeros(2 * rows)?,
         })
     }
 
@@ -587,6 +625,7 @@ impl DeviceIndex {
         gpu.copy_into(&ix.row_seq, &mut self.row_seq)?;
         gpu.copy_into(&ix.tables, &mut self.tables)?;
         gpu.copy_into(&ix.logit_rows, &mut self.logit_rows)?;
+        gpu.copy_into(&ix.tiles, &mut self.tiles)?;
         self.rows = ix.ids.len();
         self.table_stride = ix.table_stride;
         self.logit_count = ix.logit_rows.len();

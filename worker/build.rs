@@ -53,6 +53,20 @@ fn main() {
     if !status.success() {
         panic!("nvcc failed on {KERNELS} ({status})");
     }
+    // "nvcc 13.4, sm_90", for the logs of a GPU whose driver refuses it.
+    let version = Command::new(&nvcc)
+        .arg("--version")
+        .output()
+        .ok()
+        .and_then(|o| String::from_utf8(o.stdout).ok())
+        .and_then(|v| {
+            v.lines()
+                .find_map(|l| l.split("release ").nth(1))
+                .and_then(|r| r.split(',').next())
+                .map(str::to_string)
+        })
+        .unwrap_or_else(|| "?".into());
+    println!("cargo:rustc-env=AQUILA_KERNELS_BUILT_BY=nvcc {version}, sm_{cap}");
     #[cfg(feature = "cuda")]
     emulation();
 }

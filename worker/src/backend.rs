@@ -60,7 +60,7 @@ pub fn load(
                 Some(stream) => Gpu::on(stream)?,
                 None => Gpu::new(comm.rank())?,
             });
-            tracing::info!(gpu = %gpu.name, sms = gpu.sms, "loading the model onto the GPU");
+            tracing::info!(gpu = %gpu.name, sms = gpu.sms, kernels = %gpu.kernels, "loading the model onto the GPU");
             let m = CudaModel::load(gpu, cfg, store, comm, opts.dtype, progress)?;
             let bytes = m.weight_bytes();
             Ok((Model::Cuda(m), bytes))

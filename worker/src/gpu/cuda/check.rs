@@ -745,6 +745,7 @@ pub fn run(skip_speed: bool, batches: &[usize]) -> Result<Report> {
         "GPU".into(),
         format!("{} ({} SMs)", gpu.name, gpu.sms),
     );
+    report.measure("device", "kernels".into(), gpu.kernels.clone());
     type Part<'a> = (&'static str, Box<dyn Fn(&mut Report) -> Result<()> + 'a>);
     let mut parts: Vec<Part<'_>> = vec![
         ("kernels bf16", Box::new(|r| kernels::<bf16>(&gpu, r))),

@@ -19,6 +19,26 @@ use crate::gpu::launch::{self, AttentionPlan, Launch};
 
 /// The kernels, compiled by nvcc for `CUDA_COMPUTE_CAP` (see build.rs).
 static FATBIN: &[u8] = include_bytes!(concat!(env!("OUT_DIR"), "/kernels.fatbin"));
+/// What compiled them, for the logs and the GPU check.
+pub const FATBIN_BUILT_BY: &str = env!("AQUILA_KERNELS_BUILT_BY");
+
+/// The kernels to load: `$AQUILA_CUDA_KERNELS` (a fatbin, cubin or PTX file
+/// of kernels.cu, e.g. compiled by the GPU machine's own nvcc where its
+/// driver is older than the toolkit that built this binary), else the
+/// embedded fatbin. Returns (image, where it came from).
+pub fn kernel_image() -> Result<(Vec<u8>, String)> {
+    match std::env::var_os("AQUILA_CUDA_KERNELS") {
+        Some(path) => {
+            let image = std::fs::read(&path)
+                .map_err(|e| WorkerError::io(format!("AQUILA_CUDA_KERNELS ({path:?})"), e))?;
+            Ok((
+                image,
+                format!("{} (AQUILA_CUDA_KERNELS)", path.to_string_lossy()),
+            ))
+        }
+        None => Ok((FATBIN.to_vec(), format!("embedded, {FATBIN_BUILT_BY}"))),
+    }
+}
 
 pub(crate) fn cuda_err(what: &str, e: impl std::fmt::Debug) -> WorkerError {
     WorkerError::Comm(format!("CUDA {what}: {e:?}"))
@@ -89,6 +109,8 @@ pub struct Gpu {
     /// Streaming multiprocessors, for launch sizes.
     pub sms: usize,
     pub name: String,
+    /// Where the kernels came from (see `kernel_image`).
+    pub kernels: String,
 }
 
 // SAFETY: cuBLAS handles may be used from any thread as long as calls do
@@ -115,11 +137,17 @@ impl Gpu {
     /// On an existing stream (a tensor-parallel rank's, which NCCL uses too).
     pub fn on(stream: Arc<CudaStream>) -> Result<Self> {
         let ctx = stream.context();
+        let (image, kernels) = kernel_image()?;
         let module = ctx
-            .load_module(cudarc::nvrtc::Ptx::from_binary(FATBIN.to_vec()))
+            .load_module(cudarc::nvrtc::Ptx::from_binary(image))
             .map_err(|e| {
                 cuda_err(
-                    "loading the kernels (is the GPU older than CUDA_COMPUTE_CAP?)",
+                    &format!(
+                        "loading the kernels ({kernels}): a GPU older than the compute capability \
+                         they were built for, or a driver older than the toolkit; compile \
+                         worker/src/gpu/cuda/kernels.cu with this machine's nvcc and point \
+                         AQUILA_CUDA_KERNELS at the file"
+                    ),
                     e,
                 )
             })?;
@@ -154,6 +182,7 @@ impl Gpu {
             _blas_workspace: workspace,
             sms,
             name,
+            kernels,
         })
     }
 

@@ -3,7 +3,8 @@
 //! what each kernel computes (`reference`), both tested in CI. The CUDA
 //! backend itself (`cuda`: kernels, cuBLAS, the model on the device, the
 //! GPU check) builds with the `cuda` feature and runs only where there is
-//! an NVIDIA GPU.
+//! an NVIDIA GPU, except its kernels, which the feature's tests also run on
+//! the host (`cuda::emulate`).
 
 pub mod launch;
 pub mod reference;

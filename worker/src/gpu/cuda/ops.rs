@@ -363,16 +363,27 @@ impl Gpu {
         out: &mut CudaSlice<T>,
     ) -> Result<()> {
         let scale = 1.0 / (shape.head_dim as f32).sqrt();
+        let [
+            heads,
+            kv_heads,
+            head_dim,
+            block_size,
+            stride,
+            q_stride,
+            partition,
+            splits,
+        ] = [
+            shape.heads,
+            shape.kv_heads,
+            shape.head_dim,
+            shape.block_size,
+            ix.table_stride,
+            q_stride,
+            plan.partition,
+            plan.max_splits,
+        ]
+        .map(|v| v as i32);
         if let Some(l) = plan.prefill {
-            let [q_stride, stride, heads, kv_heads, head_dim, block_size] = [
-                q_stride,
-                ix.table_stride,
-                shape.heads,
-                shape.kv_heads,
-                shape.head_dim,
-                shape.block_size,
-            ]
-            .map(|v| v as i32);
             return launch!(
                 self,
                 format!("attention_prefill_{}", T::SUFFIX),
@@ -396,34 +407,11 @@ impl Gpu {
                 ]
             );
         }
-        let rows = ix.rows * shape.heads * plan.max_splits;
-        scratch.reserve(self, rows, shape.head_dim)?;
-        let AttentionShape {
-            heads,
-            kv_heads,
-            head_dim,
-            block_size,
-        } = shape;
-        let [
-            stride,
-            heads,
-            kv_heads,
-            head_dim,
-            block_size,
-            partition,
-            splits,
-            q_stride,
-        ] = [
-            ix.table_stride,
-            heads,
-            kv_heads,
-            head_dim,
-            block_size,
-            plan.partition,
-            plan.max_splits,
-            q_stride,
-        ]
-        .map(|v| v as i32);
+        scratch.reserve(
+            self,
+            ix.rows * shape.heads * plan.max_splits,
+            shape.head_dim,
+        )?;
         launch!(
             self,
             format!("attention_{}", T::SUFFIX),

@@ -228,30 +228,39 @@ async fn a_bf16_kv_cache_holds_twice_the_blocks_and_serves() {
     assert_eq!(after.kv_blocks_free, after.kv_blocks_total);
 }
 
-/// A KV block larger than attention takes stops the worker at start, with
-/// an exit status and a message naming the flag, the value and the limit.
+/// Sizes the worker cannot serve with stop it at start, with an exit
+/// status and a message naming the flag, the value and the limit: a KV
+/// block larger than attention takes, a KV cache smaller than one block, a
+/// share of GPU memory that is no share.
 #[test]
-fn an_oversized_kv_block_is_refused_at_start() {
+fn impossible_kv_sizes_are_refused_at_start() {
     use aquila_worker::presets::{GgufType, WeightFormat};
     let dir = common::tiny_model(WeightFormat::Safetensors, GgufType::F32);
-    let out = std::process::Command::new(env!("CARGO_BIN_EXE_aquila"))
-        .args([
-            "worker",
-            "--listen",
-            "127.0.0.1:0",
-            "--kv-block-size",
-            "512",
-        ])
-        .arg("--model")
-        .arg(dir.path())
-        .output()
-        .expect("run aquila worker");
-    assert!(!out.status.success());
-    let stderr = String::from_utf8_lossy(&out.stderr);
-    assert!(
-        stderr.contains("--kv-block-size = 512 exceeds the limit of 256 tokens"),
-        "{stderr}"
-    );
+    for (flags, message) in [
+        (
+            ["--kv-block-size", "512"],
+            "--kv-block-size = 512 exceeds the limit of 256 tokens",
+        ),
+        (
+            ["--kv-cache-mib", "0"],
+            "the KV cache holds no block: 0 MiB is less than one block of 16 tokens",
+        ),
+        (
+            ["--gpu-memory-utilization", "1.5"],
+            "--gpu-memory-utilization = 1.5: expected a share of the GPU's memory, above 0 and at most 1",
+        ),
+    ] {
+        let out = std::process::Command::new(env!("CARGO_BIN_EXE_aquila"))
+            .args(["worker", "--listen", "127.0.0.1:0"])
+            .args(flags)
+            .arg("--model")
+            .arg(dir.path())
+            .output()
+            .expect("run aquila worker");
+        assert!(!out.status.success(), "{flags:?}");
+        let stderr = String::from_utf8_lossy(&out.stderr);
+        assert!(stderr.contains(message), "{flags:?}: {stderr}");
+    }
 }
 
 /// The engine over a tensor-parallel group (2 rank processes): chunked

@@ -102,6 +102,24 @@ impl Model {
         }
     }
 
+    /// Bytes the KV cache may take where the device says so: on a GPU,
+    /// `utilization` of its memory less the weights and the buffers of a
+    /// step of `max_tokens` tokens over `max_seqs` sequences; None on the
+    /// CPU, where --kv-cache-mib decides.
+    #[cfg_attr(not(feature = "cuda"), allow(unused_variables))]
+    pub fn device_kv_budget(
+        &self,
+        utilization: f64,
+        max_tokens: usize,
+        max_seqs: usize,
+    ) -> Result<Option<usize>> {
+        match self {
+            Model::Cpu(_) => Ok(None),
+            #[cfg(feature = "cuda")]
+            Model::Cuda(m) => m.kv_budget(utilization, max_tokens, max_seqs).map(Some),
+        }
+    }
+
     /// Bytes one token takes in this rank's KV cache (keys and values, all
     /// layers, its heads): in `kv_dtype` on the CPU; on a GPU the cache holds
     /// the weights' 16-bit type.

@@ -67,9 +67,15 @@ pub struct WorkerArgs {
     /// Prompt tokens that may wait in all; more are refused with RESOURCE_EXHAUSTED.
     #[arg(long, env = "AQUILA_MAX_WAITING_TOKENS", default_value_t = 262_144)]
     pub max_waiting_tokens: usize,
-    /// Memory for the KV cache, in MiB.
-    #[arg(long, env = "AQUILA_KV_CACHE_MIB", default_value_t = 1024)]
-    pub kv_cache_mib: usize,
+    /// Memory for the KV cache, in MiB per rank. Default: 1024 on the CPU;
+    /// on a GPU, what --gpu-memory-utilization leaves.
+    #[arg(long, env = "AQUILA_KV_CACHE_MIB")]
+    pub kv_cache_mib: Option<usize>,
+    /// With --device cuda and no --kv-cache-mib: the share of each GPU's
+    /// memory this worker may use; the KV cache gets what the weights and
+    /// the step buffers leave of it (as vLLM's flag of the same name).
+    #[arg(long, env = "AQUILA_GPU_MEMORY_UTILIZATION", default_value_t = 0.9)]
+    pub gpu_memory_utilization: f64,
     /// KV cache size in blocks; overrides --kv-cache-mib when set.
     #[arg(long, env = "AQUILA_KV_CACHE_BLOCKS")]
     pub kv_cache_blocks: Option<usize>,
@@ -179,13 +185,28 @@ fn load_rank(
         .set_cuda_graph_max_batch(args.cuda_graph_max_batch.min(args.max_running));
     metrics.model_loaded(started.elapsed());
     let block_bytes = loaded.model.kv_bytes_per_token(args.kv_cache_dtype) * args.kv_block_size;
-    let kv_blocks = args
-        .kv_cache_blocks
-        .unwrap_or(args.kv_cache_mib * 1024 * 1024 / block_bytes);
+    let kv_bytes = match args.kv_cache_mib {
+        Some(mib) => mib * 1024 * 1024,
+        None => {
+            let u = args.gpu_memory_utilization;
+            if !(u > 0.0 && u <= 1.0) {
+                return Err(WorkerError::Config(format!(
+                    "--gpu-memory-utilization = {u}: expected a share of the GPU's memory, above 0 and at most 1"
+                )));
+            }
+            let budget =
+                loaded
+                    .model
+                    .device_kv_budget(u, args.max_batch_tokens, args.max_running)?;
+            budget.unwrap_or(1024 * 1024 * 1024)
+        }
+    };
+    let kv_blocks = args.kv_cache_blocks.unwrap_or(kv_bytes / block_bytes);
     if kv_blocks == 0 {
         return Err(WorkerError::Config(format!(
-            "the KV cache holds no block: --kv-cache-mib {} is less than one block of {} tokens ({block_bytes} bytes)",
-            args.kv_cache_mib, args.kv_block_size
+            "the KV cache holds no block: {} MiB is less than one block of {} tokens ({block_bytes} bytes); give --kv-cache-mib more",
+            kv_bytes >> 20,
+            args.kv_block_size
         )));
     }
     tracing::info!(

@@ -298,6 +298,30 @@ impl GraphShape {
     }
 }
 
+/// Device bytes of one step's buffers (`Workspace` in cuda/model.rs) for
+/// `tokens` tokens and `rows` logit rows, with this rank's widths `[hidden,
+/// q, kv, mlp, vocab held]`: f32 for the residual stream, the products'
+/// outputs and the logits, 2 bytes for the products' inputs.
+pub fn step_buffer_bytes(tokens: usize, rows: usize, widths: [usize; 5]) -> usize {
+    let [h, qd, kvd, inter, held] = widths;
+    let f32s = tokens * (h + (qd + 2 * kvd) + h + 2 * inter + h) + rows * held;
+    let halves = tokens * (h + qd + inter) + rows * h;
+    4 * f32s + 2 * halves
+}
+
+/// What is left for the KV cache on a GPU with `free` of `total` bytes
+/// free now (the weights loaded): `utilization` of the whole, less what is
+/// in use and `reserve` for the step buffers to come. None if nothing is
+/// left.
+pub fn kv_budget(free: usize, total: usize, utilization: f64, reserve: usize) -> Option<usize> {
+    let used = total.saturating_sub(free);
+    let allowed = (total as f64 * utilization) as usize;
+    allowed
+        .checked_sub(used)
+        .and_then(|b| b.checked_sub(reserve))
+        .filter(|&b| b > 0)
+}
+
 /// cuBLAS is column-major; our matrices are row-major. `Y[rows][out] =
 /// X[rows][in] · W[out][in]ᵀ` is, read column-major, `Yᶜ(out × rows) =
 /// Wᶜ(in × out)ᵀ · Xᶜ(in × rows)`: `gemm(T, N, m = out, n = rows, k = in,
@@ -527,6 +551,23 @@ mod tests {
             table: &long,
         }];
         assert_eq!(g.pad(&step_index(&past, 16, false), 4, 99), None);
+    }
+
+    #[test]
+    fn the_kv_cache_gets_what_utilization_leaves_after_weights_and_buffers() {
+        const GIB: usize = 1 << 30;
+        // 141 GiB, 14 in use (weights): 90% is 126.9, so 112.9 minus 1 reserved.
+        let b = kv_budget(127 * GIB, 141 * GIB, 0.9, GIB).unwrap();
+        assert_eq!(b, (141.0 * 0.9 * GIB as f64) as usize - 15 * GIB);
+        assert_eq!(kv_budget(127 * GIB, 141 * GIB, 0.1, GIB), None);
+        assert_eq!(kv_budget(0, 141 * GIB, 1.0, 0), None);
+        // Aquila-7B on one GPU, 512 tokens with their logits: about 324 MB.
+        let w = [4096, 4096, 4096, 11008, 100_008];
+        let bytes = step_buffer_bytes(512, 512, w);
+        let f32s = 512 * (4096 + 3 * 4096 + 4096 + 2 * 11008 + 4096) + 512 * 100_008;
+        let halves = 512 * (4096 + 4096 + 11008) + 512 * 4096;
+        assert_eq!(bytes, 4 * f32s + 2 * halves);
+        assert!((320e6..330e6).contains(&(bytes as f64)), "{bytes}");
     }
 
     #[test]

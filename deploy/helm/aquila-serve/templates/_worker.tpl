@@ -91,7 +91,11 @@ spec:
         {{- end }}
         - --device={{ $w.device }}
         - --dtype={{ $w.dtype }}
+        {{- if kindIs "invalid" $w.kvCacheMib }}
+        - --gpu-memory-utilization={{ $w.gpuMemoryUtilization }}
+        {{- else }}
         - --kv-cache-mib={{ $w.kvCacheMib }}
+        {{- end }}
         - --max-running={{ $w.maxRunning }}
         - --max-batch-tokens={{ $w.maxBatchTokens }}
         - --max-waiting={{ $w.maxWaiting }}

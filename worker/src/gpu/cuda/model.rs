@@ -27,7 +27,9 @@ use super::ops::{AttentionScratch, AttentionShape, DeviceIndex, Elem, Gpu, cuda_
 use crate::comm::Communicator;
 use crate::config::ModelConfig;
 use crate::error::{Result, WorkerError};
-use crate::gpu::launch::{AttentionPlan, GraphShape, StepIndex, attention_plan, step_index};
+use crate::gpu::launch::{
+    AttentionPlan, GraphShape, StepIndex, attention_plan, kv_budget, step_buffer_bytes, step_index,
+};
 use crate::model::{LogitsFor, Rope, SeqInput, TpPlan, WeightDtype, check_step, gather_vocab};
 use crate::weights::{Weight, WeightStore};
 
@@ -528,6 +530,40 @@ impl<T: Elem> CudaLlama<T> {
         self.graphs = None;
     }
 
+    /// Bytes the KV cache may take on this GPU: `utilization` of its
+    /// memory less what is in use (the weights) and the step buffers to
+    /// come (the largest eager step: `max_tokens` tokens, logits for
+    /// `max_seqs`; the graphs' buffers; 256 MiB for cuBLAS, NCCL and the
+    /// allocator). An error that says what takes the memory if nothing is
+    /// left.
+    pub fn kv_budget(&self, utilization: f64, max_tokens: usize, max_seqs: usize) -> Result<usize> {
+        let (free, total) = self
+            .net
+            .gpu
+            .stream
+            .context()
+            .mem_get_info()
+            .map_err(|e| cuda_err("memory info", e))?;
+        let widths = self.net.widths();
+        let graphs = self.graph_max_batch;
+        let reserve = step_buffer_bytes(max_tokens, max_seqs.min(max_tokens), widths)
+            + step_buffer_bytes(graphs, graphs, widths)
+            + (256 << 20);
+        let gib = |b: usize| b as f64 / (1u64 << 30) as f64;
+        kv_budget(free, total, utilization, reserve).ok_or_else(|| {
+            WorkerError::Config(format!(
+                "--gpu-memory-utilization {utilization} leaves the KV cache nothing on {}: \
+                 {:.1} GiB of {:.1} GiB are in use (the weights: {:.1} GiB) and steps need \
+                 {:.1} GiB more; raise it, or give --kv-cache-mib",
+                self.net.gpu.name,
+                gib(total - free),
+                gib(total),
+                gib(self.weight_bytes),
+                gib(reserve)
+            ))
+        })
+    }
+
     /// CUDA graphs captured so far.
     pub fn graphs_captured(&self) -> usize {
         self.graphs.as_ref().map_or(0, |g| g.graphs.len())
@@ -588,7 +624,10 @@ impl<T: Elem> CudaLlama<T> {
         let step = (d.rows, d.logit_count);
         let mut ws = match self.workspace.take() {
             Some(ws) if ws.step == step => ws,
-            _ => Workspace::new(&gpu, step, self.net.widths())?,
+            old => {
+                drop(old); // before the new one: one step's buffers at a time
+                Workspace::new(&gpu, step, self.net.widths())?
+            }
         };
         let bs = self.block_size;
         self.net
@@ -729,6 +768,10 @@ impl CudaModel {
 
     pub fn set_graph_max_batch(&mut self, max_batch: usize) {
         each!(self, m => m.set_graph_max_batch(max_batch))
+    }
+
+    pub fn kv_budget(&self, utilization: f64, max_tokens: usize, max_seqs: usize) -> Result<usize> {
+        each!(self, m => m.kv_budget(utilization, max_tokens, max_seqs))
     }
 
     pub fn forward(&mut self, seqs: &[SeqInput<'_>], which: LogitsFor) -> Result<Vec<Vec<f32>>> {

@@ -298,15 +298,31 @@ impl GraphShape {
     }
 }
 
-/// Device bytes of one step's buffers (`Workspace` in cuda/model.rs) for
+/// Element counts of one step's buffers (`Workspace` in cuda/model.rs) for
 /// `tokens` tokens and `rows` logit rows, with this rank's widths `[hidden,
-/// q, kv, mlp, vocab held]`: f32 for the residual stream, the products'
-/// outputs and the logits, 2 bytes for the products' inputs.
-pub fn step_buffer_bytes(tokens: usize, rows: usize, widths: [usize; 5]) -> usize {
+/// q, kv, mlp, vocab held]`: f32 `[x, qkv, o, gate_up, down, logits]` (the
+/// residual stream, the products' outputs), 16-bit `[xn, attn, act, xf]`
+/// (the products' inputs).
+pub fn step_buffers(tokens: usize, rows: usize, widths: [usize; 5]) -> ([usize; 6], [usize; 4]) {
     let [h, qd, kvd, inter, held] = widths;
-    let f32s = tokens * (h + (qd + 2 * kvd) + h + 2 * inter + h) + rows * held;
-    let halves = tokens * (h + qd + inter) + rows * h;
-    4 * f32s + 2 * halves
+    let n = tokens;
+    (
+        [
+            n * h,
+            n * (qd + 2 * kvd),
+            n * h,
+            n * 2 * inter,
+            n * h,
+            rows * held,
+        ],
+        [n * h, n * qd, n * inter, rows * h],
+    )
+}
+
+/// Device bytes of those buffers.
+pub fn step_buffer_bytes(tokens: usize, rows: usize, widths: [usize; 5]) -> usize {
+    let (f32s, halves) = step_buffers(tokens, rows, widths);
+    4 * f32s.iter().sum::<usize>() + 2 * halves.iter().sum::<usize>()
 }
 
 /// What is left for the KV cache on a GPU with `free` of `total` bytes

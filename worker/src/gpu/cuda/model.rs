@@ -28,7 +28,8 @@ use crate::comm::Communicator;
 use crate::config::ModelConfig;
 use crate::error::{Result, WorkerError};
 use crate::gpu::launch::{
-    AttentionPlan, GraphShape, StepIndex, attention_plan, kv_budget, step_buffer_bytes, step_index,
+    AttentionPlan, GraphShape, StepIndex, attention_plan, kv_budget, step_buffer_bytes,
+    step_buffers, step_index,
 };
 use crate::model::{LogitsFor, Rope, SeqInput, TpPlan, WeightDtype, check_step, gather_vocab};
 use crate::weights::{Weight, WeightStore};
@@ -65,22 +66,23 @@ struct Workspace<T> {
 }
 
 impl<T: Elem> Workspace<T> {
-    /// For `(tokens, logit rows)` and widths `[hidden, q, kv, mlp, vocab held]`.
+    /// For `(tokens, logit rows)` and widths `[hidden, q, kv, mlp, vocab
+    /// held]`, sized by `launch::step_buffers` (which the KV budget counts).
     fn new(gpu: &Gpu, step: (usize, usize), widths: [usize; 5]) -> Result<Self> {
-        let (n, rows) = step;
-        let [h, qd, kvd, inter, held] = widths;
+        let ([x, qkv, o, gate_up, down, logits], [xn, attn, act, xf]) =
+            step_buffers(step.0, step.1, widths);
         Ok(Self {
             step,
-            x: gpu.zeros(n * h)?,
-            xn: gpu.zeros(n * h)?,
-            qkv: gpu.zeros(n * (qd + 2 * kvd))?,
-            attn: gpu.zeros(n * qd)?,
-            o: gpu.zeros(n * h)?,
-            gate_up: gpu.zeros(n * 2 * inter)?,
-            act: gpu.zeros(n * inter)?,
-            down: gpu.zeros(n * h)?,
-            xf: gpu.zeros(rows * h)?,
-            logits: gpu.zeros(rows * held)?,
+            x: gpu.zeros(x)?,
+            xn: gpu.zeros(xn)?,
+            qkv: gpu.zeros(qkv)?,
+            attn: gpu.zeros(attn)?,
+            o: gpu.zeros(o)?,
+            gate_up: gpu.zeros(gate_up)?,
+            act: gpu.zeros(act)?,
+            down: gpu.zeros(down)?,
+            xf: gpu.zeros(xf)?,
+            logits: gpu.zeros(logits)?,
         })
     }
 }

@@ -20,7 +20,7 @@ use crate::gpu::launch::{self, AttentionPlan, Launch};
 /// The kernels, compiled by nvcc for `CUDA_COMPUTE_CAP` (see build.rs).
 static FATBIN: &[u8] = include_bytes!(concat!(env!("OUT_DIR"), "/kernels.fatbin"));
 /// What compiled them, for the logs and the GPU check.
-pub const FATBIN_BUILT_BY: &str = env!("AQUILA_KERNELS_BUILT_BY");
+const FATBIN_BUILT_BY: &str = env!("AQUILA_KERNELS_BUILT_BY");
 
 /// The kernels to load: `$AQUILA_CUDA_KERNELS` (a fatbin, cubin or PTX file
 /// of kernels.cu, e.g. compiled by the GPU machine's own nvcc where its

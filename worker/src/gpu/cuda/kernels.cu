@@ -142,8 +142,8 @@ __device__ void rope_kv_write(float* qkv, const uint32_t* pos, const float* cos_
 // the keys at positions 0..=row_pos[r] of its sequence (causal), read in place
 // from the paged cache: no gather, no score matrix. Grid (rows, heads,
 // splits): split z covers keys [z·partition, (z+1)·partition), so a long
-// context is spread over many blocks; each block's warps take every
-// (blockDim/32)-th key with an online softmax, merge in shared memory, and
+// context is spread over many blocks; each block's warps take turns of
+// KEYS_AT_ONCE keys with an online softmax, merge in shared memory, and
 // write the split's (max, sum, weighted values); attention_merge combines the
 // splits. With one split (max_splits == 1) the block writes the row's output
 // itself and no merge runs. Rows of q are q_stride floats apart (q is the
@@ -152,6 +152,7 @@ __device__ void rope_kv_write(float* qkv, const uint32_t* pos, const float* cos_
 // head_dim is a multiple of 32, at most 256: lane l holds dims l, l+32, ...
 #define MAX_PER_LANE 8
 #define MAX_WARPS 8
+#define KEYS_AT_ONCE 4
 
 template <typename T>
 __device__ void attention(const float* q, const T* cache_k, const T* cache_v,
@@ -177,21 +178,41 @@ __device__ void attention(const float* q, const T* cache_k, const T* cache_v,
         qv[i] = i < per_lane ? qr[lane + 32 * i] * scale : 0.f;
         acc[i] = 0.f;
     }
+    // A warp takes KEYS_AT_ONCE keys per turn, their loads independent, so
+    // that a short split (decode at small batch) waits on memory once per
+    // turn rather than once per key.
     float m = -INFINITY, l = 0.f;
-    for (int k = k0 + warp; k < k1; k += warps) {
-        const size_t blk = table[k / block_size];
-        const size_t base = ((blk * kv_heads + kvh) * block_size + k % block_size) * head_dim;
-        float s = 0.f;
+    for (int k = k0 + warp * KEYS_AT_ONCE; k < k1; k += warps * KEYS_AT_ONCE) {
+        size_t base[KEYS_AT_ONCE];
+        float s[KEYS_AT_ONCE];
 #pragma unroll
-        for (int i = 0; i < MAX_PER_LANE; i++)
-            if (i < per_lane) s += qv[i] * to_f(cache_k[base + lane + 32 * i]);
-        s = warp_sum(s);
-        const float m_new = fmaxf(m, s);
-        const float corr = expf(m - m_new), e = expf(s - m_new);
-        l = l * corr + e;
+        for (int u = 0; u < KEYS_AT_ONCE; u++) {
+            const int kk = min(k + u, k1 - 1);  // past the split: a copy of its last key, masked below
+            base[u] = (((size_t)table[kk / block_size] * kv_heads + kvh) * block_size +
+                       kk % block_size) * head_dim;
+            s[u] = 0.f;
 #pragma unroll
-        for (int i = 0; i < MAX_PER_LANE; i++)
-            if (i < per_lane) acc[i] = acc[i] * corr + e * to_f(cache_v[base + lane + 32 * i]);
+            for (int i = 0; i < MAX_PER_LANE; i++)
+                if (i < per_lane) s[u] += qv[i] * to_f(cache_k[base[u] + lane + 32 * i]);
+        }
+        float m_new = m;
+#pragma unroll
+        for (int u = 0; u < KEYS_AT_ONCE; u++) {
+            s[u] = k + u < k1 ? warp_sum(s[u]) : -INFINITY;
+            m_new = fmaxf(m_new, s[u]);
+        }
+        const float corr = expf(m - m_new);
+        l *= corr;
+#pragma unroll
+        for (int i = 0; i < MAX_PER_LANE; i++) acc[i] *= corr;
+#pragma unroll
+        for (int u = 0; u < KEYS_AT_ONCE; u++) {
+            const float e = expf(s[u] - m_new);  // 0 for a masked key
+            l += e;
+#pragma unroll
+            for (int i = 0; i < MAX_PER_LANE; i++)
+                if (i < per_lane) acc[i] += e * to_f(cache_v[base[u] + lane + 32 * i]);
+        }
         m = m_new;
     }
 

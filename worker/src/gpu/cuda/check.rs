@@ -470,7 +470,10 @@ fn served_greedy(
 
 /// Decode batches through CUDA graphs (three sequences, run as a graph of
 /// four with a padding row, across two key buckets) against the same
-/// batches launched kernel by kernel: the same tokens, logits close.
+/// batches launched kernel by kernel. The graphs' run is fed the eager
+/// run's tokens, so every step compares logits of the same inputs: a
+/// product over 4 rows instead of 3 may round differently, and greedy
+/// tokens at a near-tie could part for that alone.
 fn graphs_vs_eager<T: Elem>(
     gpu: &Arc<Gpu>,
     store: &crate::weights::WeightStore,
@@ -496,15 +499,16 @@ fn graphs_vs_eager<T: Elem>(
         &[1, 300],
     ];
     let steps = 80;
-    let run = |m: &mut CudaLlama<T>| -> Result<(Vec<Vec<u32>>, Vec<f32>)> {
+    // Greedy, or following `forced` (tokens per sequence): (tokens, logits per step).
+    type Run = (Vec<Vec<u32>>, Vec<Vec<f32>>);
+    let run = |m: &mut CudaLlama<T>, forced: Option<&[Vec<u32>]>| -> Result<Run> {
         let tables: Vec<Vec<u32>> = (0..3u32)
             .map(|s| (s * 16..(s + 1) * 16).collect())
             .collect();
         let mut tokens: Vec<Vec<u32>> = prompts.iter().map(|p| p.to_vec()).collect();
         let mut starts = [0usize; 3];
-        let mut out = vec![Vec::new(); 3];
-        let mut last = Vec::new();
-        for _ in 0..steps {
+        let (mut out, mut all) = (vec![Vec::new(); 3], Vec::new());
+        for step in 0..steps {
             let seqs: Vec<SeqInput<'_>> = (0..3)
                 .map(|s| SeqInput {
                     tokens: &tokens[s],
@@ -515,42 +519,40 @@ fn graphs_vs_eager<T: Elem>(
             let logits = m.forward(&seqs, LogitsFor::Last)?;
             for s in 0..3 {
                 starts[s] += tokens[s].len();
-                let next = crate::sampler::argmax(&logits[s]);
+                let next =
+                    forced.map_or_else(|| crate::sampler::argmax(&logits[s]), |f| f[s][step]);
                 out[s].push(next);
                 tokens[s] = vec![next];
             }
-            last = logits.concat();
+            all.push(logits.concat());
         }
-        Ok((out, last))
+        Ok((out, all))
     };
-    let (eager_tokens, eager_last) = run(&mut load(0)?)?;
+    let (eager_tokens, eager_logits) = run(&mut load(0)?, None)?;
     let mut graphed = load(8)?;
-    let (graph_tokens, graph_last) = run(&mut graphed)?;
+    let (_, graph_logits) = run(&mut graphed, Some(&eager_tokens))?;
     let captured = graphed.graphs_captured();
+    let err = eager_logits
+        .iter()
+        .zip(&graph_logits)
+        .map(|(e, g)| max_rel_error(g, &e.iter().map(|&v| v as f64).collect::<Vec<_>>()))
+        .fold(0f64, f64::max);
     report.rows.push(Row {
         part: "tiny",
         what: format!(
             "decode batch of 3 as CUDA graphs, {steps} steps ({})",
             T::SUFFIX
         ),
-        value: format!(
-            "{captured} graphs captured; tokens {}",
-            if graph_tokens == eager_tokens {
-                "identical to kernel by kernel"
-            } else {
-                "differ from kernel by kernel"
-            }
-        ),
-        pass: Some(captured >= 2 && graph_tokens == eager_tokens),
+        value: format!("{captured} graphs captured (2 key buckets)"),
+        pass: Some(captured == 2),
     });
-    let want: Vec<f64> = eager_last.iter().map(|&v| v as f64).collect();
     report.compare(
         "tiny",
         format!(
-            "last-step logits, CUDA graphs vs kernel by kernel ({})",
+            "every step's logits, CUDA graphs vs kernel by kernel ({})",
             T::SUFFIX
         ),
-        max_rel_error(&graph_last, &want),
+        err,
         tolerance::<T>(),
     );
     Ok(())

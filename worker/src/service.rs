@@ -42,9 +42,10 @@ pub struct WorkerArgs {
     #[arg(long, env = "AQUILA_DEVICE", value_enum, default_value = "cpu")]
     pub device: crate::backend::Device,
     /// With --device cuda: decode batches of up to this many sequences run
-    /// as CUDA graphs (one launch a step instead of a few hundred), captured
-    /// for batch sizes 1, 2, 4, 8, 16, ... on first use; larger batches and
-    /// prefill steps run kernel by kernel. 0 turns graphs off.
+    /// as CUDA graphs (one launch a step instead of a few hundred), padded
+    /// to batch sizes 1, 2, 4, 8, 16, 24, ... and captured the second time
+    /// a shape comes; larger batches and prefill steps run kernel by
+    /// kernel. 0 turns graphs off.
     #[arg(long, env = "AQUILA_CUDA_GRAPH_MAX_BATCH", default_value_t = 256)]
     pub cuda_graph_max_batch: usize,
     /// Float type to hold weights in (GGUF quantized weights stay quantized
@@ -185,9 +186,10 @@ fn load_rank(
         .set_cuda_graph_max_batch(args.cuda_graph_max_batch.min(args.max_running));
     metrics.model_loaded(started.elapsed());
     let block_bytes = loaded.model.kv_bytes_per_token(args.kv_cache_dtype) * args.kv_block_size;
-    let kv_bytes = match args.kv_cache_mib {
-        Some(mib) => mib * 1024 * 1024,
-        None => {
+    let kv_bytes = match (args.kv_cache_blocks, args.kv_cache_mib) {
+        (Some(blocks), _) => blocks * block_bytes,
+        (None, Some(mib)) => mib * 1024 * 1024,
+        (None, None) => {
             let u = args.gpu_memory_utilization;
             if !(u > 0.0 && u <= 1.0) {
                 return Err(WorkerError::Config(format!(
@@ -201,7 +203,7 @@ fn load_rank(
             budget.unwrap_or(1024 * 1024 * 1024)
         }
     };
-    let kv_blocks = args.kv_cache_blocks.unwrap_or(kv_bytes / block_bytes);
+    let kv_blocks = kv_bytes / block_bytes;
     if kv_blocks == 0 {
         return Err(WorkerError::Config(format!(
             "the KV cache holds no block: {} MiB is less than one block of {} tokens ({block_bytes} bytes); give --kv-cache-mib more",

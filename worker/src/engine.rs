@@ -18,11 +18,12 @@ use aquila_proto::worker::v1::{Finish, FinishReason, GenerateEvent, Load, Sampli
 use tokio::sync::mpsc::UnboundedSender;
 use tonic::Status;
 
+use crate::backend::Next;
 use crate::comm::Communicator;
 use crate::error::{Result, WorkerError};
 use crate::kv::KvDtype;
 use crate::metrics::{Finished, WorkerMetrics};
-use crate::model::{LogitsFor, SeqInput};
+use crate::model::SeqInput;
 use crate::sampler::Sampler;
 use crate::scheduler::{Scheduler, SchedulerConfig, SeqId, Sequence, StepPlan};
 use crate::tp::{Control, HEARTBEAT};
@@ -363,10 +364,22 @@ impl Engine {
             self.fail(e);
             return Vec::new();
         }
+        // Sequences whose next token is a plain argmax: a GPU picks them.
+        let greedy: Vec<bool> = plan
+            .seqs
+            .iter()
+            .map(|s| {
+                s.sample
+                    && self
+                        .active
+                        .get(&s.id)
+                        .is_some_and(|a| a.sampler.plain_greedy())
+            })
+            .collect();
         // A panic in model code fails this step's requests, not the engine.
         let backend = &mut self.backend;
         let result = std::panic::catch_unwind(std::panic::AssertUnwindSafe(|| {
-            backend.forward(&inputs, LogitsFor::Last)
+            backend.step(&inputs, &greedy)
         }))
         .unwrap_or_else(|_| Err(WorkerError::EngineStopped));
         drop(inputs);
@@ -394,12 +407,15 @@ impl Engine {
         };
         let now = Instant::now();
         let mut sampled = Vec::new();
-        for (s, mut l) in plan.seqs.iter().zip(logits) {
+        for (s, next) in plan.seqs.iter().zip(logits) {
             if !s.sample {
                 continue;
             }
             if let Some(a) = self.active.get_mut(&s.id) {
-                let token = a.sampler.sample(&mut l);
+                let token = match next {
+                    Next::Logits(mut l) => a.sampler.sample(&mut l),
+                    Next::Token(id) => a.sampler.take(id),
+                };
                 a.first_token.get_or_insert(now);
                 sampled.push((s.id, token));
             }

@@ -36,6 +36,30 @@ impl Sampler {
         &self.params
     }
 
+    /// Whether the next token is just the largest logit: greedy, with no
+    /// penalty to apply first and no log probabilities to report. The
+    /// device may then pick it ([`take`](Self::take)) instead of sending
+    /// the logits.
+    pub fn plain_greedy(&self) -> bool {
+        let p = &self.params;
+        p.temperature == 0.0
+            && !p.logprobs
+            && p.top_logprobs == 0
+            && p.repetition_penalty == 1.0
+            && p.presence_penalty == 0.0
+            && p.frequency_penalty == 0.0
+    }
+
+    /// Records `id`, picked elsewhere by argmax, as the next token: what
+    /// [`sample`](Self::sample) returns for a plain greedy sampler.
+    pub fn take(&mut self, id: u32) -> Token {
+        *self.output_counts.entry(id).or_default() += 1;
+        Token {
+            id,
+            ..Token::default()
+        }
+    }
+
     /// Picks the next token from `logits` (consumed as scratch space).
     pub fn sample(&mut self, logits: &mut [f32]) -> Token {
         let p = &self.params;
@@ -143,11 +167,12 @@ impl Sampler {
     }
 }
 
-/// Index of the largest value; the lowest index wins ties.
+/// Index of the largest value; the lowest index wins ties, NaN never wins
+/// (a row of nothing but NaN gives 0). The GPU's `argmax_rows` agrees.
 pub fn argmax(v: &[f32]) -> u32 {
     let mut best = 0;
     for (i, &x) in v.iter().enumerate() {
-        if x > v[best] {
+        if x > v[best] || (v[best].is_nan() && !x.is_nan()) {
             best = i;
         }
     }
@@ -194,6 +219,34 @@ mod tests {
         let mut s = Sampler::new(params(0.0), &[]);
         assert_eq!(s.sample(&mut LOGITS.clone()).id, 1);
         assert_eq!(argmax(&[2.0, 5.0, 5.0]), 1);
+        assert_eq!(argmax(&[f32::NAN, -1.0, 3.0, f32::NAN]), 2);
+        assert_eq!(argmax(&[f32::NAN; 3]), 0);
+    }
+
+    /// A token picked elsewhere by argmax is what sampling would have
+    /// given, and counts for later penalties the same way; only samplers
+    /// that are nothing but an argmax let it be picked elsewhere.
+    #[test]
+    fn plain_greedy_picks_made_elsewhere_match_sampling() {
+        let mut here = Sampler::new(params(0.0), &[]);
+        let mut there = Sampler::new(params(0.0), &[]);
+        assert!(here.plain_greedy());
+        let picked = here.sample(&mut LOGITS.clone());
+        assert_eq!(there.take(argmax(&LOGITS)), picked);
+        assert_eq!(here.output_counts, there.output_counts);
+        let not_plain: [fn(&mut SamplingParams); 6] = [
+            |p| p.temperature = 0.7,
+            |p| p.logprobs = true,
+            |p| p.top_logprobs = 2,
+            |p| p.repetition_penalty = 1.1,
+            |p| p.presence_penalty = 0.5,
+            |p| p.frequency_penalty = 0.5,
+        ];
+        for f in not_plain {
+            let mut p = params(0.0);
+            f(&mut p);
+            assert!(!Sampler::new(p.clone(), &[]).plain_greedy(), "{p:?}");
+        }
     }
 
     #[test]

@@ -33,6 +33,14 @@ pub fn per_row(rows: usize, width: usize) -> Launch {
     }
 }
 
+/// `argmax_rows`: a block of `ARGMAX_THREADS` (256 in kernels.cu) per row.
+pub fn argmax_rows(rows: usize) -> Launch {
+    Launch {
+        grid: (rows as u32, 1, 1),
+        block: 256,
+    }
+}
+
 /// An element-wise kernel over `n` elements (grid-stride loop): enough
 /// blocks to fill the GPU, no more than the work needs.
 pub fn elementwise(n: usize, sms: usize) -> Launch {
@@ -300,10 +308,10 @@ impl GraphShape {
 
 /// Element counts of one step's buffers (`Workspace` in cuda/model.rs) for
 /// `tokens` tokens and `rows` logit rows, with this rank's widths `[hidden,
-/// q, kv, mlp, vocab held]`: f32 `[x, qkv, o, gate_up, down, logits]` (the
-/// residual stream, the products' outputs), 16-bit `[xn, attn, act, xf]`
-/// (the products' inputs).
-pub fn step_buffers(tokens: usize, rows: usize, widths: [usize; 5]) -> ([usize; 6], [usize; 4]) {
+/// q, kv, mlp, vocab held]`: 4-byte `[x, qkv, o, gate_up, down, logits,
+/// ids]` (the residual stream, the products' outputs, the logits and each
+/// row's greedy pick), 16-bit `[xn, attn, act, xf]` (the products' inputs).
+pub fn step_buffers(tokens: usize, rows: usize, widths: [usize; 5]) -> ([usize; 7], [usize; 4]) {
     let [h, qd, kvd, inter, held] = widths;
     let n = tokens;
     (
@@ -314,6 +322,7 @@ pub fn step_buffers(tokens: usize, rows: usize, widths: [usize; 5]) -> ([usize; 
             n * 2 * inter,
             n * h,
             rows * held,
+            rows,
         ],
         [n * h, n * qd, n * inter, rows * h],
     )
@@ -321,8 +330,8 @@ pub fn step_buffers(tokens: usize, rows: usize, widths: [usize; 5]) -> ([usize; 
 
 /// Device bytes of those buffers.
 pub fn step_buffer_bytes(tokens: usize, rows: usize, widths: [usize; 5]) -> usize {
-    let (f32s, halves) = step_buffers(tokens, rows, widths);
-    4 * f32s.iter().sum::<usize>() + 2 * halves.iter().sum::<usize>()
+    let (words, halves) = step_buffers(tokens, rows, widths);
+    4 * words.iter().sum::<usize>() + 2 * halves.iter().sum::<usize>()
 }
 
 /// What is left for the KV cache on a GPU with `free` of `total` bytes
@@ -580,7 +589,7 @@ mod tests {
         // Aquila-7B on one GPU, 512 tokens with their logits: about 324 MB.
         let w = [4096, 4096, 4096, 11008, 100_008];
         let bytes = step_buffer_bytes(512, 512, w);
-        let f32s = 512 * (4096 + 3 * 4096 + 4096 + 2 * 11008 + 4096) + 512 * 100_008;
+        let f32s = 512 * (4096 + 3 * 4096 + 4096 + 2 * 11008 + 4096) + 512 * 100_008 + 512;
         let halves = 512 * (4096 + 4096 + 11008) + 512 * 4096;
         assert_eq!(bytes, 4 * f32s + 2 * halves);
         assert!((320e6..330e6).contains(&(bytes as f64)), "{bytes}");

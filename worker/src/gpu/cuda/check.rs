@@ -17,6 +17,7 @@ use rand_chacha::ChaCha8Rng;
 
 use super::model::{CudaLlama, Source};
 use super::ops::{AttentionScratch, AttentionShape, DeviceIndex, Elem, Gpu};
+use crate::backend::Next;
 use crate::comm::SingleRank;
 use crate::config::{ModelConfig, RopeStyle};
 use crate::error::{Result, WorkerError};
@@ -395,30 +396,37 @@ pub fn tiny<T: Elem>(gpu: &Arc<Gpu>, report: &mut Report) -> Result<()> {
     let prompt: Vec<u32> = vec![1, 72, 101, 108, 108, 111, 44, 32, 119, 111, 114, 108, 100];
     let n = 48;
     let mut kv = cpu.new_kv(16, 16);
+    let logits = |l: Vec<Vec<f32>>| l.into_iter().map(Next::Logits).collect();
     let (cpu_first, cpu_tokens) = greedy_steps(&prompt, n, 16, |seqs| {
-        cpu.forward(&mut kv, seqs, LogitsFor::Last)
+        cpu.forward(&mut kv, seqs, LogitsFor::Last).map(logits)
     })?;
     let (gpu_first, gpu_tokens) = greedy_steps(&prompt, n, 16, |seqs| {
-        gpu_model.forward(seqs, LogitsFor::Last)
+        gpu_model.forward(seqs, LogitsFor::Last).map(logits)
     })?;
     // The same model the way a worker loads it (`--device cuda`): the
-    // loader, the KV cache sized apart, the engine's Backend, CUDA graphs.
-    let served = served_greedy(&dir, &opts, &prompt, n)?;
+    // loader, the KV cache sized apart, the engine's Backend, CUDA graphs;
+    // the tokens picked on the host from the logits, and on the GPU.
+    let (served, picked) = served_greedy(&dir, &opts, &prompt, n)?;
     graphs_vs_eager::<T>(gpu, &store, &cfg, report)?;
     let _ = std::fs::remove_dir_all(&dir);
-    report.rows.push(Row {
-        part: "tiny",
-        what: format!(
-            "greedy {n} tokens through --device cuda's Backend, CUDA graphs on ({})",
-            T::SUFFIX
-        ),
-        value: if served == gpu_tokens {
-            "identical to the GPU model's".into()
-        } else {
-            format!("{served:?} vs {gpu_tokens:?}")
-        },
-        pass: Some(served == gpu_tokens),
-    });
+    for (how, tokens) in [
+        ("the logits sent to the host", &served),
+        ("picked on the GPU", &picked),
+    ] {
+        report.rows.push(Row {
+            part: "tiny",
+            what: format!(
+                "greedy {n} tokens through --device cuda's Backend, CUDA graphs on, {how} ({})",
+                T::SUFFIX
+            ),
+            value: if *tokens == gpu_tokens {
+                "identical to the GPU model's".into()
+            } else {
+                format!("{tokens:?} vs {gpu_tokens:?}")
+            },
+            pass: Some(*tokens == gpu_tokens),
+        });
+    }
     let same = gpu_tokens == cpu_tokens;
     report.rows.push(Row {
         part: "tiny",
@@ -454,18 +462,23 @@ pub fn tiny<T: Elem>(gpu: &Arc<Gpu>, report: &mut Report) -> Result<()> {
     Ok(())
 }
 
+/// Greedy tokens through the Backend a worker drives (`--device cuda`,
+/// CUDA graphs on): (with the logits sent to the host, picked on the GPU).
 fn served_greedy(
     dir: &std::path::Path,
     opts: &crate::loader::LoadOptions,
     prompt: &[u32],
     n: usize,
-) -> Result<Vec<u32>> {
+) -> Result<(Vec<u32>, Vec<u32>)> {
     use crate::backend::{Device, load};
-    let mut loaded = load(dir, opts, Arc::new(SingleRank), Device::Cuda)?;
-    loaded.model.set_cuda_graph_max_batch(16);
-    let mut backend = loaded.model.into_backend(8, 16, crate::kv::KvDtype::F32)?;
-    let (_, tokens) = greedy_steps(prompt, n, 8, |seqs| backend.forward(seqs, LogitsFor::Last))?;
-    Ok(tokens)
+    let run = |greedy: bool| -> Result<Vec<u32>> {
+        let mut loaded = load(dir, opts, Arc::new(SingleRank), Device::Cuda)?;
+        loaded.model.set_cuda_graph_max_batch(16);
+        let mut backend = loaded.model.into_backend(8, 16, crate::kv::KvDtype::F32)?;
+        let (_, tokens) = greedy_steps(prompt, n, 8, |seqs| backend.step(seqs, &[greedy]))?;
+        Ok(tokens)
+    };
+    Ok((run(false)?, run(true)?))
 }
 
 /// Decode batches through CUDA graphs (three sequences, run as a graph of
@@ -565,20 +578,26 @@ fn greedy_steps(
     prompt: &[u32],
     n: usize,
     blocks: u32,
-    mut forward: impl FnMut(&[SeqInput<'_>]) -> Result<Vec<Vec<f32>>>,
+    mut forward: impl FnMut(&[SeqInput<'_>]) -> Result<Vec<Next>>,
 ) -> Result<(Vec<f32>, Vec<u32>)> {
     let table: Vec<u32> = (0..blocks).collect();
     let (mut tokens, mut start) = (prompt.to_vec(), 0);
     let (mut first, mut out) = (None, Vec::new());
     for _ in 0..n {
-        let mut logits = forward(&[SeqInput {
+        let result = forward(&[SeqInput {
             tokens: &tokens,
             start,
             table: &table,
         }])?;
-        let last = logits.pop().unwrap_or_default();
-        let next = crate::sampler::argmax(&last);
-        first.get_or_insert(last);
+        let next = match result.into_iter().next() {
+            Some(Next::Token(id)) => id,
+            Some(Next::Logits(last)) => {
+                let id = crate::sampler::argmax(&last);
+                first.get_or_insert(last);
+                id
+            }
+            None => return Err(WorkerError::Config("a step returned nothing".into())),
+        };
         start += tokens.len();
         out.push(next);
         tokens = vec![next];
@@ -689,10 +708,20 @@ pub fn speed<T: Elem>(gpu: &Arc<Gpu>, report: &mut Report, batches: &[usize]) ->
         })
         .collect();
     // Contexts of 65–98 keys: one key bucket for the graphs throughout.
+    // Each batch three ways: as the engine runs greedy requests (graphs,
+    // the tokens picked on the GPU: what transformers' greedy `generate`
+    // does too), without graphs, and with every logit sent to the host (as
+    // for requests that sample or want log probabilities).
     let first = 64;
+    let variants = [
+        (true, true, ""),
+        (false, true, ", without CUDA graphs"),
+        (true, false, ", logits to the host"),
+    ];
     for &batch in batches {
-        for graphs in [true, false] {
+        for (graphs, picked, label) in variants {
             m.set_graph_max_batch(if graphs { batch } else { 0 });
+            let greedy = vec![picked; batch];
             let steps = 32;
             let one = [1u32];
             let mut time = 0.0;
@@ -706,7 +735,7 @@ pub fn speed<T: Elem>(gpu: &Arc<Gpu>, report: &mut Report, batches: &[usize]) ->
                     })
                     .collect();
                 let t = Instant::now();
-                m.forward(&seqs, LogitsFor::Last)?;
+                m.step(&seqs, &greedy)?;
                 if step >= 2 {
                     time += t.elapsed().as_secs_f64();
                 }
@@ -725,12 +754,7 @@ pub fn speed<T: Elem>(gpu: &Arc<Gpu>, report: &mut Report, batches: &[usize]) ->
                     floor * 1e3
                 );
             }
-            let what = if graphs {
-                format!("decode, batch {batch}")
-            } else {
-                format!("decode, batch {batch}, without CUDA graphs")
-            };
-            report.measure("aquila-7b", what, value);
+            report.measure("aquila-7b", format!("decode, batch {batch}{label}"), value);
         }
     }
     Ok(())

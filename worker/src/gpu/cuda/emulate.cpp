@@ -67,3 +67,7 @@
 
 EMULATE(bf16, bf16)
 EMULATE(f16, f16)
+
+extern "C" void emu_argmax_rows(Dim3 g, unsigned b, const float* logits, int n, uint32_t* out) {
+    aq_launch(g, b, [=] { argmax_rows(logits, n, out); });
+}

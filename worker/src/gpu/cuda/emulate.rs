@@ -164,6 +164,10 @@ kernels!(BF16: bf16 = emu_embedding_bf16, emu_rms_norm_bf16, emu_rope_kv_write_b
 kernels!(F16: f16 = emu_embedding_f16, emu_rms_norm_f16, emu_rope_kv_write_f16, emu_attention_f16,
          emu_attention_merge_f16, emu_attention_prefill_f16, emu_silu_mul_f16, emu_fill_random_f16);
 
+unsafe extern "C" {
+    fn emu_argmax_rows(g: Dim3, b: u32, logits: *const f32, n: i32, out: *mut u32);
+}
+
 fn random(n: usize, rng: &mut ChaCha8Rng) -> Vec<f32> {
     (0..n).map(|_| rng.random_range(-1.0f32..1.0)).collect()
 }
@@ -460,6 +464,28 @@ fn rms_norm_matches_the_reference() {
 fn rope_cache_write_and_attention_match_the_reference() {
     rope_and_attention(&BF16, false);
     rope_and_attention(&F16, true);
+}
+
+/// The GPU's greedy pick is the host's `argmax`: random rows, a tie (the
+/// lower index wins), a NaN first (never wins), a row of -inf (0), a
+/// maximum in the last element of a row longer than the block.
+#[test]
+fn argmax_rows_picks_as_the_host_does() {
+    let mut rng = ChaCha8Rng::seed_from_u64(4);
+    let n = 1000;
+    let mut rows: Vec<Vec<f32>> = (0..4).map(|_| random(n, &mut rng)).collect();
+    rows[1][700] = 5.0;
+    rows[1][300] = 5.0;
+    rows[2][0] = f32::NAN;
+    rows[2][999] = 9.0;
+    rows.push(vec![f32::NEG_INFINITY; n]);
+    let flat = rows.concat();
+    let mut out = vec![u32::MAX; rows.len()];
+    let (g, b) = grid(launch::argmax_rows(rows.len()));
+    unsafe { emu_argmax_rows(g, b, flat.as_ptr(), n as i32, out.as_mut_ptr()) };
+    let want: Vec<u32> = rows.iter().map(|r| crate::sampler::argmax(r)).collect();
+    assert_eq!(out, want);
+    assert_eq!([out[1], out[2], out[4]], [300, 999, 0]);
 }
 
 #[test]

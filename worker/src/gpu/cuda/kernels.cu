@@ -371,6 +371,44 @@ __device__ void attention_prefill(const float* q, int q_stride, const T* cache_k
     }
 }
 
+// ---- greedy picks: the largest logit of each row -----------------------------
+// One block per row of n logits; the lowest index wins a tie, NaN never
+// wins, a row with nothing above -inf gives 0 (as the host's argmax).
+// blockDim.x = ARGMAX_THREADS.
+#define ARGMAX_THREADS 256
+
+__device__ void argmax_rows_impl(const float* logits, int n, uint32_t* out) {
+    __shared__ float best_v[ARGMAX_THREADS];
+    __shared__ int best_i[ARGMAX_THREADS];
+    const float* row = logits + (size_t)blockIdx.x * n;
+    float v = -INFINITY;
+    int at = 0x7fffffff;
+    for (int i = threadIdx.x; i < n; i += blockDim.x)
+        if (row[i] > v || (at == 0x7fffffff && row[i] == v)) {
+            v = row[i];
+            at = i;
+        }
+    best_v[threadIdx.x] = v;
+    best_i[threadIdx.x] = at;
+    __syncthreads();
+    for (int half = blockDim.x / 2; half > 0; half /= 2) {
+        if ((int)threadIdx.x < half) {
+            const float ov = best_v[threadIdx.x + half];
+            const int oi = best_i[threadIdx.x + half];
+            if (ov > best_v[threadIdx.x] || (ov == best_v[threadIdx.x] && oi < best_i[threadIdx.x])) {
+                best_v[threadIdx.x] = ov;
+                best_i[threadIdx.x] = oi;
+            }
+        }
+        __syncthreads();
+    }
+    if (threadIdx.x == 0) out[blockIdx.x] = best_i[0] == 0x7fffffff ? 0 : (uint32_t)best_i[0];
+}
+
+extern "C" __global__ void argmax_rows(const float* logits, int n, uint32_t* out) {
+    argmax_rows_impl(logits, n, out);
+}
+
 // ---- SiLU(gate) · up, into the input of the down projection ----------------------
 // A row of gate_up is [gate: inter | up: inter] (the fused product); out is
 // [rows][inter], n = rows · inter.

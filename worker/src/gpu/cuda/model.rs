@@ -24,6 +24,7 @@ use cudarc::driver::sys::{CUgraphInstantiate_flags, CUstreamCaptureMode};
 use cudarc::driver::{CudaGraph, CudaSlice};
 
 use super::ops::{AttentionScratch, AttentionShape, DeviceIndex, Elem, Gpu, cuda_err};
+use crate::backend::Next;
 use crate::comm::Communicator;
 use crate::config::ModelConfig;
 use crate::error::{Result, WorkerError};
@@ -63,13 +64,16 @@ struct Workspace<T> {
     down: CudaSlice<f32>,
     xf: CudaSlice<T>,
     logits: CudaSlice<f32>,
+    /// Each logit row's largest (the greedy pick; with the whole vocabulary
+    /// on this rank only).
+    ids: CudaSlice<u32>,
 }
 
 impl<T: Elem> Workspace<T> {
     /// For `(tokens, logit rows)` and widths `[hidden, q, kv, mlp, vocab
     /// held]`, sized by `launch::step_buffers` (which the KV budget counts).
     fn new(gpu: &Gpu, step: (usize, usize), widths: [usize; 5]) -> Result<Self> {
-        let ([x, qkv, o, gate_up, down, logits], [xn, attn, act, xf]) =
+        let ([x, qkv, o, gate_up, down, logits, ids], [xn, attn, act, xf]) =
             step_buffers(step.0, step.1, widths);
         Ok(Self {
             step,
@@ -83,6 +87,7 @@ impl<T: Elem> Workspace<T> {
             down: gpu.zeros(down)?,
             xf: gpu.zeros(xf)?,
             logits: gpu.zeros(logits)?,
+            ids: gpu.zeros(ids)?,
         })
     }
 }
@@ -306,8 +311,10 @@ impl<T: Elem> Net<T> {
     }
 
     /// Enqueues one step, from the token ids in `d` to the logits of its
-    /// logit rows in `ws.logits` (this rank's vocabulary share). Nothing
-    /// here allocates or waits for the GPU, so a step can be captured.
+    /// logit rows in `ws.logits` (this rank's vocabulary share) and, alone
+    /// with the whole vocabulary, each row's greedy pick in `ws.ids`.
+    /// Nothing here allocates or waits for the GPU, so a step can be
+    /// captured.
     fn step(
         &self,
         cache: &mut [(CudaSlice<T>, CudaSlice<T>)],
@@ -384,7 +391,11 @@ impl<T: Elem> Net<T> {
             &mut ws.x, delta, picked, rows, &self.norm, eps, h, &mut ws.xf,
         )?;
         let head = self.lm_head.as_ref().unwrap_or(&self.embed);
-        gpu.gemm(&ws.xf, head, rows, h, held, &mut ws.logits)
+        gpu.gemm(&ws.xf, head, rows, h, held, &mut ws.logits)?;
+        if self.plan.world == 1 {
+            gpu.argmax_rows(&ws.logits, rows, held, &mut ws.ids)?;
+        }
+        Ok(())
     }
 }
 
@@ -592,15 +603,59 @@ impl<T: Elem> CudaLlama<T> {
 
     /// One step, as `Llama::forward`: per sequence, logits `[n, vocab]`.
     pub fn forward(&mut self, seqs: &[SeqInput<'_>], which: LogitsFor) -> Result<Vec<Vec<f32>>> {
+        let out = self.run(seqs, which, &[])?;
+        Ok(out
+            .into_iter()
+            .map(|n| match n {
+                Next::Logits(l) => l,
+                Next::Token(_) => unreachable!("no sequence asked for a greedy pick"),
+            })
+            .collect())
+    }
+
+    /// One step of the engine (the last token's logits per sequence): the
+    /// token itself for each sequence `greedy` marks, picked on the GPU
+    /// (alone, with the whole vocabulary here), so its logits never leave
+    /// the device; the logits of the others.
+    pub fn step(&mut self, seqs: &[SeqInput<'_>], greedy: &[bool]) -> Result<Vec<Next>> {
+        self.run(seqs, LogitsFor::Last, greedy)
+    }
+
+    fn run(
+        &mut self,
+        seqs: &[SeqInput<'_>],
+        which: LogitsFor,
+        greedy: &[bool],
+    ) -> Result<Vec<Next>> {
         let context = self.net.cfg.context_length;
         check_step(seqs, self.block_size, self.num_blocks, context)?;
         let ix = step_index(seqs, self.block_size, which == LogitsFor::All);
         let rows = ix.logit_rows.len();
-        let local = match self.graph_step(&ix)? {
-            Some(local) => local,
-            None => self.eager_step(&ix)?,
+        let on_graph = self.graph_step(&ix)?;
+        if !on_graph {
+            self.eager_step(&ix)?;
+        }
+        let ws = match (on_graph, &self.graphs, &self.workspace) {
+            (true, Some(g), _) => &g.ws,
+            (false, _, Some(ws)) => ws,
+            _ => unreachable!("the step just ran on these buffers"),
         };
-        let vocab = self.net.cfg.vocab_size;
+        let gpu = &self.net.gpu;
+        let (vocab, held) = (self.net.cfg.vocab_size, self.net.plan.vocab.len());
+        let picks = self.net.plan.world == 1 && which == LogitsFor::Last && greedy.contains(&true);
+        if picks {
+            // One row per sequence; the whole vocabulary is here.
+            let ids = gpu.download_range(&ws.ids, 0..rows)?;
+            return (0..seqs.len())
+                .map(|i| match greedy.get(i) {
+                    Some(true) => Ok(Next::Token(ids[i])),
+                    _ => gpu
+                        .download_range(&ws.logits, i * held..(i + 1) * held)
+                        .map(Next::Logits),
+                })
+                .collect();
+        }
+        let local = gpu.download_range(&ws.logits, 0..rows * held)?;
         let logits = gather_vocab(&*self.net.comm, &self.net.plan, vocab, local, rows)?;
         let mut out = Vec::with_capacity(seqs.len());
         let mut at = 0;
@@ -610,14 +665,16 @@ impl<T: Elem> CudaLlama<T> {
             } else {
                 1
             };
-            out.push(logits[at * vocab..(at + count) * vocab].to_vec());
+            out.push(Next::Logits(
+                logits[at * vocab..(at + count) * vocab].to_vec(),
+            ));
             at += count;
         }
         Ok(out)
     }
 
-    /// A step launched kernel by kernel; this rank's logits of its logit rows.
-    fn eager_step(&mut self, ix: &StepIndex) -> Result<Vec<f32>> {
+    /// A step launched kernel by kernel, its results left in `self.workspace`.
+    fn eager_step(&mut self, ix: &StepIndex) -> Result<()> {
         let gpu = self.net.gpu.clone();
         let d = DeviceIndex::upload(&gpu, ix)?;
         let shape = self.net.shape(self.block_size);
@@ -634,18 +691,18 @@ impl<T: Elem> CudaLlama<T> {
         let bs = self.block_size;
         self.net
             .step(&mut self.cache, bs, &d, &plan, &mut self.scratch, &mut ws)?;
-        let local = gpu.download(&ws.logits)?;
         self.workspace = Some(ws);
-        Ok(local)
+        Ok(())
     }
 
-    /// A decode step through a CUDA graph (see [`Graphs`]); None where
-    /// graphs are off or do not serve this step (a prefill, a batch larger
-    /// than the largest captured), which then runs eagerly. A capture that
-    /// fails turns graphs off, with a warning, and the step runs eagerly.
-    fn graph_step(&mut self, ix: &StepIndex) -> Result<Option<Vec<f32>>> {
+    /// A decode step through a CUDA graph (see [`Graphs`]), its results
+    /// left in the graphs' workspace; false where graphs are off or do not
+    /// serve this step (a prefill, a batch larger than the largest
+    /// captured), which then runs eagerly. A capture that fails turns
+    /// graphs off, with a warning, and the step runs eagerly.
+    fn graph_step(&mut self, ix: &StepIndex) -> Result<bool> {
         if self.graph_max_batch == 0 || self.cache.is_empty() {
-            return Ok(None);
+            return Ok(false);
         }
         let gpu = self.net.gpu.clone();
         let shape = self.net.shape(self.block_size);
@@ -664,13 +721,13 @@ impl<T: Elem> CudaLlama<T> {
             });
         }
         let Some(g) = self.graphs.as_mut() else {
-            return Ok(None);
+            return Ok(false);
         };
         let Some(rows) = g.shape.batch_for(ix.ids.len()) else {
-            return Ok(None);
+            return Ok(false);
         };
         let Some(padded) = g.shape.pad(ix, rows, self.num_blocks as u32) else {
-            return Ok(None);
+            return Ok(false);
         };
         let keys = GraphShape::keys_for(ix.max_keys);
         let plan = attention_plan(rows, shape.heads, shape.head_dim, keys, gpu.sms)?;
@@ -713,7 +770,7 @@ impl<T: Elem> CudaLlama<T> {
                     );
                     self.graph_max_batch = 0;
                     self.graphs = None;
-                    return Ok(None);
+                    return Ok(false);
                 }
             };
             graph
@@ -721,10 +778,7 @@ impl<T: Elem> CudaLlama<T> {
                 .map_err(|e| cuda_err("replaying a decode step's graph", e))?;
             g.graphs.insert(key, Graph(graph));
         }
-        let held = self.net.plan.vocab.len();
-        Ok(Some(
-            gpu.download_prefix(&g.ws.logits, ix.ids.len() * held)?,
-        ))
+        Ok(true)
     }
 }
 
@@ -778,6 +832,10 @@ impl CudaModel {
 
     pub fn forward(&mut self, seqs: &[SeqInput<'_>], which: LogitsFor) -> Result<Vec<Vec<f32>>> {
         each!(self, m => m.forward(seqs, which))
+    }
+
+    pub fn step(&mut self, seqs: &[SeqInput<'_>], greedy: &[bool]) -> Result<Vec<Next>> {
+        each!(self, m => m.step(seqs, greedy))
     }
 
     pub fn config(&self) -> &ModelConfig {

@@ -231,14 +231,20 @@ impl Gpu {
             .map_err(|e| cuda_err("download", e))
     }
 
-    /// The first `n` elements of `d`.
-    pub fn download_prefix<T: DeviceRepr + Default + Clone>(
+    /// Elements `range` of `d`.
+    pub fn download_range<T: DeviceRepr + Default + Clone>(
         &self,
         d: &CudaSlice<T>,
-        n: usize,
+        range: std::ops::Range<usize>,
     ) -> Result<Vec<T>> {
+        if range.end > d.len() {
+            return Err(WorkerError::Config(format!(
+                "elements {range:?} of a device buffer of {}",
+                d.len()
+            )));
+        }
         self.stream
-            .clone_dtoh(&d.slice(..n.min(d.len())))
+            .clone_dtoh(&d.slice(range))
             .map_err(|e| cuda_err("download", e))
     }
 
@@ -475,6 +481,24 @@ impl Gpu {
             format!("silu_mul_{}", T::SUFFIX),
             launch::elementwise(n, self.sms),
             [gate_up, &inter_i, &n64, out]
+        )
+    }
+
+    /// `out[r]` = the index of row r's largest logit (rows of `n`), lowest
+    /// index on ties, as `sampler::argmax`.
+    pub fn argmax_rows(
+        &self,
+        logits: &CudaSlice<f32>,
+        rows: usize,
+        n: usize,
+        out: &mut CudaSlice<u32>,
+    ) -> Result<()> {
+        let n_i = n as i32;
+        launch!(
+            self,
+            "argmax_rows".to_string(),
+            launch::argmax_rows(rows),
+            [logits, &n_i, out]
         )
     }
 

@@ -70,7 +70,7 @@ fn tolerance<T: Elem>() -> f64 {
     if T::SUFFIX == "bf16" { 2e-2 } else { 4e-3 }
 }
 
-fn random(n: usize, rng: &mut ChaCha8Rng) -> Vec<f32> {
+pub(super) fn random(n: usize, rng: &mut ChaCha8Rng) -> Vec<f32> {
     (0..n).map(|_| rng.random_range(-1.0f32..1.0)).collect()
 }
 
@@ -79,7 +79,7 @@ fn rounded<T: Elem>(v: &[f32]) -> Vec<f32> {
     v.iter().map(|&x| T::from_f32(x).to_f32()).collect()
 }
 
-fn to_f32<T: Elem>(v: &[T]) -> Vec<f32> {
+pub(super) fn to_f32<T: Elem>(v: &[T]) -> Vec<f32> {
     v.iter().map(|x| x.to_f32()).collect()
 }
 
@@ -471,10 +471,11 @@ fn served_greedy(
     n: usize,
 ) -> Result<(Vec<u32>, Vec<u32>)> {
     use crate::backend::{Device, load};
-    let run = |greedy: bool| -> Result<Vec<u32>> {
-        let mut loaded = load(dir, opts, Arc::new(SingleRank), Device::Cuda)?;
-        loaded.model.set_cuda_graph_max_batch(16);
-        let mut backend = loaded.model.into_backend(8, 16, crate::kv::KvDtype::F32)?;
+    let mut loaded = load(dir, opts, Arc::new(SingleRank), Device::Cuda)?;
+    loaded.model.set_cuda_graph_max_batch(16);
+    let mut backend = loaded.model.into_backend(8, 16, crate::kv::KvDtype::F32)?;
+    // Each run rewrites the same cache blocks from position 0.
+    let mut run = |greedy: bool| -> Result<Vec<u32>> {
         let (_, tokens) = greedy_steps(prompt, n, 8, |seqs| backend.step(seqs, &[greedy]))?;
         Ok(tokens)
     };

@@ -8,9 +8,10 @@
 //! `aquila gpu-check` runs the same comparisons on a real GPU, larger.
 
 use half::{bf16, f16};
-use rand::{Rng, SeedableRng};
+use rand::SeedableRng;
 use rand_chacha::ChaCha8Rng;
 
+use super::check::{random, to_f32};
 use super::ops::Elem;
 use crate::config::RopeStyle;
 use crate::gpu::launch::{self, Launch, attention_plan};
@@ -168,16 +169,8 @@ unsafe extern "C" {
     fn emu_argmax_rows(g: Dim3, b: u32, logits: *const f32, n: i32, out: *mut u32);
 }
 
-fn random(n: usize, rng: &mut ChaCha8Rng) -> Vec<f32> {
-    (0..n).map(|_| rng.random_range(-1.0f32..1.0)).collect()
-}
-
 fn to<T: Elem>(v: &[f32]) -> Vec<T> {
     v.iter().map(|&x| T::from_f32(x)).collect()
-}
-
-fn back<T: Elem>(v: &[T]) -> Vec<f32> {
-    v.iter().map(|x| x.to_f32()).collect()
 }
 
 /// Relative error a result rounded to T may carry (one rounding, sums of
@@ -212,9 +205,9 @@ fn rms_norm<T: Elem>(kern: &Kernels<T>) {
                 out.as_mut_ptr(),
             )
         };
-        let (after, want) = reference::rms_norm(&x, Some(&delta), &picked, &back(&gw), 1e-6);
+        let (after, want) = reference::rms_norm(&x, Some(&delta), &picked, &to_f32(&gw), 1e-6);
         assert!(max_rel_error(&gx, &after) < 1e-6, "{} residual", T::SUFFIX);
-        let err = max_rel_error(&back(&out), &want);
+        let err = max_rel_error(&to_f32(&out), &want);
         assert!(
             err < tolerance::<T>(),
             "{} rms_norm {rows}×{dim}: {err}",
@@ -274,7 +267,7 @@ fn rope_and_attention<T: Elem>(kern: &Kernels<T>, interleaved: bool) {
     let err = max_rel_error(&columns(&qkv, row, 0, qd), &q_want);
     assert!(err < 1e-5, "{s} rope of q: {err}");
     let k_want = reference::rope(&k, &fill.positions, kv_heads, hd, 10000.0, interleaved);
-    let (ck32, cv32) = (back(&ck), back(&cv));
+    let (ck32, cv32) = (to_f32(&ck), to_f32(&cv));
     let err = max_rel_error(&case.gather(&fill, &ck32, kv_heads, hd), &k_want);
     assert!(
         err < tolerance::<T>(),
@@ -282,7 +275,7 @@ fn rope_and_attention<T: Elem>(kern: &Kernels<T>, interleaved: bool) {
     );
     assert_eq!(
         case.gather(&fill, &cv32, kv_heads, hd),
-        back(&to::<T>(&v)),
+        to_f32(&to::<T>(&v)),
         "{s} values in their slots"
     );
 
@@ -345,7 +338,7 @@ fn rope_and_attention<T: Elem>(kern: &Kernels<T>, interleaved: bool) {
                 )
             };
         }
-        let err = max_rel_error(&back(&out), &want);
+        let err = max_rel_error(&to_f32(&out), &want);
         assert!(
             err < tolerance::<T>(),
             "{s} attention, {} splits of {}: {err}",
@@ -390,7 +383,7 @@ fn rope_and_attention<T: Elem>(kern: &Kernels<T>, interleaved: bool) {
             out.as_mut_ptr(),
         )
     };
-    let err = max_rel_error(&back(&out), &want);
+    let err = max_rel_error(&to_f32(&out), &want);
     assert!(err < tolerance::<T>(), "{s} prefill attention: {err}");
 }
 
@@ -415,7 +408,7 @@ fn elementwise<T: Elem>(kern: &Kernels<T>) {
         &columns(&gu, 2 * inter, 0, inter),
         &columns(&gu, 2 * inter, inter, inter),
     );
-    let err = max_rel_error(&back(&out), &want);
+    let err = max_rel_error(&to_f32(&out), &want);
     assert!(err < tolerance::<T>(), "{} silu_mul: {err}", T::SUFFIX);
     // Embedding rows 100..400 held: ids outside give zeros.
     let hidden = 64;
@@ -435,7 +428,7 @@ fn elementwise<T: Elem>(kern: &Kernels<T>) {
             out.as_mut_ptr(),
         )
     };
-    let want = reference::embedding(&ids, &back(&table), 100, hidden);
+    let want = reference::embedding(&ids, &to_f32(&table), 100, hidden);
     assert_eq!(max_rel_error(&out, &want), 0.0, "{} embedding", T::SUFFIX);
     // Random weights: within center ± scale (and a rounding: bf16's step
     // near 1 is 1/128), the same for a seed, centred.
@@ -444,7 +437,7 @@ fn elementwise<T: Elem>(kern: &Kernels<T>) {
         let mut w = vec![T::default(); n];
         let (g, b) = grid(launch::elementwise(n, 2));
         unsafe { (kern.fill_random)(g, b, w.as_mut_ptr(), n, seed, 1.0, 0.05) };
-        back(&w)
+        to_f32(&w)
     };
     let (a, again, other) = (fill(7), fill(7), fill(8));
     assert_eq!(a, again);

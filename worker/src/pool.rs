@@ -39,6 +39,10 @@ struct Shared {
     /// waits on `wake`, and the submitter notifies under it.
     parked: Mutex<()>,
     wake: Condvar,
+    /// Threads parked or about to park: the submitter takes the lock and
+    /// notifies only when there are some, so a loop that finds every thread
+    /// spinning costs no system call.
+    sleepers: AtomicUsize,
 }
 
 // SAFETY: the raw task pointer is only dereferenced while its loop runs,
@@ -94,6 +98,7 @@ impl Pool {
             panic: Mutex::new(None),
             parked: Mutex::new(()),
             wake: Condvar::new(),
+            sleepers: AtomicUsize::new(0),
         });
         for i in 1..threads {
             let s = shared.clone();
@@ -128,8 +133,10 @@ impl Pool {
         let epoch = (s.claim.load(Relaxed) >> 32) + 1;
         *s.job.lock().unwrap_or_else(|e| e.into_inner()) = Some((epoch, f_static, n));
         s.done.store(0, Relaxed);
-        s.claim.store(epoch << 32, Release);
-        {
+        // SeqCst here and in `helper`: either this sees a parking thread
+        // counted in `sleepers`, or that thread sees the new loop number.
+        s.claim.store(epoch << 32, SeqCst);
+        if s.sleepers.load(SeqCst) > 0 {
             // Wake parked threads (they check the loop number under this
             // lock before waiting, so none can miss it).
             let _g = s.parked.lock().unwrap_or_else(|e| e.into_inner());
@@ -201,9 +208,11 @@ fn helper(s: &Shared) {
         spins = spins.wrapping_add(1);
         if spins.is_multiple_of(1024) && idle_since.elapsed() > PARK_AFTER {
             let guard = s.parked.lock().unwrap_or_else(|e| e.into_inner());
-            if s.claim.load(Acquire) >> 32 == seen {
+            s.sleepers.fetch_add(1, SeqCst);
+            if s.claim.load(SeqCst) >> 32 == seen {
                 drop(s.wake.wait(guard).unwrap_or_else(|e| e.into_inner()));
             }
+            s.sleepers.fetch_sub(1, SeqCst);
             idle_since = Instant::now();
         }
         std::hint::spin_loop();
@@ -255,6 +264,33 @@ mod tests {
             count.fetch_add(1, Relaxed);
         });
         assert_eq!(count.load(Relaxed), 100);
+    }
+
+    /// After a quiet while the helpers park; the next loop must wake one.
+    /// Task 0 waits for task 1 to start, which only another thread can do:
+    /// a helper left asleep fails the test instead of hanging it.
+    #[test]
+    fn parked_threads_wake_for_the_next_loop() {
+        if threads() < 2 {
+            return;
+        }
+        for _ in 0..3 {
+            std::thread::sleep(PARK_AFTER * 10);
+            let started = AtomicU32::new(0);
+            let waited = AtomicU32::new(0);
+            run(2, |i| {
+                if i == 1 {
+                    started.store(1, SeqCst);
+                    return;
+                }
+                let t = Instant::now();
+                while started.load(SeqCst) == 0 && t.elapsed() < Duration::from_secs(10) {
+                    std::hint::spin_loop();
+                }
+                waited.store(started.load(SeqCst), SeqCst);
+            });
+            assert_eq!(waited.load(SeqCst), 1, "no helper woke up");
+        }
     }
 
     #[test]

@@ -260,12 +260,7 @@ impl<T: Elem> PackedFloat<T> {
             FloatPath::available().contains(&path),
             "{path:?} is not available"
         );
-        let mut xt = vec![0f32; x.len()];
-        for (r, row) in x.chunks_exact(in_dim).enumerate() {
-            for (k, &v) in row.iter().enumerate() {
-                xt[k * rows + r] = v;
-            }
-        }
+        let xt = transpose(x, rows, in_dim);
         let panels: usize = mats.iter().map(|m| m.out_dim.div_ceil(PANEL)).sum();
         let per_task = panels.div_ceil(pool::threads() * 4).max(1);
         // The kernels write straight into each `[rows, out]` result; every
@@ -379,6 +374,45 @@ impl<T: Elem> PackedFloat<T> {
     }
 }
 
+/// `x` (`[rows, in]`) as `[in][rows]`, for the micro-kernels (see
+/// `PackedFloat::panel`). A single row is its own transpose. Larger inputs
+/// (a prefill's hundreds of rows) are transposed in chunks of `in` on the
+/// pool: done by the engine thread alone, they kept the others waiting.
+fn transpose(x: &[f32], rows: usize, in_dim: usize) -> std::borrow::Cow<'_, [f32]> {
+    /// Below this many values one thread is quicker than a parallel loop.
+    const PARALLEL: usize = 1 << 14;
+    if rows == 1 {
+        return std::borrow::Cow::Borrowed(x);
+    }
+    let mut xt: Vec<f32> = Vec::with_capacity(x.len());
+    let fill = |k0: usize, out: &mut [std::mem::MaybeUninit<f32>]| {
+        for (i, col) in out.chunks_exact_mut(rows).enumerate() {
+            for (r, v) in col.iter_mut().enumerate() {
+                v.write(x[r * in_dim + k0 + i]);
+            }
+        }
+    };
+    let spare = &mut xt.spare_capacity_mut()[..x.len()];
+    if x.len() < PARALLEL {
+        fill(0, spare);
+    } else {
+        let chunks: Vec<std::sync::Mutex<&mut [std::mem::MaybeUninit<f32>]>> = spare
+            .chunks_mut(KC * rows)
+            .map(std::sync::Mutex::new)
+            .collect();
+        pool::run(chunks.len(), |i| {
+            // Each task locks only its own chunk: never contended.
+            let mut out = chunks[i].lock().unwrap_or_else(|e| e.into_inner());
+            fill(i * KC, &mut out);
+        });
+    }
+    // SAFETY: `fill` wrote every one of the `x.len()` values, serially or
+    // in chunks that cover them all (a panicking task would have resumed
+    // in `pool::run` before this point).
+    unsafe { xt.set_len(x.len()) };
+    std::borrow::Cow::Owned(xt)
+}
+
 /// The portable micro-kernel on up to six of the `left` rows:
 /// `c[r][j] (+)= Σ_k x[r][k]·w[k][j]`. Returns the rows done.
 ///
@@ -480,11 +514,13 @@ mod simd {
 
     /// A tile's share of prefetching the next chunk: with `Some((i, n))`,
     /// the i-th of n slices of the `kc·16` weights after `w`, one cache line
-    /// every `every` steps of k.
+    /// every `every` steps of k. A countdown, not `k % every`: the division
+    /// sat in every step of the loop.
     struct Prefetch {
         ahead: *const i8,
-        count: usize,
+        left: usize,
         every: usize,
+        countdown: usize,
     }
 
     impl Prefetch {
@@ -497,21 +533,28 @@ mod simd {
             };
             Prefetch {
                 ahead: (w.wrapping_add(kc * PANEL) as *const i8).wrapping_add(first_line * 64),
-                count,
+                left: count,
                 every: kc.div_ceil(count.max(1)),
+                countdown: 0,
             }
         }
 
-        /// Called at every step k of the loop. Prefetches never fault, so
-        /// one past the end of the matrix is harmless.
+        /// Called at every step of the loop: a line at steps 0, every,
+        /// 2·every... until the share is asked for. Prefetches never fault,
+        /// so one past the end of the matrix is harmless.
         #[inline(always)]
-        unsafe fn step(&self, k: usize) {
-            if k.is_multiple_of(self.every) && k / self.every < self.count {
-                // SAFETY: a prefetch reads nothing; any address is allowed.
-                unsafe {
-                    _mm_prefetch::<_MM_HINT_T0>(self.ahead.wrapping_add(k / self.every * 64))
-                };
+        unsafe fn step(&mut self) {
+            if self.left == 0 {
+                return;
             }
+            if self.countdown == 0 {
+                // SAFETY: a prefetch reads nothing; any address is allowed.
+                unsafe { _mm_prefetch::<_MM_HINT_T0>(self.ahead) };
+                self.ahead = self.ahead.wrapping_add(64);
+                self.left -= 1;
+                self.countdown = self.every;
+            }
+            self.countdown -= 1;
         }
     }
 
@@ -539,7 +582,7 @@ mod simd {
         assert!(w.len() >= kc * PANEL);
         assert!(x.len() >= (kc - 1) * stride + R);
         let (xp, wp, cp, ldc) = (x.as_ptr(), w.as_ptr(), c.ptr, c.ldc);
-        let prefetch = Prefetch::new(wp, kc, prefetch);
+        let mut prefetch = Prefetch::new(wp, kc, prefetch);
         // SAFETY: the asserts above bound every access.
         unsafe {
             let mut acc = [[_mm256_setzero_ps(); 2]; R];
@@ -552,7 +595,7 @@ mod simd {
                 }
             }
             for k in 0..kc {
-                prefetch.step(k);
+                prefetch.step();
                 let [w0, w1] = T::load16(wp.add(k * PANEL));
                 for (r, a) in acc.iter_mut().enumerate() {
                     let xv = _mm256_broadcast_ss(&*xp.add(k * stride + r));
@@ -585,7 +628,7 @@ mod simd {
         assert!(w.len() >= kc * PANEL);
         assert!(x.len() >= (kc - 1) * stride + R);
         let (xp, wp, cp, ldc) = (x.as_ptr(), w.as_ptr(), c.ptr, c.ldc);
-        let prefetch = Prefetch::new(wp, kc, prefetch);
+        let mut prefetch = Prefetch::new(wp, kc, prefetch);
         // SAFETY: the asserts above bound every access.
         unsafe {
             let mut acc = [_mm512_setzero_ps(); R];
@@ -595,7 +638,7 @@ mod simd {
                 }
             }
             for k in 0..kc {
-                prefetch.step(k);
+                prefetch.step();
                 let wv = T::load16x(wp.add(k * PANEL));
                 for (r, a) in acc.iter_mut().enumerate() {
                     *a = _mm512_fmadd_ps(_mm512_set1_ps(*xp.add(k * stride + r)), wv, *a);
@@ -630,6 +673,9 @@ mod tests {
             (7, 300, 33),
             (16, 100, 70),
             (2, 768, 129),
+            // Enough values for the parallel transpose, `in` not a whole
+            // number of chunks.
+            (40, 600, 20),
         ] {
             let x = data(rows * inp, 1);
             let w: Vec<T> = data(out * inp, 2).into_iter().map(&convert).collect();

@@ -439,7 +439,7 @@ impl Llama {
             let m = &layer.mlp;
             let [mut g, u] =
                 ColumnParallelLinear::forward_many([&m.gate_proj, &m.up_proj], &xn, total)?;
-            g.iter_mut().zip(&u).for_each(|(g, u)| *g = silu(*g) * u);
+            silu_mul(&mut g, &u);
             let d = m.down_proj.forward(&g, total)?;
             x.iter_mut().zip(&d).for_each(|(x, d)| *x += d);
         }
@@ -477,6 +477,27 @@ impl Llama {
         }
         Ok(out)
     }
+}
+
+/// `g = SiLU(g)·u`, elementwise, in chunks on the compute pool: a batch's
+/// `[rows, intermediate]` done by the engine thread alone kept the other
+/// threads waiting (about 1% of a 16-row step). One row is one chunk, done
+/// in place.
+fn silu_mul(g: &mut [f32], u: &[f32]) {
+    const CHUNK: usize = 4096;
+    let chunks: Vec<std::sync::Mutex<(&mut [f32], &[f32])>> = g
+        .chunks_mut(CHUNK)
+        .zip(u.chunks(CHUNK))
+        .map(std::sync::Mutex::new)
+        .collect();
+    crate::pool::run(chunks.len(), |i| {
+        // Each task locks only its own chunk: never contended.
+        let mut chunk = chunks[i].lock().unwrap_or_else(|e| e.into_inner());
+        let (g, u) = &mut *chunk;
+        g.iter_mut()
+            .zip(u.iter())
+            .for_each(|(g, u)| *g = silu(*g) * u);
+    });
 }
 
 /// Refuses a step a sequence of which does not fit its block table, the

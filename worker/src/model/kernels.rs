@@ -262,7 +262,7 @@ impl<T: Elem> PackedFloat<T> {
         );
         let xt = transpose(x, rows, in_dim, path.tile());
         let panels: usize = mats.iter().map(|m| m.out_dim.div_ceil(PANEL)).sum();
-        let per_task = panels.div_ceil(pool::threads() * 4).max(1);
+        let per_task = panels.div_ceil(pool::threads() * 16).max(1);
         // The kernels write straight into each `[rows, out]` result; every
         // task owns a range of panels, that is of 16-column stripes. The
         // results start uninitialized (zeroing them cost 3% of a batched

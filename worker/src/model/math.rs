@@ -29,9 +29,44 @@ pub fn silu(x: f32) -> f32 {
     x / (1.0 + exp(-x))
 }
 
+/// `g[i] = silu(g[i])·u[i]`. Compiled a second time for AVX2 where the CPU
+/// has it: the baseline build is SSE2, four lanes, and SiLU of a 16-row
+/// batch's MLP was about 1.5% of a step. Plain arithmetic without fused
+/// multiply-adds, so both builds give the same bits.
+pub fn silu_mul(g: &mut [f32], u: &[f32]) {
+    #[inline(always)]
+    fn each(g: &mut [f32], u: &[f32]) {
+        g.iter_mut().zip(u).for_each(|(g, u)| *g = silu(*g) * u);
+    }
+    #[cfg(target_arch = "x86_64")]
+    #[target_feature(enable = "avx2")]
+    fn avx2(g: &mut [f32], u: &[f32]) {
+        each(g, u)
+    }
+    #[cfg(target_arch = "x86_64")]
+    if is_x86_feature_detected!("avx2") {
+        // SAFETY: the CPU has AVX2, checked just above.
+        return unsafe { avx2(g, u) };
+    }
+    each(g, u)
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    /// The AVX2 build (where this machine has it) gives the scalar `silu`'s
+    /// bits over the whole range, lengths that are not whole vectors too.
+    #[test]
+    fn silu_mul_gives_the_scalar_bits() {
+        let g: Vec<f32> = (-100_000..100_001).map(|i| i as f32 / 997.0).collect();
+        let u: Vec<f32> = g.iter().map(|x| 1.5 - x / 50.0).collect();
+        let mut got = g.clone();
+        silu_mul(&mut got, &u);
+        for i in 0..g.len() {
+            assert_eq!(got[i].to_bits(), (silu(g[i]) * u[i]).to_bits(), "{}", g[i]);
+        }
+    }
 
     /// Against f64's `exp` over the whole range, a million points.
     #[test]

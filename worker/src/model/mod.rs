@@ -25,7 +25,6 @@ use crate::kv::{BlockId, KvDtype, PagedKv};
 use crate::weights::{Weight, WeightStore};
 use attention::AttnSeq;
 pub use linear::{ColumnParallelLinear, Linear, RowParallelLinear, Shard, TpPlan, WeightDtype};
-use math::silu;
 pub use norm::{RmsNorm, Rope};
 
 /// One sequence's part of a step.
@@ -494,9 +493,7 @@ fn silu_mul(g: &mut [f32], u: &[f32]) {
         // Each task locks only its own chunk: never contended.
         let mut chunk = chunks[i].lock().unwrap_or_else(|e| e.into_inner());
         let (g, u) = &mut *chunk;
-        g.iter_mut()
-            .zip(u.iter())
-            .for_each(|(g, u)| *g = silu(*g) * u);
+        math::silu_mul(g, u);
     });
 }
 

@@ -547,8 +547,9 @@ mod simd {
 
     /// A tile's share of prefetching the next chunk: with `Some((i, n))`,
     /// the i-th of n slices of the `kc·16` weights after `w`, one cache line
-    /// every `every` steps of k. A countdown, not `k % every`: the division
-    /// sat in every step of the loop.
+    /// every `every` steps of k. A countdown: computing the line from
+    /// `k / every` kept a division in the loop (at every step of a 16-row
+    /// tile, whose `every` is 1).
     struct Prefetch {
         ahead: *const i8,
         left: usize,

@@ -438,7 +438,7 @@ impl Llama {
             let m = &layer.mlp;
             let [mut g, u] =
                 ColumnParallelLinear::forward_many([&m.gate_proj, &m.up_proj], &xn, total)?;
-            silu_mul(&mut g, &u);
+            silu_mul_on_pool(&mut g, &u);
             let d = m.down_proj.forward(&g, total)?;
             x.iter_mut().zip(&d).for_each(|(x, d)| *x += d);
         }
@@ -482,7 +482,7 @@ impl Llama {
 /// `[rows, intermediate]` done by the engine thread alone kept the other
 /// threads waiting (about 1% of a 16-row step). One row is one chunk, done
 /// in place.
-fn silu_mul(g: &mut [f32], u: &[f32]) {
+fn silu_mul_on_pool(g: &mut [f32], u: &[f32]) {
     const CHUNK: usize = 4096;
     let chunks: Vec<std::sync::Mutex<(&mut [f32], &[f32])>> = g
         .chunks_mut(CHUNK)

@@ -252,3 +252,48 @@ fn matrices_run_together_give_what_they_give_alone() {
         assert_eq!(&m.matmul(&x, 5), t);
     }
 }
+
+/// Activation quantization against the rule written plainly (per block:
+/// `d = max|x|/127`, quants rounded to nearest even, their sums), on random
+/// blocks and on blocks of zeros, of one repeated value, with a NaN and
+/// with an infinity; a batch small enough for one thread and one that is
+/// quantized in parts on the pool.
+#[test]
+fn activations_quantize_as_the_plain_rule_says() {
+    let mut rng = Rng(11);
+    for (rows, blocks) in [(4, 16), (9, 40)] {
+        let mut x: Vec<f32> = (0..rows * blocks * BLOCK)
+            .map(|_| rng.unit() * 3.0)
+            .collect();
+        x[BLOCK..2 * BLOCK].fill(0.0);
+        x[2 * BLOCK..3 * BLOCK].fill(-0.7);
+        x[3 * BLOCK + 5] = f32::NAN;
+        let end = x.len();
+        x[end - 9] = f32::INFINITY;
+        let q = QuantizedRows::new(&x, rows, blocks * BLOCK);
+        for (b, block) in x.chunks_exact(BLOCK).enumerate() {
+            let amax = block.iter().fold(0f32, |m, v| m.max(v.abs()));
+            let d = amax / 127.0;
+            let id = if d > 0.0 { 1.0 / d } else { 0.0 };
+            let want: Vec<i8> = block
+                .iter()
+                .map(|v| (v * id).round_ties_even() as i8)
+                .collect();
+            assert_eq!(&q.qs[b * BLOCK..(b + 1) * BLOCK], &want[..], "block {b}");
+            let half = |h: usize| {
+                want[h * 16..(h + 1) * 16]
+                    .iter()
+                    .map(|&v| i32::from(v))
+                    .sum::<i32>()
+            };
+            assert_eq!(
+                q.half_sum[2 * b..2 * b + 2],
+                [half(0), half(1)],
+                "block {b}"
+            );
+            assert_eq!(q.sum[b], half(0) + half(1));
+            assert_eq!(q.d[b].to_bits(), d.to_bits());
+            assert_eq!(q.s[b].to_bits(), (d * q.sum[b] as f32).to_bits());
+        }
+    }
+}

@@ -84,6 +84,17 @@ pub fn run(n: usize, f: impl Fn(usize) + Sync) {
     global().run(n, &f);
 }
 
+/// Runs `f` on each of `parts` on the pool, each part in a task of its
+/// own: for work that writes disjoint pieces of one buffer (the parts hold
+/// `&mut` slices of it).
+pub fn run_parts<P: Send>(parts: Vec<P>, f: impl Fn(&mut P) + Sync) {
+    // Each task locks only its own part: never contended.
+    let parts: Vec<Mutex<P>> = parts.into_iter().map(Mutex::new).collect();
+    run(parts.len(), |i| {
+        f(&mut parts[i].lock().unwrap_or_else(|e| e.into_inner()))
+    });
+}
+
 impl Pool {
     fn new(threads: usize) -> Pool {
         let threads = if threads == 0 {

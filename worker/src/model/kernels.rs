@@ -430,14 +430,7 @@ fn transpose(x: &[f32], rows: usize, in_dim: usize, group: usize) -> std::borrow
             fill(g0, k0, part);
         }
     } else {
-        let parts: Vec<std::sync::Mutex<_>> =
-            parts.into_iter().map(std::sync::Mutex::new).collect();
-        pool::run(parts.len(), |i| {
-            // Each task locks only its own part: never contended.
-            let mut part = parts[i].lock().unwrap_or_else(|e| e.into_inner());
-            let (g0, k0, ref mut out) = *part;
-            fill(g0, k0, out);
-        });
+        pool::run_parts(parts, |(g0, k0, out)| fill(*g0, *k0, out));
     }
     // SAFETY: the parts cover all `x.len()` values and `fill` wrote each
     // (a panicking task would have resumed in `pool::run` before this

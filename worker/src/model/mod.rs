@@ -484,17 +484,8 @@ impl Llama {
 /// in place.
 fn silu_mul_on_pool(g: &mut [f32], u: &[f32]) {
     const CHUNK: usize = 4096;
-    let chunks: Vec<std::sync::Mutex<(&mut [f32], &[f32])>> = g
-        .chunks_mut(CHUNK)
-        .zip(u.chunks(CHUNK))
-        .map(std::sync::Mutex::new)
-        .collect();
-    crate::pool::run(chunks.len(), |i| {
-        // Each task locks only its own chunk: never contended.
-        let mut chunk = chunks[i].lock().unwrap_or_else(|e| e.into_inner());
-        let (g, u) = &mut *chunk;
-        math::silu_mul(g, u);
-    });
+    let chunks = g.chunks_mut(CHUNK).zip(u.chunks(CHUNK)).collect();
+    crate::pool::run_parts(chunks, |(g, u)| math::silu_mul(g, u));
 }
 
 /// Refuses a step a sequence of which does not fit its block table, the

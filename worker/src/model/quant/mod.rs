@@ -27,7 +27,6 @@
 mod x86;
 
 use std::ops::Range;
-use std::sync::Mutex;
 
 use candle_core::quantized::GgmlDType;
 use half::f16;
@@ -454,16 +453,10 @@ impl QuantizedRows {
         let mut rest = Blocks::of(&mut q);
         for x in x.chunks(per * in_dim) {
             let (part, more) = rest.split_at(x.len() / BLOCK);
-            parts.push(Mutex::new((x, part)));
+            parts.push((x, part));
             rest = more;
         }
-        pool::run(parts.len(), |i| {
-            // Each task locks only its own part: never contended.
-            let mut part = parts[i].lock().unwrap_or_else(|e| e.into_inner());
-            let (x, ref mut blocks) = *part;
-            blocks.fill(x);
-        });
-        drop(parts);
+        pool::run_parts(parts, |(x, blocks)| blocks.fill(x));
         q
     }
 
@@ -604,13 +597,10 @@ fn run_jobs(isa: Isa, jobs: &[Job<'_>], rows: usize) -> Vec<Vec<f32>> {
     let mut tasks = Vec::new();
     for (j, out) in jobs.iter().zip(outs.iter_mut()) {
         for (t, chunk) in out.chunks_mut(per_task * rows * GROUP).enumerate() {
-            tasks.push(Mutex::new((j, t * per_task, chunk)));
+            tasks.push((j, t * per_task, chunk));
         }
     }
-    pool::run(tasks.len(), |t| {
-        // Each task locks only its own entry: never contended.
-        let mut task = tasks[t].lock().unwrap_or_else(|e| e.into_inner());
-        let (j, g0, ref mut chunk) = *task;
+    pool::run_parts(tasks, |&mut (j, g0, ref mut chunk)| {
         let gb = j.m.format.group_block_bytes();
         for (i, out) in chunk.chunks_mut(rows * GROUP).enumerate() {
             let start = ((g0 + i) * j.m.blocks + j.blocks.start) * gb;

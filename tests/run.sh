@@ -36,7 +36,9 @@ echo "==> the cuda feature (no GPU here: it builds, and its CPU-runnable tests r
 # nvcc compiles our kernels (worker/build.rs): the CUDA 13.4 compiler wheels
 # from PyPI, in a venv of their own, cached like the rest.
 cuda_venv="$AQUILA_CACHE_DIR/cuda-venv"
-find_nvcc() { find "$cuda_venv" -path '*/nvidia/cu13/bin/nvcc' -type f 2>/dev/null | head -1; }
+# (`|| true`: on a fresh machine the venv does not exist yet, find fails,
+# and pipefail would end the run here.)
+find_nvcc() { find "$cuda_venv" -path '*/nvidia/cu13/bin/nvcc' -type f 2>/dev/null | head -1 || true; }
 nvcc="$(find_nvcc)"
 if [ -z "$nvcc" ] || ! "$nvcc" --version >/dev/null 2>&1; then
     echo "==> creating $cuda_venv (nvcc 13.4 from PyPI)"

@@ -14,6 +14,7 @@ pub mod export;
 pub mod gpu;
 pub mod kv;
 pub mod loader;
+pub mod mem;
 pub mod metrics;
 pub mod model;
 pub mod pool;

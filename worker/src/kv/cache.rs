@@ -12,6 +12,7 @@
 use half::bf16;
 
 use super::blocks::BlockId;
+use crate::mem::HugeBuf;
 
 /// The element type of the cache (`--kv-cache-dtype`).
 #[derive(Debug, Clone, Copy, PartialEq, Eq, clap::ValueEnum)]
@@ -38,8 +39,8 @@ impl KvDtype {
 
 /// One layer's keys or values.
 pub enum Store {
-    F32(Vec<f32>),
-    Bf16(Vec<bf16>),
+    F32(HugeBuf<f32>),
+    Bf16(HugeBuf<bf16>),
 }
 
 /// An element type the cache can hold.
@@ -118,8 +119,8 @@ impl PagedKv {
     ) -> Self {
         let n = num_blocks * kv_heads * block_size * head_dim;
         let store = || match dtype {
-            KvDtype::F32 => Store::F32(vec![0.0; n]),
-            KvDtype::Bf16 => Store::Bf16(vec![bf16::ZERO; n]),
+            KvDtype::F32 => Store::F32(HugeBuf::zeroed(n)),
+            KvDtype::Bf16 => Store::Bf16(HugeBuf::zeroed(n)),
         };
         Self {
             k: (0..num_layers).map(|_| store()).collect(),

@@ -20,6 +20,7 @@
 use half::{bf16, f16};
 
 use super::quant::Isa;
+use crate::mem::{HugeBuf, Zeroed};
 use crate::pool;
 
 /// Output rows per panel.
@@ -110,7 +111,7 @@ impl Out {
 }
 
 /// A weight element the kernels can widen to f32.
-pub trait Elem: Copy + Default + Send + Sync + 'static {
+pub trait Elem: Zeroed + Default {
     fn to_f32(self) -> f32;
     /// Sixteen consecutive elements as two vectors of eight f32.
     ///
@@ -203,7 +204,7 @@ impl Elem for bf16 {
 pub struct PackedFloat<T: Elem> {
     out_dim: usize,
     in_dim: usize,
-    data: Vec<T>,
+    data: HugeBuf<T>,
 }
 
 impl<T: Elem> PackedFloat<T> {
@@ -212,7 +213,7 @@ impl<T: Elem> PackedFloat<T> {
         assert_eq!(w.len(), out_dim * in_dim);
         let panels = out_dim.div_ceil(PANEL);
         // Rows past out_dim stay zero.
-        let mut data = vec![T::default(); panels * PANEL * in_dim];
+        let mut data = HugeBuf::zeroed(panels * PANEL * in_dim);
         for (o, row) in w.chunks_exact(in_dim).enumerate() {
             let panel = &mut data[o / PANEL * PANEL * in_dim..][..PANEL * in_dim];
             for (k, &v) in row.iter().enumerate() {

@@ -31,6 +31,7 @@ use std::ops::Range;
 use candle_core::quantized::GgmlDType;
 use half::f16;
 
+use crate::mem::HugeBuf;
 use crate::pool;
 
 /// Weights per block, as in GGML's Q4_0/Q4_1/Q8_0.
@@ -182,7 +183,7 @@ pub struct PackedMatrix {
     out_dim: usize,
     in_dim: usize,
     blocks: usize,
-    data: Vec<u8>,
+    data: HugeBuf<u8>,
 }
 
 impl PackedMatrix {
@@ -198,7 +199,7 @@ impl PackedMatrix {
         let gb = format.group_block_bytes();
         let qb = format.quant_bytes();
         // Rows past out_dim stay zero: scale 0, so they contribute nothing.
-        let mut data = vec![0u8; groups * blocks * gb];
+        let mut data = HugeBuf::zeroed(groups * blocks * gb);
         for (o, row) in raw.chunks_exact(blocks * src_block).enumerate() {
             let (g, r) = (o / GROUP, o % GROUP);
             for (b, src) in row.chunks_exact(src_block).enumerate() {

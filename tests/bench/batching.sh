@@ -8,7 +8,9 @@
 # prefills of arriving requests included), and decode only (llama.cpp's
 # timing excludes its prefill; for aquila, streams ÷ mean inter-token latency).
 #   - base: `make-model --preset base --seed 1` (f32); llama.cpp on the same
-#     weights as an F32 GGUF.
+#     weights as an F32 GGUF. aquila twice: with its default f32 KV cache,
+#     and with `--kv-cache-dtype bf16`, a 16-bit cache like llama.cpp's
+#     default (f16), which halves what attention reads.
 #   - demo: the SmolLM2-135M-Instruct Q4_1 GGUF, the same file for both.
 # Prints JSON lines, then a table.   GEN=128 THREADS=2 tests/bench/batching.sh
 set -euo pipefail
@@ -17,10 +19,10 @@ GEN=${GEN:-128} THREADS=${THREADS:-2} PT=32
 . tests/bench/setup.sh
 
 out=$(mktemp -d)
-aquila() { # model, label
+aquila() { # model, label, extra serve flags...
     local port
     port=$("$py" -c 'import socket; s=socket.socket(); s.bind(("127.0.0.1", 0)); print(s.getsockname()[1])')
-    RUST_LOG=warn $aq serve --model "$1" --threads "$THREADS" --listen "127.0.0.1:$port" --worker-listen 127.0.0.1:0 &
+    RUST_LOG=warn $aq serve --model "$1" --threads "$THREADS" --listen "127.0.0.1:$port" --worker-listen 127.0.0.1:0 "${@:3}" &
     local pid=$!
     # Ready when a one-token request completes (the gateway answers
     # UNAVAILABLE until its worker is up).
@@ -49,6 +51,7 @@ peer() { # gguf, label
 }
 
 aquila "$base" base
+aquila "$base" base-bf16kv --kv-cache-dtype bf16
 peer "$base/gguf/model.gguf" base
 aquila "$demo" demo
 peer "$demo" demo
@@ -68,9 +71,14 @@ def decode(label, streams):
 print()
 print("| model | engine | 1 stream tok/s | 16 streams tok/s | 16 ÷ 1 | decode only: 1 / 16 streams | 16 ÷ 1 |")
 print("| --- | --- | ---: | ---: | ---: | ---: | ---: |")
-for model in ("base", "demo"):
-    for engine in ("aquila", "llama.cpp"):
-        one, many = wall(f"{engine} {model} x1"), wall(f"{engine} {model} x16")
-        d1, d16 = decode(f"{engine} {model} x1", 1), decode(f"{engine} {model} x16", 16)
-        print(f"| {model} | {engine} | {one:.1f} | {many:.1f} | {many / one:.1f}× | {d1:.1f} / {d16:.1f} | {d16 / d1:.1f}× |")
+for model, engine, key in (
+    ("base", "aquila", "aquila base"),
+    ("base", "aquila, bf16 KV cache", "aquila base-bf16kv"),
+    ("base", "llama.cpp (f16 KV cache)", "llama.cpp base"),
+    ("demo", "aquila", "aquila demo"),
+    ("demo", "llama.cpp (f16 KV cache)", "llama.cpp demo"),
+):
+    one, many = wall(f"{key} x1"), wall(f"{key} x16")
+    d1, d16 = decode(f"{key} x1", 1), decode(f"{key} x16", 16)
+    print(f"| {model} | {engine} | {one:.1f} | {many:.1f} | {many / one:.1f}× | {d1:.1f} / {d16:.1f} | {d16 / d1:.1f}× |")
 PYEOF

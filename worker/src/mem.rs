@@ -2,8 +2,8 @@
 //! and the KV cache, which every step streams through.
 //!
 //! With 4 KiB pages, one decode step of the `base` preset touches some
-//! 80,000 pages of weights, each a TLB miss, and in a virtual machine each
-//! miss walks two page tables. With 2 MiB pages it touches 160. Where
+//! 100,000 pages of weights, each a TLB miss, and in a virtual machine each
+//! miss walks two page tables. With 2 MiB pages it touches about 200. Where
 //! transparent huge pages are enabled only on request ("madvise", the
 //! default of Debian and Ubuntu), memory gets them only if it asks, which
 //! the allocator's `Vec`s never do; these buffers ask. Where they are

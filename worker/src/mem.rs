@@ -76,15 +76,16 @@ impl<T: Zeroed> HugeBuf<T> {
         }
     }
 
-    /// Faults every page in now, by writing back a byte of each, so that later writes never stop to clear memory. For the
-    /// KV cache, which sequences otherwise touch a block at a time: its
-    /// pages were cleared on the engine thread mid-step (4% of a base
-    /// 16-stream run's samples while the pool warmed up), with the compute
-    /// threads waiting. It also makes a pool that does not fit fail at
-    /// start, not under load.
+    /// Faults every page in now, by writing back a byte of each, so that
+    /// later writes never stop to clear memory. For the KV cache, which
+    /// sequences otherwise touch a block at a time: its pages were cleared
+    /// on the engine thread mid-step (4% of a base 16-stream run's samples
+    /// while the pool warmed up), with the compute threads waiting. It also
+    /// makes a pool that does not fit fail at start, not under load.
     pub fn populate(&mut self) {
         const PAGE: usize = 4096;
-        // SAFETY: the buffer's bytes, viewed as bytes (T is plain data).
+        // SAFETY: the buffer's bytes, all initialized (T is plain data
+        // without padding, see `Zeroed`), borrowed through `&mut self`.
         let bytes: &mut [u8] = unsafe {
             std::slice::from_raw_parts_mut(
                 self.as_mut_ptr() as *mut u8,
@@ -105,13 +106,6 @@ impl<T: Zeroed> HugeBuf<T> {
                 }
             }
         });
-    }
-
-    /// The elements of `data`, copied.
-    pub fn from_slice(data: &[T]) -> Self {
-        let mut buf = Self::zeroed(data.len());
-        buf.copy_from_slice(data);
-        buf
     }
 }
 
@@ -140,12 +134,6 @@ impl<T: Zeroed> DerefMut for HugeBuf<T> {
     }
 }
 
-impl<T: Zeroed> std::fmt::Debug for HugeBuf<T> {
-    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
-        f.debug_struct("HugeBuf").field("len", &self.len).finish()
-    }
-}
-
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -166,8 +154,6 @@ mod tests {
         b.populate();
         assert_eq!(b[0], 1.5);
         assert_eq!(b.iter().filter(|&&v| v != 0.0).count(), 1);
-        let src: Vec<u8> = (0..=255).cycle().take(5 << 20).collect();
-        assert_eq!(&HugeBuf::from_slice(&src)[..], &src[..]);
     }
 
     #[test]

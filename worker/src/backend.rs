@@ -176,6 +176,14 @@ pub enum Next {
 }
 
 impl Backend {
+    pub fn config(&self) -> &ModelConfig {
+        match self {
+            Backend::Cpu { model, .. } => model.config(),
+            #[cfg(feature = "cuda")]
+            Backend::Cuda(m) => m.config(),
+        }
+    }
+
     /// One engine step (the last token of each sequence). Where `greedy[i]`
     /// (its sampling is a plain argmax), a GPU alone picks the token and
     /// returns it instead of the logits, which then never leave the device:

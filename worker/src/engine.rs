@@ -21,7 +21,6 @@ use tonic::Status;
 use crate::backend::Next;
 use crate::comm::Communicator;
 use crate::error::{Result, WorkerError};
-use crate::kv::KvDtype;
 use crate::metrics::{Finished, WorkerMetrics};
 use crate::model::SeqInput;
 use crate::sampler::Sampler;
@@ -36,7 +35,6 @@ pub struct EngineConfig {
     pub max_waiting_tokens: usize,
     pub block_size: usize,
     pub kv_blocks: usize,
-    pub kv_dtype: KvDtype,
 }
 
 pub type EventSender = UnboundedSender<Result<GenerateEvent, Status>>;
@@ -113,7 +111,7 @@ impl EngineHandle {
     /// group) carries each step to the other ranks, and a heartbeat while
     /// idle. Each step is observed in `metrics`.
     pub fn start(
-        model: crate::backend::Model,
+        backend: crate::backend::Backend,
         eos_ids: Vec<u32>,
         cfg: EngineConfig,
         control: Option<Arc<dyn Communicator>>,
@@ -122,7 +120,6 @@ impl EngineHandle {
         let (tx, rx) = mpsc::channel();
         let stats = Arc::new(Stats::default());
         stats.kv_blocks_free.store(cfg.kv_blocks as u32, Relaxed);
-        let backend = model.into_backend(cfg.kv_blocks, cfg.block_size, cfg.kv_dtype)?;
         let scheduler = Scheduler::new(SchedulerConfig {
             max_running: cfg.max_running,
             max_batch_tokens: cfg.max_batch_tokens,

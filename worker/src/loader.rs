@@ -71,15 +71,24 @@ pub type LoadedModel = Loaded<Llama>;
 
 impl<M> Loaded<M> {
     pub fn map<N>(self, f: impl FnOnce(M) -> N) -> Loaded<N> {
-        Loaded {
-            model: f(self.model),
+        let Ok(loaded) = self.try_map(|m| Ok::<_, std::convert::Infallible>(f(m)));
+        loaded
+    }
+
+    /// [`map`](Self::map) with a step that can fail.
+    pub fn try_map<N, E>(
+        self,
+        f: impl FnOnce(M) -> std::result::Result<N, E>,
+    ) -> std::result::Result<Loaded<N>, E> {
+        Ok(Loaded {
+            model: f(self.model)?,
             tokenizer: self.tokenizer,
             name: self.name,
             architecture: self.architecture,
             dtype: self.dtype,
             chat_template: self.chat_template,
             chat_stop: self.chat_stop,
-        }
+        })
     }
 }
 

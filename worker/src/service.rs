@@ -23,6 +23,7 @@ use tonic::transport::server::TcpIncoming;
 use tonic::{Request, Response, Status};
 use tonic_health::ServingStatus;
 
+use crate::backend::Backend;
 use crate::comm::tcp::TcpComm;
 use crate::comm::{Communicator, SingleRank, Timed};
 use crate::engine::{EngineConfig, EngineHandle};
@@ -142,16 +143,16 @@ fn keep_freed_memory() {
 }
 
 /// Checks the engine flags, loads this rank's share of `model` (all of it
-/// for a group of one) and sizes its KV pool: `--kv-cache-mib` per rank,
-/// for the KV heads this rank holds, so every rank of a group gets the same
-/// number of blocks. In a group, the model's collectives are timed into
-/// `metrics`.
+/// for a group of one) and takes its KV pool, returning the pool's size in
+/// blocks: `--kv-cache-mib` per rank, for the KV heads this rank holds, so
+/// every rank of a group gets the same number of blocks. In a group, the
+/// model's collectives are timed into `metrics`.
 fn load_rank(
     model: &std::path::Path,
     args: &WorkerArgs,
     comm: Arc<dyn Communicator>,
     metrics: &WorkerMetrics,
-) -> Result<(loader::Loaded<crate::backend::Model>, usize)> {
+) -> Result<(loader::Loaded<Backend>, usize)> {
     init_threads(args.threads);
     for (flag, value) in [
         ("--kv-block-size", args.kv_block_size),
@@ -217,6 +218,11 @@ fn load_rank(
         loaded.model.kv_label(args.kv_cache_dtype),
         (kv_blocks * block_bytes) as f64 / (1024.0 * 1024.0)
     );
+    // The pool is taken here, before the group's barrier, so that the
+    // startup deadline covers it: on the CPU it is faulted in page by
+    // page, seconds for a few GiB, longer than one operation's deadline.
+    let loaded =
+        loaded.try_map(|m| m.into_backend(kv_blocks, args.kv_block_size, args.kv_cache_dtype))?;
     Ok((loaded, kv_blocks))
 }
 
@@ -239,9 +245,9 @@ pub fn run_follower(
 ) -> WorkerError {
     let run = || -> Result<()> {
         let metrics = WorkerMetrics::new(registry)?;
-        let (loaded, kv_blocks) = load_rank(&model, args, group.collectives.clone(), &metrics)?;
+        let (loaded, _) = load_rank(&model, args, group.collectives.clone(), &metrics)?;
         ready(&group.control, op_timeout)?;
-        crate::tp::follow(loaded.model, kv_blocks, args, &group.control, &metrics)
+        crate::tp::follow(loaded.model, &group.control, &metrics)
     };
     match run() {
         Ok(()) => WorkerError::Comm("the group ended".into()),
@@ -295,7 +301,7 @@ impl WorkerState {
     }
 
     fn with_engine(
-        loaded: loader::Loaded<crate::backend::Model>,
+        loaded: loader::Loaded<Backend>,
         kv_blocks: usize,
         args: &WorkerArgs,
         control: Option<Arc<TcpComm>>,
@@ -333,7 +339,6 @@ impl WorkerState {
                 max_waiting_tokens: args.max_waiting_tokens,
                 block_size: args.kv_block_size,
                 kv_blocks,
-                kv_dtype: args.kv_cache_dtype,
             },
             control.map(|c| c as Arc<dyn Communicator>),
             metrics,

@@ -295,13 +295,10 @@ impl Control {
 /// shard, until the group breaks (a communicator error: the process exits
 /// non-zero).
 pub fn follow(
-    model: crate::backend::Model,
-    kv_blocks: usize,
-    args: &crate::WorkerArgs,
+    mut backend: crate::backend::Backend,
     comm: &TcpComm,
     metrics: &crate::metrics::WorkerMetrics,
 ) -> Result<()> {
-    let mut backend = model.into_backend(kv_blocks, args.kv_block_size, args.kv_cache_dtype)?;
     loop {
         let mut buf = Vec::new();
         comm.broadcast(&mut buf, 0)?;

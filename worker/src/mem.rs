@@ -76,13 +76,20 @@ impl<T: Zeroed> HugeBuf<T> {
         }
     }
 
-    /// Faults every page in now, by writing back a byte of each, so that
+    /// As [`zeroed`](Self::zeroed), with every page faulted in now, so that
     /// later writes never stop to clear memory. For the KV cache, which
     /// sequences otherwise touch a block at a time: its pages were cleared
     /// on the engine thread mid-step (4% of a base 16-stream run's samples
     /// while the pool warmed up), with the compute threads waiting. It also
     /// makes a pool that does not fit fail at start, not under load.
-    pub fn populate(&mut self) {
+    pub fn resident(len: usize) -> Self {
+        let mut buf = Self::zeroed(len);
+        buf.populate();
+        buf
+    }
+
+    /// Faults every page in, by writing back a byte of each.
+    fn populate(&mut self) {
         const PAGE: usize = 4096;
         // SAFETY: the buffer's bytes, all initialized (T is plain data
         // without padding, see `Zeroed`), borrowed through `&mut self`.
@@ -154,6 +161,9 @@ mod tests {
         b.populate();
         assert_eq!(b[0], 1.5);
         assert_eq!(b.iter().filter(|&&v| v != 0.0).count(), 1);
+        let r = HugeBuf::<half::bf16>::resident(HUGE + 5);
+        assert_eq!(r.len(), HUGE + 5);
+        assert!(r.iter().all(|&v| v == half::bf16::ZERO));
     }
 
     #[test]

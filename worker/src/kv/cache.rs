@@ -110,7 +110,7 @@ pub struct PagedKv {
 
 impl PagedKv {
     /// The whole pool is in memory when this returns (see
-    /// [`HugeBuf::populate`]): serving does not stop to fault it in.
+    /// [`HugeBuf::resident`]): serving does not stop to fault it in.
     pub fn new(
         num_layers: usize,
         num_blocks: usize,
@@ -121,16 +121,8 @@ impl PagedKv {
     ) -> Self {
         let n = num_blocks * kv_heads * block_size * head_dim;
         let store = || match dtype {
-            KvDtype::F32 => {
-                let mut b = HugeBuf::zeroed(n);
-                b.populate();
-                Store::F32(b)
-            }
-            KvDtype::Bf16 => {
-                let mut b = HugeBuf::zeroed(n);
-                b.populate();
-                Store::Bf16(b)
-            }
+            KvDtype::F32 => Store::F32(HugeBuf::resident(n)),
+            KvDtype::Bf16 => Store::Bf16(HugeBuf::resident(n)),
         };
         Self {
             k: (0..num_layers).map(|_| store()).collect(),

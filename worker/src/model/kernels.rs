@@ -111,7 +111,7 @@ impl Out {
 }
 
 /// A weight element the kernels can widen to f32.
-pub trait Elem: Zeroed + Default {
+pub trait Elem: Zeroed {
     fn to_f32(self) -> f32;
     /// Sixteen consecutive elements as two vectors of eight f32.
     ///

@@ -13,6 +13,7 @@ use anyhow::{Context, Result};
 use aquila_gateway::GatewayArgs;
 use aquila_proto::tls::ServerTlsArgs;
 use aquila_worker::WorkerArgs;
+use aquila_worker::export::FloatDtype;
 use aquila_worker::presets::{GgufType, Preset, WeightFormat};
 use aquila_worker::tp::{Role, TpArgs};
 use clap::{Parser, Subcommand};
@@ -130,6 +131,15 @@ enum Command {
         /// Tensor type of GGUF weights.
         #[arg(long, value_enum, default_value = "f32")]
         gguf_type: GgufType,
+        /// Float type of safetensors and .bin weights (default: f32; f16 for
+        /// the 7b preset, as the official Aquila-7B release).
+        #[arg(long, value_enum)]
+        dtype: Option<FloatDtype>,
+        /// Copy the tokenizer files of this model folder (tokenizer.json or
+        /// vocab.json + merges.txt, tokenizer_config.json...) instead of
+        /// writing the preset's byte-level one.
+        #[arg(long)]
+        tokenizer: Option<PathBuf>,
     },
     /// Fetch the demo model into the cache (if needed) and print its path:
     /// $AQUILA_CACHE_DIR/models (default ~/.cache/aquila/models). Needs
@@ -241,8 +251,18 @@ async fn dispatch(cmd: Command) -> Result<()> {
             format,
             shards,
             gguf_type,
+            dtype,
+            tokenizer,
         } => {
-            aquila_worker::presets::make(preset, &out, seed, format, shards, gguf_type)?;
+            let opts = aquila_worker::presets::MakeOptions {
+                seed,
+                format,
+                shards,
+                gguf_type,
+                dtype,
+                tokenizer_from: tokenizer,
+            };
+            tokio::task::block_in_place(|| aquila_worker::presets::make_with(preset, &out, &opts))?;
             println!("wrote {}", out.display());
             Ok(())
         }

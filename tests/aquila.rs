@@ -14,7 +14,7 @@ use aquila_proto::v1::{
 };
 use aquila_proto::worker::v1::GetModelInfoRequest;
 use aquila_proto::worker::v1::worker_client::WorkerClient;
-use aquila_worker::export::{ExportTensor, write_pytorch_bin};
+use aquila_worker::export::{ExportTensor, FloatDtype, write_pytorch_bin};
 use aquila_worker::presets::{Preset, tensors};
 use rand::{Rng, SeedableRng};
 
@@ -64,7 +64,7 @@ fn write_aquila_folder(tok_dir: &std::path::Path, out: &std::path::Path) {
             data,
         });
     }
-    write_pytorch_bin(out, &ts, 2).unwrap();
+    write_pytorch_bin(out, &ts, 2, FloatDtype::F32).unwrap();
 }
 
 #[tokio::test]

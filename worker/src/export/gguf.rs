@@ -6,14 +6,16 @@
 //! row length is not a multiple of `dtype`'s block size stays F32 (llama.cpp does the same
 //! fallback). The tokenizer is written as `gpt2` (byte-level BPE) only.
 
+use std::borrow::Cow;
+use std::io::Write;
 use std::path::Path;
 
-use candle_core::quantized::gguf_file::{self, Value};
+use candle_core::quantized::gguf_file::Value;
 use candle_core::quantized::{GgmlDType, QTensor};
 use candle_core::{Device, Tensor};
 use serde_json::Value as Json;
 
-use super::{ExportError, ExportTensor, check_shapes};
+use super::{ExportError, TensorSource, values_of};
 use crate::tokenizer::LoadedTokenizer;
 use crate::weights::gguf_name;
 
@@ -31,50 +33,36 @@ pub struct GgufMeta {
     pub rms_norm_eps: f32,
 }
 
-/// Writes a llama-architecture GGUF file as llama.cpp's convert_hf_to_gguf.py does.
+/// Writes a llama-architecture GGUF file as llama.cpp's convert_hf_to_gguf.py does. Tensors
+/// are made, quantized and written one at a time (the header's offsets follow from the shapes and
+/// types alone), so a 7B model is never in memory whole.
 pub fn write_gguf(
     path: &Path,
     meta: &GgufMeta,
-    tensors: &[ExportTensor],
+    tensors: &dyn TensorSource,
     dtype: GgmlDType,
     tokenizer: &LoadedTokenizer,
 ) -> Result<(), ExportError> {
-    check_shapes(tensors)?;
     let file_type = file_type(dtype).ok_or_else(|| {
         ExportError::format(path, format!("{dtype:?} is not a GGUF model file type"))
     })?;
-    let embed = tensors
-        .iter()
-        .find(|t| t.name == "model.embed_tokens.weight")
+    let embed = (0..tensors.len())
+        .find(|&i| tensors.name(i) == "model.embed_tokens.weight")
         .ok_or_else(|| ExportError::format(path, "no model.embed_tokens.weight tensor"))?;
-    let n_vocab = embed.shape.first().copied().unwrap_or(0);
+    let n_vocab = tensors.shape(embed).first().copied().unwrap_or(0);
 
-    let mut qtensors = Vec::with_capacity(tensors.len());
-    for t in tensors {
-        let name = gguf_name(&t.name).ok_or_else(|| ExportError::Tensor {
-            name: t.name.clone(),
+    // Each tensor's GGUF name and type, in file order.
+    let mut plan = Vec::with_capacity(tensors.len());
+    for i in 0..tensors.len() {
+        let name = gguf_name(tensors.name(i)).ok_or_else(|| ExportError::Tensor {
+            name: tensors.name(i).to_owned(),
             message: "no GGUF name for this tensor".to_owned(),
         })?;
-        let data = if t.name.ends_with("self_attn.q_proj.weight") {
-            permute_qk(t, meta.num_heads as usize)?
-        } else if t.name.ends_with("self_attn.k_proj.weight") {
-            permute_qk(t, meta.num_kv_heads as usize)?
-        } else {
-            t.data.clone()
-        };
-        let tensor_dtype = match t.shape.as_slice() {
+        let tensor_dtype = match tensors.shape(i) {
             [_, cols] if cols % dtype.block_size() == 0 => dtype,
             _ => GgmlDType::F32,
         };
-        let terr = |e: candle_core::Error| ExportError::Tensor {
-            name: t.name.clone(),
-            message: e.to_string(),
-        };
-        let tensor = Tensor::from_vec(data, t.shape.as_slice(), &Device::Cpu).map_err(terr)?;
-        qtensors.push((
-            name,
-            QTensor::quantize(&tensor, tensor_dtype).map_err(terr)?,
-        ));
+        plan.push((name, tensor_dtype));
     }
 
     let u32v = Value::U32;
@@ -102,12 +90,188 @@ pub fn write_gguf(
     let vocab_len = tokenizer_metadata(tokenizer, n_vocab, &mut metadata)?;
     metadata.push(("llama.vocab_size", u32v(vocab_len as u32)));
 
-    let md: Vec<(&str, &Value)> = metadata.iter().map(|(k, v)| (*k, v)).collect();
-    let ts: Vec<(&str, &QTensor)> = qtensors.iter().map(|(n, t)| (n.as_str(), t)).collect();
     let file = std::fs::File::create(path).map_err(ExportError::io(path))?;
-    let mut w = std::io::BufWriter::new(file);
-    gguf_file::write(&mut w, &md, &ts).map_err(|e| ExportError::format(path, e))?;
-    std::io::Write::flush(&mut w).map_err(ExportError::io(path))
+    let mut w = std::io::BufWriter::with_capacity(1 << 20, file);
+    let io = ExportError::io(path);
+    let sizes: Vec<usize> = (0..tensors.len())
+        .map(|i| tensors.numel(i) / plan[i].1.block_size() * plan[i].1.type_size())
+        .collect();
+    write_header(&mut w, &metadata, tensors, &plan, &sizes).map_err(io)?;
+    for i in 0..tensors.len() {
+        let values = values_of(tensors, i)?;
+        let name = tensors.name(i);
+        let shape = tensors.shape(i);
+        let values = if name.ends_with("self_attn.q_proj.weight") {
+            Cow::Owned(permute_qk(name, &values, shape, meta.num_heads as usize)?)
+        } else if name.ends_with("self_attn.k_proj.weight") {
+            Cow::Owned(permute_qk(
+                name,
+                &values,
+                shape,
+                meta.num_kv_heads as usize,
+            )?)
+        } else {
+            values
+        };
+        let bytes = quantize(name, &values, shape, plan[i].1)?;
+        if bytes.len() != sizes[i] {
+            return Err(ExportError::Tensor {
+                name: name.to_owned(),
+                message: format!("{} bytes quantized, {} expected", bytes.len(), sizes[i]),
+            });
+        }
+        w.write_all(&bytes).map_err(ExportError::io(path))?;
+        w.write_all(&[0u8; ALIGN][..padding(bytes.len())])
+            .map_err(ExportError::io(path))?;
+    }
+    w.flush().map_err(ExportError::io(path))
+}
+
+/// GGUF's default `general.alignment`.
+const ALIGN: usize = 32;
+
+fn padding(len: usize) -> usize {
+    (ALIGN - len % ALIGN) % ALIGN
+}
+
+/// The header (version 3): counts, metadata, then each tensor's name, dims (innermost first),
+/// type and offset within the data, the data starting at the next multiple of 32.
+fn write_header(
+    w: &mut impl Write,
+    metadata: &[(&str, Value)],
+    tensors: &dyn TensorSource,
+    plan: &[(String, GgmlDType)],
+    sizes: &[usize],
+) -> std::io::Result<()> {
+    let mut head = Vec::new();
+    head.extend(0x4655_4747u32.to_le_bytes());
+    head.extend(3u32.to_le_bytes());
+    head.extend((plan.len() as u64).to_le_bytes());
+    head.extend((metadata.len() as u64).to_le_bytes());
+    for (key, value) in metadata {
+        put_string(&mut head, key);
+        head.extend(value_type(value).to_le_bytes());
+        put_value(&mut head, value);
+    }
+    let mut offset = 0usize;
+    for (i, ((name, dtype), size)) in plan.iter().zip(sizes).enumerate() {
+        put_string(&mut head, name);
+        let dims = tensors.shape(i);
+        head.extend((dims.len() as u32).to_le_bytes());
+        for &d in dims.iter().rev() {
+            head.extend((d as u64).to_le_bytes());
+        }
+        head.extend(ggml_type_id(*dtype).to_le_bytes());
+        head.extend((offset as u64).to_le_bytes());
+        offset += size + padding(*size);
+    }
+    head.resize(head.len() + padding(head.len()), 0);
+    w.write_all(&head)
+}
+
+/// `ggml_type`'s number for a tensor type.
+fn ggml_type_id(t: GgmlDType) -> u32 {
+    match t {
+        GgmlDType::F32 => 0,
+        GgmlDType::F16 => 1,
+        GgmlDType::Q4_0 => 2,
+        GgmlDType::Q4_1 => 3,
+        GgmlDType::Q5_0 => 6,
+        GgmlDType::Q5_1 => 7,
+        GgmlDType::Q8_0 => 8,
+        GgmlDType::Q8_1 => 9,
+        GgmlDType::Q2K => 10,
+        GgmlDType::Q3K => 11,
+        GgmlDType::Q4K => 12,
+        GgmlDType::Q5K => 13,
+        GgmlDType::Q6K => 14,
+        GgmlDType::Q8K => 15,
+        GgmlDType::BF16 => 30,
+    }
+}
+
+fn put_string(out: &mut Vec<u8>, s: &str) {
+    out.extend((s.len() as u64).to_le_bytes());
+    out.extend(s.as_bytes());
+}
+
+/// GGUF's value type codes.
+fn value_type(v: &Value) -> u32 {
+    match v {
+        Value::U8(_) => 0,
+        Value::I8(_) => 1,
+        Value::U16(_) => 2,
+        Value::I16(_) => 3,
+        Value::U32(_) => 4,
+        Value::I32(_) => 5,
+        Value::F32(_) => 6,
+        Value::Bool(_) => 7,
+        Value::String(_) => 8,
+        Value::Array(_) => 9,
+        Value::U64(_) => 10,
+        Value::I64(_) => 11,
+        Value::F64(_) => 12,
+    }
+}
+
+fn put_value(out: &mut Vec<u8>, v: &Value) {
+    match v {
+        Value::U8(x) => out.push(*x),
+        Value::I8(x) => out.extend(x.to_le_bytes()),
+        Value::U16(x) => out.extend(x.to_le_bytes()),
+        Value::I16(x) => out.extend(x.to_le_bytes()),
+        Value::U32(x) => out.extend(x.to_le_bytes()),
+        Value::I32(x) => out.extend(x.to_le_bytes()),
+        Value::U64(x) => out.extend(x.to_le_bytes()),
+        Value::I64(x) => out.extend(x.to_le_bytes()),
+        Value::F32(x) => out.extend(x.to_le_bytes()),
+        Value::F64(x) => out.extend(x.to_le_bytes()),
+        Value::Bool(x) => out.push(u8::from(*x)),
+        Value::String(s) => put_string(out, s),
+        Value::Array(items) => {
+            // GGUF arrays hold one type; an empty one is written as u32s.
+            out.extend(items.first().map_or(4, value_type).to_le_bytes());
+            out.extend((items.len() as u64).to_le_bytes());
+            for item in items {
+                put_value(out, item);
+            }
+        }
+    }
+}
+
+/// `values` (`shape`, row-major) as `dtype`'s bytes, quantized with candle's GGML quantizers
+/// in parallel runs of rows (blocks never cross rows, so the runs' bytes concatenate).
+fn quantize(
+    name: &str,
+    values: &[f32],
+    shape: &[usize],
+    dtype: GgmlDType,
+) -> Result<Vec<u8>, ExportError> {
+    use rayon::prelude::*;
+    let terr = |e: candle_core::Error| ExportError::Tensor {
+        name: name.to_owned(),
+        message: e.to_string(),
+    };
+    let cols = shape.last().copied().unwrap_or(1).max(1);
+    let rows = values.len() / cols;
+    // About a million values per run.
+    let per = (1 << 20) / cols + 1;
+    let parts: Vec<Vec<u8>> = values
+        .par_chunks(per * cols)
+        .map(|chunk| {
+            let shape: Vec<usize> = if shape.len() == 1 {
+                vec![chunk.len()]
+            } else {
+                vec![chunk.len() / cols, cols]
+            };
+            let t = Tensor::from_slice(chunk, shape.as_slice(), &Device::Cpu).map_err(terr)?;
+            QTensor::quantize(&t, dtype)
+                .and_then(|q| q.data().map(|d| d.into_owned()))
+                .map_err(terr)
+        })
+        .collect::<Result<_, _>>()?;
+    debug_assert!(rows == 0 || parts.len() == rows.div_ceil(per));
+    Ok(parts.concat())
 }
 
 /// llama.cpp's `llama_ftype` for a file whose weights are mostly `dtype`.
@@ -132,37 +296,38 @@ fn file_type(dtype: GgmlDType) -> Option<u32> {
 
 /// `w.reshape(n_head, 2, out/n_head/2, in).swapaxes(1, 2).reshape(out, in)`: within each head,
 /// row `s * half + j` moves to row `2 * j + s`.
-fn permute_qk(t: &ExportTensor, n_head: usize) -> Result<Vec<f32>, ExportError> {
-    let (out, cols) = match t.shape.as_slice() {
+fn permute_qk(
+    name: &str,
+    data: &[f32],
+    shape: &[usize],
+    n_head: usize,
+) -> Result<Vec<f32>, ExportError> {
+    let terr = |message: String| ExportError::Tensor {
+        name: name.to_owned(),
+        message,
+    };
+    let (out, cols) = match shape {
         [out, cols] => (*out, *cols),
-        _ => return Err(tensor_err(t, "q/k projection must be 2-D")),
+        _ => return Err(terr("q/k projection must be 2-D".to_owned())),
     };
     if n_head == 0 || out % (2 * n_head) != 0 {
-        return Err(tensor_err(
-            t,
-            &format!("{out} rows do not split into {n_head} heads of even size"),
-        ));
+        return Err(terr(format!(
+            "{out} rows do not split into {n_head} heads of even size"
+        )));
     }
     let head_dim = out / n_head;
     let half = head_dim / 2;
-    let mut permuted = vec![0f32; t.data.len()];
+    let mut permuted = vec![0f32; data.len()];
     for h in 0..n_head {
         for s in 0..2 {
             for j in 0..half {
                 let src = (h * head_dim + s * half + j) * cols;
                 let dst = (h * head_dim + 2 * j + s) * cols;
-                permuted[dst..dst + cols].copy_from_slice(&t.data[src..src + cols]);
+                permuted[dst..dst + cols].copy_from_slice(&data[src..src + cols]);
             }
         }
     }
     Ok(permuted)
-}
-
-fn tensor_err(t: &ExportTensor, message: &str) -> ExportError {
-    ExportError::Tensor {
-        name: t.name.clone(),
-        message: message.to_owned(),
-    }
 }
 
 /// Pushes the `tokenizer.*` keys; returns the number of tokens written (the embedding's row
@@ -280,8 +445,10 @@ fn pre_tokenizer_name(pre: &Json) -> Option<&'static str> {
 #[cfg(test)]
 mod tests {
     use super::*;
+    use crate::export::ExportTensor;
     use crate::export::test_util::tensor;
     use crate::tokenizer::{from_gguf, from_hf_folder};
+    use candle_core::quantized::gguf_file;
 
     /// GPT-2's byte → printable char table, so the fixture vocabulary is a real byte-level one.
     fn byte_chars() -> Vec<char> {

@@ -8,6 +8,7 @@ mod gguf;
 mod pytorch;
 mod safetensors;
 
+use std::borrow::Cow;
 use std::path::PathBuf;
 
 pub use gguf::{GgufMeta, write_gguf};
@@ -23,8 +24,58 @@ pub struct ExportTensor {
     pub data: Vec<f32>,
 }
 
-/// Element type of the floats written to safetensors.
-#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+/// The tensors a writer writes: names and shapes up front (headers and
+/// indexes need them first), values on demand, one tensor at a time, so a
+/// 7B checkpoint is written without ever being in memory whole.
+pub trait TensorSource: Sync {
+    fn len(&self) -> usize;
+    /// Hugging Face name of tensor `i`.
+    fn name(&self, i: usize) -> &str;
+    fn shape(&self, i: usize) -> &[usize];
+    /// Tensor `i`'s values, row-major.
+    fn values(&self, i: usize) -> Cow<'_, [f32]>;
+
+    fn is_empty(&self) -> bool {
+        self.len() == 0
+    }
+
+    fn numel(&self, i: usize) -> usize {
+        self.shape(i).iter().product()
+    }
+}
+
+impl TensorSource for [ExportTensor] {
+    fn len(&self) -> usize {
+        <[ExportTensor]>::len(self)
+    }
+    fn name(&self, i: usize) -> &str {
+        &self[i].name
+    }
+    fn shape(&self, i: usize) -> &[usize] {
+        &self[i].shape
+    }
+    fn values(&self, i: usize) -> Cow<'_, [f32]> {
+        Cow::Borrowed(&self[i].data)
+    }
+}
+
+impl TensorSource for Vec<ExportTensor> {
+    fn len(&self) -> usize {
+        self.as_slice().len()
+    }
+    fn name(&self, i: usize) -> &str {
+        &self[i].name
+    }
+    fn shape(&self, i: usize) -> &[usize] {
+        &self[i].shape
+    }
+    fn values(&self, i: usize) -> Cow<'_, [f32]> {
+        Cow::Borrowed(&self[i].data)
+    }
+}
+
+/// Element type of the floats written to safetensors and `.bin` files.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, clap::ValueEnum)]
 pub enum FloatDtype {
     F32,
     F16,
@@ -39,18 +90,29 @@ impl FloatDtype {
         }
     }
 
+    /// Little-endian bytes of `data` as this type, converted in parallel
+    /// chunks (a 7B checkpoint is 6.7 billion values).
     fn encode(self, data: &[f32]) -> Vec<u8> {
-        match self {
-            FloatDtype::F32 => data.iter().flat_map(|x| x.to_le_bytes()).collect(),
-            FloatDtype::F16 => data
-                .iter()
-                .flat_map(|x| half::f16::from_f32(*x).to_le_bytes())
-                .collect(),
-            FloatDtype::BF16 => data
-                .iter()
-                .flat_map(|x| half::bf16::from_f32(*x).to_le_bytes())
-                .collect(),
-        }
+        use rayon::prelude::*;
+        let size = self.size();
+        let mut out = vec![0u8; data.len() * size];
+        out.par_chunks_mut(size << 16)
+            .zip(data.par_chunks(1 << 16))
+            .for_each(|(out, data)| {
+                let bytes = out.chunks_exact_mut(size);
+                match self {
+                    FloatDtype::F32 => bytes
+                        .zip(data)
+                        .for_each(|(o, x)| o.copy_from_slice(&x.to_le_bytes())),
+                    FloatDtype::F16 => bytes.zip(data).for_each(|(o, x)| {
+                        o.copy_from_slice(&half::f16::from_f32(*x).to_le_bytes())
+                    }),
+                    FloatDtype::BF16 => bytes.zip(data).for_each(|(o, x)| {
+                        o.copy_from_slice(&half::bf16::from_f32(*x).to_le_bytes())
+                    }),
+                }
+            });
+        out
     }
 }
 
@@ -94,42 +156,45 @@ impl ExportError {
     }
 }
 
-fn check_shapes(tensors: &[ExportTensor]) -> Result<(), ExportError> {
-    for t in tensors {
-        let expected: usize = t.shape.iter().product();
-        if expected != t.data.len() {
-            return Err(ExportError::ShapeMismatch {
-                name: t.name.clone(),
-                shape: t.shape.clone(),
-                expected,
-                actual: t.data.len(),
-            });
-        }
+/// Tensor `i`'s values, checked against its shape.
+fn values_of(src: &dyn TensorSource, i: usize) -> Result<Cow<'_, [f32]>, ExportError> {
+    let v = src.values(i);
+    if v.len() != src.numel(i) {
+        return Err(ExportError::ShapeMismatch {
+            name: src.name(i).to_owned(),
+            shape: src.shape(i).to_vec(),
+            expected: src.numel(i),
+            actual: v.len(),
+        });
     }
-    Ok(())
+    Ok(v)
 }
 
 /// Splits tensors, in order, into `shards` non-empty groups of roughly equal byte size:
 /// returns the shard index of each tensor (non-decreasing, starting at 0, ending at shards-1).
-fn shard_assignment(tensors: &[ExportTensor], shards: usize) -> Result<Vec<usize>, ExportError> {
+fn shard_assignment(tensors: &dyn TensorSource, shards: usize) -> Result<Vec<usize>, ExportError> {
     if shards == 0 || shards > tensors.len() {
         return Err(ExportError::Shards {
             tensors: tensors.len(),
             shards,
         });
     }
-    let total: usize = tensors.iter().map(|t| t.data.len()).sum::<usize>().max(1);
+    let total: usize = (0..tensors.len())
+        .map(|i| tensors.numel(i))
+        .sum::<usize>()
+        .max(1);
     let mut assignment = Vec::with_capacity(tensors.len());
     let (mut current, mut before) = (0usize, 0usize);
-    for (i, t) in tensors.iter().enumerate() {
-        let wanted = ((before + t.data.len() / 2) * shards / total).min(shards - 1);
+    for i in 0..tensors.len() {
+        let n = tensors.numel(i);
+        let wanted = ((before + n / 2) * shards / total).min(shards - 1);
         // Tensors left (this one included) must still cover every shard not yet opened.
         let must_move = tensors.len() - i <= shards - 1 - current;
         if i > 0 && current < shards - 1 && (wanted > current || must_move) {
             current += 1;
         }
         assignment.push(current);
-        before += t.data.len();
+        before += n;
     }
     Ok(assignment)
 }
@@ -146,15 +211,15 @@ fn shard_file_name(stem: &str, ext: &str, index: usize, shards: usize) -> String
 /// Writes `{"metadata": {"total_size": ..}, "weight_map": {name: file}}`.
 fn write_index(
     path: &std::path::Path,
-    tensors: &[ExportTensor],
+    tensors: &dyn TensorSource,
     files: &[String],
     assignment: &[usize],
     total_size: usize,
 ) -> Result<(), ExportError> {
-    let weight_map: serde_json::Map<String, serde_json::Value> = tensors
+    let weight_map: serde_json::Map<String, serde_json::Value> = assignment
         .iter()
-        .zip(assignment)
-        .map(|(t, &s)| (t.name.clone(), files[s].clone().into()))
+        .enumerate()
+        .map(|(i, &s)| (tensors.name(i).to_owned(), files[s].clone().into()))
         .collect();
     let index = serde_json::json!({
         "metadata": { "total_size": total_size },

@@ -1,7 +1,8 @@
-//! PyTorch `.bin` writer: the zip layout `torch.save` has used since 1.6, float32 storages.
+//! PyTorch `.bin` writer: the zip layout `torch.save` has used since 1.6, with float32, float16
+//! or bfloat16 storages (the official Aquila-7B release is two float16 shards).
 //!
 //! `<archive>/data.pkl` is a protocol-2 pickle of an `OrderedDict` name → tensor, each tensor
-//! `torch._utils._rebuild_tensor_v2(persistent_id(('storage', torch.FloatStorage, key, 'cpu',
+//! `torch._utils._rebuild_tensor_v2(persistent_id(('storage', torch.HalfStorage, key, 'cpu',
 //! numel)), 0, size, stride, False, OrderedDict())`; `<archive>/data/<key>` holds the raw
 //! little-endian bytes (stored, 64-byte aligned like torch's writer), plus `version` and
 //! `byteorder`. Only opcodes that both `torch.load(weights_only=True)` and candle's pickle reader
@@ -14,40 +15,45 @@ use zip::CompressionMethod;
 use zip::write::SimpleFileOptions;
 
 use super::{
-    ExportError, ExportTensor, check_shapes, shard_assignment, shard_file_name, write_index,
+    ExportError, FloatDtype, TensorSource, shard_assignment, shard_file_name, values_of,
+    write_index,
 };
 
 /// Writes `pytorch_model.bin`, or `shards` files `pytorch_model-0000i-of-0000N.bin` plus
-/// `pytorch_model.bin.index.json`.
+/// `pytorch_model.bin.index.json`, each tensor made only when it is written.
 pub fn write_pytorch_bin(
     dir: &Path,
-    tensors: &[ExportTensor],
+    tensors: &dyn TensorSource,
     shards: usize,
+    dtype: FloatDtype,
 ) -> Result<(), ExportError> {
-    check_shapes(tensors)?;
     let assignment = shard_assignment(tensors, shards)?;
     std::fs::create_dir_all(dir).map_err(ExportError::io(dir))?;
     let files: Vec<String> = (0..shards)
         .map(|i| shard_file_name("pytorch_model", "bin", i, shards))
         .collect();
     for (shard, file) in files.iter().enumerate() {
-        let group: Vec<&ExportTensor> = tensors
-            .iter()
-            .zip(&assignment)
-            .filter(|(_, s)| **s == shard)
-            .map(|(t, _)| t)
+        let group: Vec<usize> = (0..tensors.len())
+            .filter(|&i| assignment[i] == shard)
             .collect();
-        write_one(&dir.join(file), &group)?;
+        write_one(&dir.join(file), tensors, &group, dtype)?;
     }
     if shards > 1 {
-        let total = tensors.iter().map(|t| t.data.len() * 4).sum();
+        let total = (0..tensors.len())
+            .map(|i| tensors.numel(i) * dtype.size())
+            .sum();
         let index = dir.join("pytorch_model.bin.index.json");
         write_index(&index, tensors, &files, &assignment, total)?;
     }
     Ok(())
 }
 
-fn write_one(path: &Path, tensors: &[&ExportTensor]) -> Result<(), ExportError> {
+fn write_one(
+    path: &Path,
+    src: &dyn TensorSource,
+    tensors: &[usize],
+    dtype: FloatDtype,
+) -> Result<(), ExportError> {
     // torch names the archive folder after the file; any name works for torch.load and candle.
     let archive = path
         .file_stem()
@@ -65,18 +71,19 @@ fn write_one(path: &Path, tensors: &[&ExportTensor]) -> Result<(), ExportError> 
 
     zip.start_file(format!("{archive}/data.pkl"), options)
         .map_err(zerr)?;
-    zip.write_all(&pickle_state_dict(tensors)).map_err(ioerr)?;
+    zip.write_all(&pickle_state_dict(src, tensors, dtype))
+        .map_err(ioerr)?;
     zip.start_file(format!("{archive}/byteorder"), options)
         .map_err(zerr)?;
     zip.write_all(b"little").map_err(ExportError::io(path))?;
-    for (key, t) in tensors.iter().enumerate() {
-        let bytes = t.data.len() * 4;
+    for (key, &i) in tensors.iter().enumerate() {
+        let bytes = src.numel(i) * dtype.size();
         let data_options = options
             .with_alignment(64)
             .large_file(bytes >= u32::MAX as usize);
         zip.start_file(format!("{archive}/data/{key}"), data_options)
             .map_err(zerr)?;
-        let raw: Vec<u8> = t.data.iter().flat_map(|x| x.to_le_bytes()).collect();
+        let raw = dtype.encode(&values_of(src, i)?);
         zip.write_all(&raw).map_err(ExportError::io(path))?;
     }
     zip.start_file(format!("{archive}/version"), options)
@@ -86,28 +93,34 @@ fn write_one(path: &Path, tensors: &[&ExportTensor]) -> Result<(), ExportError> 
     inner.flush().map_err(ExportError::io(path))
 }
 
-/// The `data.pkl` of a state dict whose storage `i` is the i-th tensor, contiguous, offset 0.
-fn pickle_state_dict(tensors: &[&ExportTensor]) -> Vec<u8> {
+/// The `data.pkl` of a state dict whose storage `k` is the k-th tensor, contiguous, offset 0.
+fn pickle_state_dict(src: &dyn TensorSource, tensors: &[usize], dtype: FloatDtype) -> Vec<u8> {
+    let storage = match dtype {
+        FloatDtype::F32 => "FloatStorage",
+        FloatDtype::F16 => "HalfStorage",
+        FloatDtype::BF16 => "BFloat16Storage",
+    };
     let mut p = Pickle(vec![0x80, 2]); // PROTO 2
     p.global("collections", "OrderedDict");
     p.0.extend([b')', b'R']); // EMPTY_TUPLE, REDUCE
     p.0.push(b'('); // MARK for SETITEMS
-    for (key, t) in tensors.iter().enumerate() {
-        p.unicode(&t.name);
+    for (key, &i) in tensors.iter().enumerate() {
+        let shape = src.shape(i);
+        p.unicode(src.name(i));
         p.global("torch._utils", "_rebuild_tensor_v2");
         p.0.push(b'('); // MARK: rebuild args
         p.0.push(b'('); // MARK: persistent id tuple
         p.unicode("storage");
-        p.global("torch", "FloatStorage");
+        p.global("torch", storage);
         p.unicode(&key.to_string());
         p.unicode("cpu");
-        p.int(t.data.len());
+        p.int(src.numel(i));
         p.0.extend([b't', b'Q']); // TUPLE, BINPERSID
         p.int(0); // storage offset
-        p.tuple(&t.shape);
-        let mut stride = vec![1usize; t.shape.len()];
-        for d in (0..t.shape.len().saturating_sub(1)).rev() {
-            stride[d] = stride[d + 1] * t.shape[d + 1];
+        p.tuple(shape);
+        let mut stride = vec![1usize; shape.len()];
+        for d in (0..shape.len().saturating_sub(1)).rev() {
+            stride[d] = stride[d + 1] * shape[d + 1];
         }
         p.tuple(&stride);
         p.0.push(0x89); // NEWFALSE: requires_grad
@@ -162,6 +175,7 @@ impl Pickle {
 #[cfg(test)]
 mod tests {
     use super::*;
+    use crate::export::ExportTensor;
     use crate::export::test_util::tensor;
     use std::collections::HashMap;
 
@@ -187,7 +201,7 @@ mod tests {
             tensor("model.layers.0.mlp.up_proj.weight", &[3, 2, 5], 2),
             tensor("model.norm.weight", &[4], 3),
         ];
-        write_pytorch_bin(dir.path(), &ts, 1).unwrap();
+        write_pytorch_bin(dir.path(), &ts, 1, FloatDtype::F32).unwrap();
         let read = read_all(&dir.path().join("pytorch_model.bin"));
         assert_eq!(read.len(), ts.len());
         ts.iter().for_each(|t| check(&read, t));
@@ -197,7 +211,7 @@ mod tests {
     fn data_records_are_64_byte_aligned() {
         let dir = tempfile::tempdir().unwrap();
         let ts = vec![tensor("a", &[3], 1), tensor("bb", &[5, 7], 2)];
-        write_pytorch_bin(dir.path(), &ts, 1).unwrap();
+        write_pytorch_bin(dir.path(), &ts, 1, FloatDtype::F32).unwrap();
         let file = std::fs::File::open(dir.path().join("pytorch_model.bin")).unwrap();
         let mut zip = zip::ZipArchive::new(file).unwrap();
         for key in 0..ts.len() {
@@ -219,7 +233,7 @@ mod tests {
                 )
             })
             .collect();
-        write_pytorch_bin(dir.path(), &ts, 2).unwrap();
+        write_pytorch_bin(dir.path(), &ts, 2, FloatDtype::F32).unwrap();
         let index = std::fs::read_to_string(dir.path().join("pytorch_model.bin.index.json"));
         let index: serde_json::Value = serde_json::from_str(&index.unwrap()).unwrap();
         assert_eq!(index["metadata"]["total_size"], 4 * 16 * 4);
@@ -234,6 +248,33 @@ mod tests {
         assert_eq!(read.len(), 2);
         read.extend(read_all(&dir.path().join(second)));
         ts.iter().for_each(|t| check(&read, t));
+    }
+
+    /// The official Aquila-7B release stores float16: candle reads the
+    /// storages back as f16 (and bf16 as bf16), values exact for these
+    /// multiples of 1/16.
+    #[test]
+    fn half_storages_round_trip() {
+        for (dtype, want) in [
+            (FloatDtype::F16, candle_core::DType::F16),
+            (FloatDtype::BF16, candle_core::DType::BF16),
+        ] {
+            let dir = tempfile::tempdir().unwrap();
+            let ts = vec![tensor("w", &[5, 7], 1), tensor("n", &[7], 2)];
+            write_pytorch_bin(dir.path(), &ts, 1, dtype).unwrap();
+            let read = read_all(&dir.path().join("pytorch_model.bin"));
+            for t in &ts {
+                assert_eq!(read[&t.name].dtype(), want);
+                let values: Vec<f32> = read[&t.name]
+                    .to_dtype(candle_core::DType::F32)
+                    .unwrap()
+                    .flatten_all()
+                    .unwrap()
+                    .to_vec1()
+                    .unwrap();
+                assert_eq!(values, t.data, "{dtype:?} {}", t.name);
+            }
+        }
     }
 
     #[test]

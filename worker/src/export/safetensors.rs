@@ -1,24 +1,25 @@
 //! safetensors writer: `model.safetensors`, or shards plus `model.safetensors.index.json`, laid
 //! out as `transformers`' `save_pretrained` does (metadata `format: pt`).
 
+use std::borrow::Cow;
 use std::collections::HashMap;
 use std::path::Path;
 
-use safetensors::tensor::{Dtype, TensorView};
+use safetensors::tensor::{Dtype, View};
 
 use super::{
-    ExportError, ExportTensor, FloatDtype, check_shapes, shard_assignment, shard_file_name,
+    ExportError, FloatDtype, TensorSource, shard_assignment, shard_file_name, values_of,
     write_index,
 };
 
 /// Writes `tensors` into `dir` as one file (`shards == 1`) or `shards` files with an index.
+/// Each tensor is made and encoded only when its bytes are written.
 pub fn write_safetensors(
     dir: &Path,
-    tensors: &[ExportTensor],
+    tensors: &dyn TensorSource,
     shards: usize,
     dtype: FloatDtype,
 ) -> Result<(), ExportError> {
-    check_shapes(tensors)?;
     let assignment = shard_assignment(tensors, shards)?;
     std::fs::create_dir_all(dir).map_err(ExportError::io(dir))?;
     let files: Vec<String> = (0..shards)
@@ -32,37 +33,82 @@ pub fn write_safetensors(
     let metadata = HashMap::from([("format".to_owned(), "pt".to_owned())]);
     for (shard, file) in files.iter().enumerate() {
         let path = dir.join(file);
-        let encoded: Vec<(&ExportTensor, Vec<u8>)> = tensors
-            .iter()
-            .zip(&assignment)
-            .filter(|(_, s)| **s == shard)
-            .map(|(t, _)| (t, dtype.encode(&t.data)))
-            .collect();
-        let views = encoded
-            .iter()
-            .map(|(t, bytes)| {
-                TensorView::new(st_dtype, t.shape.clone(), bytes)
-                    .map(|v| (t.name.as_str(), v))
-                    .map_err(|e| ExportError::Tensor {
-                        name: t.name.clone(),
-                        message: e.to_string(),
-                    })
+        let views: Vec<(&str, Lazy<'_>)> = (0..tensors.len())
+            .filter(|&i| assignment[i] == shard)
+            .map(|i| {
+                let view = Lazy {
+                    src: tensors,
+                    i,
+                    dtype,
+                    st_dtype,
+                    failed: std::sync::Mutex::new(None),
+                };
+                (tensors.name(i), view)
             })
-            .collect::<Result<Vec<_>, _>>()?;
-        safetensors::serialize_to_file(views, Some(metadata.clone()), &path)
-            .map_err(|e| ExportError::format(&path, e))?;
+            .collect();
+        let result = safetensors::serialize_to_file(
+            views.iter().map(|(n, v)| (*n, v)),
+            Some(metadata.clone()),
+            &path,
+        );
+        // A tensor whose values did not match its shape was written as
+        // zeros; report it rather than the file.
+        for (_, v) in &views {
+            if let Some(e) = v.failed.lock().ok().and_then(|mut f| f.take()) {
+                return Err(e);
+            }
+        }
+        result.map_err(|e| ExportError::format(&path, e))?;
     }
     if shards > 1 {
-        let total = tensors.iter().map(|t| t.data.len() * dtype.size()).sum();
+        let total = (0..tensors.len())
+            .map(|i| tensors.numel(i) * dtype.size())
+            .sum();
         let index = dir.join("model.safetensors.index.json");
         write_index(&index, tensors, &files, &assignment, total)?;
     }
     Ok(())
 }
 
+/// A tensor whose bytes are made when the serializer asks for them.
+struct Lazy<'a> {
+    src: &'a dyn TensorSource,
+    i: usize,
+    dtype: FloatDtype,
+    st_dtype: Dtype,
+    failed: std::sync::Mutex<Option<ExportError>>,
+}
+
+impl View for &Lazy<'_> {
+    fn dtype(&self) -> Dtype {
+        self.st_dtype
+    }
+
+    fn shape(&self) -> &[usize] {
+        self.src.shape(self.i)
+    }
+
+    fn data(&self) -> Cow<'_, [u8]> {
+        match values_of(self.src, self.i) {
+            Ok(v) => Cow::Owned(self.dtype.encode(&v)),
+            Err(e) => {
+                if let Ok(mut f) = self.failed.lock() {
+                    *f = Some(e);
+                }
+                Cow::Owned(vec![0; self.data_len()])
+            }
+        }
+    }
+
+    fn data_len(&self) -> usize {
+        self.src.numel(self.i) * self.dtype.size()
+    }
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
+    use crate::export::ExportTensor;
     use crate::export::test_util::tensor;
     use candle_core::safetensors::MmapedSafetensors;
 

@@ -90,10 +90,26 @@ fn check(format: WeightFormat, gguf: GgufType, tolerance: f32) {
     check_path(&model_path(dir.path(), format), &[2, 4], tolerance, 1.12);
 }
 
+/// With `--tp-invariant`, `path` at each of `worlds` ranks gives the whole
+/// model's greedy tokens and logits bit for bit.
+fn check_invariant(path: &Path, worlds: &[usize]) {
+    let (want_logits, want, _) = sharded_greedy_n(path, 1, &PROMPT, GEN, true);
+    for &world in worlds {
+        let (logits, got, _) = sharded_greedy_n(path, world, &PROMPT, GEN, true);
+        assert_eq!(got, want, "greedy tokens at TP {world}");
+        assert_eq!(logits, want_logits, "logits at TP {world}");
+    }
+}
+
 /// `path` at each of `worlds` ranks against the whole model: the same
 /// greedy tokens, the first step's logits within `tolerance` of the largest,
 /// and at most `share`/N of the weight bytes on any rank.
 fn check_path(path: &Path, worlds: &[usize], tolerance: f32, share: f64) {
+    check_path_with(path, worlds, tolerance, share, true)
+}
+
+/// [`check_path`], comparing the greedy tokens or not (see the Q8_0 test).
+fn check_path_with(path: &Path, worlds: &[usize], tolerance: f32, share: f64, tokens_too: bool) {
     let (want_logits, want_tokens) = local_greedy(path, WeightDtype::F32, &PROMPT, GEN);
     let scale = want_logits.iter().fold(0f32, |m, l| m.max(l.abs()));
     let opts = LoadOptions {
@@ -122,7 +138,9 @@ fn check_path(path: &Path, worlds: &[usize], tolerance: f32, share: f64) {
             worst <= tolerance * scale,
             "{name} TP={world}: logits differ by {worst} (largest {scale})"
         );
-        assert_eq!(tokens, want_tokens, "{name} TP={world}: greedy tokens");
+        if tokens_too {
+            assert_eq!(tokens, want_tokens, "{name} TP={world}: greedy tokens");
+        }
     }
 }
 
@@ -174,12 +192,16 @@ fn pytorch_bin_shards_equal_the_whole_model() {
 
 /// Q8_0 weights sliced by rows and by whole blocks of columns: activations
 /// are quantized per block as in the whole model (the slices fall on block
-/// boundaries), so only the all-reduce's order of sums differs; that can
-/// still flip an 8-bit rounding (see the demo test), but on this model the
-/// logits stay within 1e-4 and the 64 tokens agree.
+/// boundaries), so only the all-reduce's order of sums differs. The first
+/// step's logits stay within 1e-4; over 64 tokens that other order can
+/// flip an 8-bit rounding where two tokens nearly tie (see the demo test),
+/// so the tokens are compared with `--tp-invariant`, bit for bit.
 #[test]
 fn gguf_q8_0_shards_equal_the_whole_model() {
-    check(WeightFormat::Gguf, GgufType::Q8_0, 1e-4);
+    let dir = tiny_model(WeightFormat::Gguf, GgufType::Q8_0);
+    let path = model_path(dir.path(), WeightFormat::Gguf);
+    check_path_with(&path, &[2, 4], 1e-4, 1.12, false);
+    check_invariant(&path, &[2, 4]);
 }
 
 /// Q4_K blocks hold 256 weights: the tiny model's 256 attention columns

@@ -3,17 +3,24 @@
 //! index, all asked by Hugging Face tensor name. GGUF names are mapped here,
 //! so model code reads like a Hugging Face checkpoint whatever the file.
 //! A store hands out tensors; it does not decide dtypes or layouts.
+//!
+//! Opening a store reads only headers (safetensors' JSON, the `.bin`
+//! pickles and zip directories, GGUF's metadata) and notes where each
+//! tensor's bytes lie in which file. Tensors are then read with positioned
+//! reads (`pread`) of just the rows and columns asked for, from any number of
+//! threads at once: no whole-file copy, no memory map whose pages would
+//! count against the process while the weights are repacked, and a
+//! tensor-parallel rank reads only its slice.
 
 use std::collections::{BTreeMap, HashMap};
 use std::fs::File;
-use std::io::{Read, Seek, SeekFrom};
 use std::ops::Range;
+use std::os::unix::fs::FileExt;
 use std::path::{Path, PathBuf};
-use std::sync::{Arc, Mutex};
+use std::sync::Arc;
 
 use candle_core::quantized::ggml_file::qtensor_from_ggml;
 use candle_core::quantized::{GgmlDType, QTensor, gguf_file};
-use candle_core::safetensors::MmapedSafetensors;
 use candle_core::{DType, Device, Tensor, pickle::PthTensors};
 
 use crate::error::{Result, WorkerError};
@@ -35,20 +42,109 @@ impl Weight {
     }
 }
 
-pub enum WeightStore {
-    Safetensors(MmapedSafetensors),
-    Pth {
-        files: Vec<PthTensors>,
-        /// The files' paths, index-aligned with `files`.
-        paths: Vec<PathBuf>,
-        /// Tensor name → index into `files`.
-        index: HashMap<String, usize>,
-    },
-    Gguf {
-        path: PathBuf,
-        content: gguf_file::Content,
-        file: Mutex<File>,
-    },
+/// How a tensor's elements are stored.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Stored {
+    F32,
+    F16,
+    Bf16,
+    /// A GGML block-quantized type (never F32/F16/BF16: those are above).
+    Ggml(GgmlDType),
+}
+
+impl Stored {
+    fn of_ggml(t: GgmlDType) -> Self {
+        match t {
+            GgmlDType::F32 => Self::F32,
+            GgmlDType::F16 => Self::F16,
+            GgmlDType::BF16 => Self::Bf16,
+            other => Self::Ggml(other),
+        }
+    }
+
+    fn of_dtype(t: DType) -> Option<Self> {
+        match t {
+            DType::F32 => Some(Self::F32),
+            DType::F16 => Some(Self::F16),
+            DType::BF16 => Some(Self::Bf16),
+            _ => None,
+        }
+    }
+
+    /// Weights per storage unit (a float, or a GGML block) and its bytes.
+    pub fn unit(self) -> (usize, usize) {
+        match self {
+            Self::F32 => (1, 4),
+            Self::F16 | Self::Bf16 => (1, 2),
+            Self::Ggml(t) => (t.block_size(), t.type_size()),
+        }
+    }
+
+    /// Bytes of `n` consecutive weights (`n` a multiple of the unit).
+    pub fn bytes(self, n: usize) -> usize {
+        let (unit, bytes) = self.unit();
+        n / unit * bytes
+    }
+
+    pub fn label(self) -> String {
+        match self {
+            Self::F32 => "f32".into(),
+            Self::F16 => "f16".into(),
+            Self::Bf16 => "bf16".into(),
+            Self::Ggml(t) => ggml_label(t),
+        }
+    }
+
+    fn candle(self) -> Option<DType> {
+        match self {
+            Self::F32 => Some(DType::F32),
+            Self::F16 => Some(DType::F16),
+            Self::Bf16 => Some(DType::BF16),
+            Self::Ggml(_) => None,
+        }
+    }
+}
+
+/// Where one tensor's bytes lie: row-major from `offset` in file `file`.
+#[derive(Debug, Clone)]
+pub struct TensorEntry {
+    pub stored: Stored,
+    /// PyTorch order: `[rows, cols]` for a matrix.
+    pub shape: Vec<usize>,
+    file: usize,
+    offset: u64,
+}
+
+impl TensorEntry {
+    pub fn numel(&self) -> usize {
+        self.shape.iter().product()
+    }
+
+    /// Bytes of the whole tensor.
+    pub fn bytes(&self) -> usize {
+        self.stored.bytes(self.numel())
+    }
+}
+
+/// What kind of checkpoint a store reads.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Format {
+    Safetensors,
+    PytorchBin,
+    Gguf,
+}
+
+pub struct WeightStore {
+    format: Format,
+    /// The data files, and their paths for messages.
+    files: Vec<(File, PathBuf)>,
+    /// By Hugging Face name (GGUF names mapped).
+    tensors: HashMap<String, TensorEntry>,
+    /// `.bin` tensors that cannot be read in place (strided, or in a
+    /// compressed zip entry), by name: candle's pickle reader of their file
+    /// makes them.
+    pth_fallback: HashMap<String, Arc<PthTensors>>,
+    gguf: Option<gguf_file::Content>,
 }
 
 /// The GGUF name llama.cpp gives a Hugging Face LLaMA tensor.
@@ -64,7 +160,12 @@ pub fn gguf_name(hf: &str) -> Option<String> {
     }
     let rest = hf.strip_prefix("model.layers.")?;
     let (layer, rest) = rest.split_once('.')?;
-    let part = match rest {
+    let part = gguf_part(rest)?;
+    Some(format!("blk.{layer}.{part}.weight"))
+}
+
+fn gguf_part(hf_rest: &str) -> Option<&'static str> {
+    Some(match hf_rest {
         "self_attn.q_proj.weight" => "attn_q",
         "self_attn.k_proj.weight" => "attn_k",
         "self_attn.v_proj.weight" => "attn_v",
@@ -75,8 +176,38 @@ pub fn gguf_name(hf: &str) -> Option<String> {
         "input_layernorm.weight" => "attn_norm",
         "post_attention_layernorm.weight" => "ffn_norm",
         _ => return None,
+    })
+}
+
+/// The Hugging Face name of a llama GGUF tensor (the inverse of
+/// [`gguf_name`]).
+fn hf_name(gguf: &str) -> Option<String> {
+    let fixed = match gguf {
+        "token_embd.weight" => Some("model.embed_tokens.weight"),
+        "output_norm.weight" => Some("model.norm.weight"),
+        "output.weight" => Some("lm_head.weight"),
+        _ => None,
     };
-    Some(format!("blk.{layer}.{part}.weight"))
+    if let Some(name) = fixed {
+        return Some(name.to_string());
+    }
+    let rest = gguf.strip_prefix("blk.")?;
+    let (layer, part) = rest.split_once('.')?;
+    let part = part.strip_suffix(".weight")?;
+    let hf = [
+        "self_attn.q_proj.weight",
+        "self_attn.k_proj.weight",
+        "self_attn.v_proj.weight",
+        "self_attn.o_proj.weight",
+        "mlp.gate_proj.weight",
+        "mlp.up_proj.weight",
+        "mlp.down_proj.weight",
+        "input_layernorm.weight",
+        "post_attention_layernorm.weight",
+    ]
+    .into_iter()
+    .find(|h| gguf_part(h) == Some(part))?;
+    Some(format!("model.layers.{layer}.{hf}"))
 }
 
 #[derive(serde::Deserialize)]
@@ -90,6 +221,10 @@ fn read_index(path: &Path) -> Result<ShardIndex> {
     serde_json::from_str(&text).map_err(|e| WorkerError::load(path, e))
 }
 
+fn open(path: &Path) -> Result<File> {
+    File::open(path).map_err(|e| WorkerError::io(format!("opening {}", path.display()), e))
+}
+
 impl WeightStore {
     /// Opens the weights of a Hugging Face folder, preferring safetensors.
     pub fn open_hf(dir: &Path) -> Result<Self> {
@@ -97,39 +232,21 @@ impl WeightStore {
         let st_single = dir.join("model.safetensors");
         let bin_index = dir.join("pytorch_model.bin.index.json");
         let bin_single = dir.join("pytorch_model.bin");
-        let load_err = |p: &Path, e: candle_core::Error| WorkerError::load(p, e);
         if st_index.exists() || st_single.exists() {
-            let files: Vec<PathBuf> = if st_index.exists() {
+            let paths = if st_index.exists() {
                 unique_files(dir, &read_index(&st_index)?)
             } else {
-                vec![st_single.clone()]
+                vec![st_single]
             };
-            // SAFETY: the files are memory-mapped read-only; like every mmap
-            // reader we rely on nobody truncating them while we serve.
-            let st =
-                unsafe { MmapedSafetensors::multi(&files) }.map_err(|e| load_err(&files[0], e))?;
-            return Ok(Self::Safetensors(st));
+            return Self::open_safetensors(paths);
         }
         if bin_index.exists() || bin_single.exists() {
-            let paths: Vec<PathBuf> = if bin_index.exists() {
+            let paths = if bin_index.exists() {
                 unique_files(dir, &read_index(&bin_index)?)
             } else {
                 vec![bin_single]
             };
-            let mut files = Vec::new();
-            let mut index = HashMap::new();
-            for (i, p) in paths.iter().enumerate() {
-                let f = PthTensors::new(p, None).map_err(|e| load_err(p, e))?;
-                for name in f.tensor_infos().keys() {
-                    index.insert(name.clone(), i);
-                }
-                files.push(f);
-            }
-            return Ok(Self::Pth {
-                files,
-                paths,
-                index,
-            });
+            return Self::open_pth(paths);
         }
         Err(WorkerError::load(
             dir,
@@ -138,220 +255,335 @@ impl WeightStore {
         ))
     }
 
+    fn empty(format: Format) -> Self {
+        Self {
+            format,
+            files: Vec::new(),
+            tensors: HashMap::new(),
+            pth_fallback: HashMap::new(),
+            gguf: None,
+        }
+    }
+
+    fn open_safetensors(paths: Vec<PathBuf>) -> Result<Self> {
+        let mut store = Self::empty(Format::Safetensors);
+        for path in paths {
+            let file = open(&path)?;
+            // The header is parsed and checked by the safetensors crate over
+            // a map of the file; only the header's pages are touched.
+            // SAFETY: a read-only map used for the header alone, dropped
+            // before this function returns.
+            let map = unsafe { memmap2::Mmap::map(&file) }
+                .map_err(|e| WorkerError::io(format!("mapping {}", path.display()), e))?;
+            let (n, meta) = safetensors::SafeTensors::read_metadata(&map)
+                .map_err(|e| WorkerError::load(&path, e))?;
+            let data_start = 8 + n as u64;
+            for (name, info) in meta.tensors() {
+                let stored = match info.dtype {
+                    safetensors::Dtype::F32 => Stored::F32,
+                    safetensors::Dtype::F16 => Stored::F16,
+                    safetensors::Dtype::BF16 => Stored::Bf16,
+                    other => {
+                        return Err(WorkerError::load(
+                            &path,
+                            format!("tensor {name} is {other:?}; weights must be F32, F16 or BF16"),
+                        ));
+                    }
+                };
+                let entry = TensorEntry {
+                    stored,
+                    shape: info.shape.clone(),
+                    file: store.files.len(),
+                    offset: data_start + info.data_offsets.0 as u64,
+                };
+                store.tensors.insert(name, entry);
+            }
+            store.files.push((file, path));
+        }
+        Ok(store)
+    }
+
+    fn open_pth(paths: Vec<PathBuf>) -> Result<Self> {
+        let mut store = Self::empty(Format::PytorchBin);
+        for path in paths {
+            let zerr = |e: zip::result::ZipError| WorkerError::load(&path, e);
+            let pth = PthTensors::new(&path, None).map_err(|e| WorkerError::load(&path, e))?;
+            let file = open(&path)?;
+            let mut zip = zip::ZipArchive::new(std::io::BufReader::new(
+                file.try_clone()
+                    .map_err(|e| WorkerError::io(format!("opening {}", path.display()), e))?,
+            ))
+            .map_err(zerr)?;
+            let index = store.files.len();
+            let mut fallback = Vec::new();
+            for (name, info) in pth.tensor_infos() {
+                // PyTorch stores its zip entries uncompressed: read the
+                // tensor where it lies, unless it is strided or compressed.
+                let entry = zip.by_name(&info.path).map_err(zerr)?;
+                let in_place = entry.compression() == zip::CompressionMethod::Stored
+                    && info.layout.is_contiguous();
+                match (Stored::of_dtype(info.dtype), entry.data_start()) {
+                    (Some(stored), Some(start)) if in_place => {
+                        let elem = info.dtype.size_in_bytes() as u64;
+                        store.tensors.insert(
+                            name.clone(),
+                            TensorEntry {
+                                stored,
+                                shape: info.layout.dims().to_vec(),
+                                file: index,
+                                offset: start + info.layout.start_offset() as u64 * elem,
+                            },
+                        );
+                    }
+                    (Some(stored), _) => {
+                        store.tensors.insert(
+                            name.clone(),
+                            TensorEntry {
+                                stored,
+                                shape: info.layout.dims().to_vec(),
+                                file: index,
+                                offset: 0,
+                            },
+                        );
+                        fallback.push(name.clone());
+                    }
+                    (None, _) => {
+                        return Err(WorkerError::load(
+                            &path,
+                            format!(
+                                "tensor {name} is {:?}; weights must be F32, F16 or BF16",
+                                info.dtype
+                            ),
+                        ));
+                    }
+                }
+            }
+            if !fallback.is_empty() {
+                tracing::warn!(
+                    "{}: {} tensors are strided or compressed and are read through candle \
+                     (slower): {}",
+                    path.display(),
+                    fallback.len(),
+                    fallback.join(", ")
+                );
+                let pth = Arc::new(pth);
+                for name in fallback {
+                    store.pth_fallback.insert(name, pth.clone());
+                }
+            }
+            store.files.push((file, path));
+        }
+        Ok(store)
+    }
+
     pub fn open_gguf(path: &Path) -> Result<Self> {
-        let mut file = File::open(path)
-            .map_err(|e| WorkerError::io(format!("opening {}", path.display()), e))?;
+        let mut file = open(path)?;
         let content =
             gguf_file::Content::read(&mut file).map_err(|e| WorkerError::load(path, e))?;
-        Ok(Self::Gguf {
-            path: path.to_path_buf(),
-            content,
-            file: Mutex::new(file),
-        })
+        let mut store = Self::empty(Format::Gguf);
+        for (name, info) in &content.tensor_infos {
+            let Some(hf) = hf_name(name) else {
+                continue;
+            };
+            store.tensors.insert(
+                hf,
+                TensorEntry {
+                    stored: Stored::of_ggml(info.ggml_dtype),
+                    shape: info.shape.dims().to_vec(),
+                    file: 0,
+                    offset: content.tensor_data_offset + info.offset,
+                },
+            );
+        }
+        store.files.push((file, path.to_path_buf()));
+        store.gguf = Some(content);
+        Ok(store)
+    }
+
+    pub fn format(&self) -> Format {
+        self.format
     }
 
     pub fn gguf_content(&self) -> Option<&gguf_file::Content> {
-        match self {
-            Self::Gguf { content, .. } => Some(content),
-            _ => None,
-        }
+        self.gguf.as_ref()
     }
 
     pub fn contains(&self, name: &str) -> bool {
-        match self {
-            Self::Safetensors(st) => st.get(name).is_ok(),
-            Self::Pth { index, .. } => index.contains_key(name),
-            Self::Gguf { content, .. } => {
-                gguf_name(name).is_some_and(|g| content.tensor_infos.contains_key(&g))
+        self.tensors.contains_key(name)
+    }
+
+    /// Where and how `name` is stored.
+    pub fn entry(&self, name: &str) -> Result<&TensorEntry> {
+        self.tensors.get(name).ok_or_else(|| WorkerError::Weight {
+            name: name.to_string(),
+            source: candle_core::Error::Msg("not in the checkpoint".into()),
+        })
+    }
+
+    /// Bytes of all the tensors, as stored.
+    pub fn total_bytes(&self) -> usize {
+        self.tensors.values().map(TensorEntry::bytes).sum()
+    }
+
+    /// Whether `name` can be read in place, by rows and columns.
+    pub fn readable_in_place(&self, name: &str) -> bool {
+        self.tensors.contains_key(name) && !self.pth_fallback.contains_key(name)
+    }
+
+    /// The bytes of rows `rows` and columns `cols` of the 2-D tensor
+    /// `name`, row after row, into `buf` (resized): one read for whole rows,
+    /// one per row for a column slice, which for a GGML type must fall on
+    /// its block boundaries. Safe to call from several threads at once.
+    pub fn read_rows(
+        &self,
+        name: &str,
+        rows: Range<usize>,
+        cols: Range<usize>,
+        buf: &mut Vec<u8>,
+    ) -> Result<()> {
+        let e = self.entry(name)?;
+        let msg = |m: String| WorkerError::Weight {
+            name: name.to_string(),
+            source: candle_core::Error::Msg(m),
+        };
+        if self.pth_fallback.contains_key(name) {
+            return Err(msg("cannot be read in place".into()));
+        }
+        let (n_rows, n_cols) = match *e.shape.as_slice() {
+            [r, c] => (r, c),
+            [c] => (1, c),
+            _ => return Err(msg(format!("cannot read rows of shape {:?}", e.shape))),
+        };
+        let (unit, unit_bytes) = e.stored.unit();
+        if rows.end > n_rows || cols.end > n_cols || rows.start > rows.end || cols.start > cols.end
+        {
+            return Err(msg(format!(
+                "rows {rows:?} × columns {cols:?} exceed its shape {:?}",
+                e.shape
+            )));
+        }
+        if !(cols.start.is_multiple_of(unit) && cols.end.is_multiple_of(unit)) {
+            return Err(msg(format!(
+                "columns {cols:?} do not fall on its {unit}-weight {} block boundaries; \
+                 choose a tensor-parallel size that divides {n_cols} into multiples of {unit}",
+                e.stored.label()
+            )));
+        }
+        let row_bytes = n_cols / unit * unit_bytes;
+        let (from, len) = (
+            cols.start / unit * unit_bytes,
+            cols.len() / unit * unit_bytes,
+        );
+        buf.resize(rows.len() * len, 0);
+        let (file, path) = &self.files[e.file];
+        let io = |err| WorkerError::io(format!("reading {name} from {}", path.display()), err);
+        let at = |r: usize| e.offset + (r * row_bytes + from) as u64;
+        if len == row_bytes {
+            file.read_exact_at(buf, at(rows.start)).map_err(io)?;
+        } else {
+            for (i, r) in rows.enumerate() {
+                file.read_exact_at(&mut buf[i * len..(i + 1) * len], at(r))
+                    .map_err(io)?;
             }
         }
+        Ok(())
     }
 
     pub fn get(&self, name: &str) -> Result<Weight> {
-        let werr = |source| WorkerError::Weight {
-            name: name.to_string(),
-            source,
-        };
-        let missing = || WorkerError::Weight {
-            name: name.to_string(),
-            source: candle_core::Error::Msg("not in the checkpoint".into()),
-        };
-        match self {
-            Self::Safetensors(st) => Ok(Weight::Dense(st.load(name, &Device::Cpu).map_err(werr)?)),
-            Self::Pth { files, index, .. } => {
-                let file = index.get(name).ok_or_else(missing)?;
-                let t = files[*file].get(name).map_err(werr)?.ok_or_else(missing)?;
-                Ok(Weight::Dense(t))
-            }
-            Self::Gguf {
-                content,
-                file,
-                path,
-                ..
-            } => {
-                let g = gguf_name(name).ok_or_else(missing)?;
-                if !content.tensor_infos.contains_key(&g) {
-                    return Err(missing());
+        let e = self.entry(name)?;
+        match *e.shape.as_slice() {
+            [rows, cols] => self.get_rect(name, 0..rows, 0..cols),
+            _ => {
+                let shape = e.shape.clone();
+                let n = e.numel();
+                let w = self.get_rect(name, 0..1, 0..n)?;
+                let werr = |source| WorkerError::Weight {
+                    name: name.to_string(),
+                    source,
+                };
+                match w {
+                    Weight::Dense(t) => Ok(Weight::Dense(t.reshape(shape).map_err(werr)?)),
+                    Weight::Quantized(q) => Ok(Weight::Quantized(q)),
                 }
-                let mut f = file
-                    .lock()
-                    .map_err(|_| WorkerError::load(path, "GGUF reader poisoned"))?;
-                let q = content.tensor(&mut *f, &g, &Device::Cpu).map_err(werr)?;
-                Ok(Weight::Quantized(Arc::new(q)))
             }
         }
     }
 
     /// Rows (`dim` 0) or columns (`dim` 1) `range` of the 2-D tensor `name`:
-    /// a tensor-parallel rank's slice. Only the slice's bytes are read:
-    /// from the memory map (safetensors), or with seeks (GGUF, and PyTorch
-    /// `.bin`, an uncompressed zip). A GGUF block-quantized tensor is cut
-    /// along its columns only at block boundaries.
+    /// a tensor-parallel rank's slice; only its bytes are read. A GGUF
+    /// block-quantized tensor is cut along its columns only at block
+    /// boundaries.
     pub fn get_slice(&self, name: &str, dim: usize, range: Range<usize>) -> Result<Weight> {
+        let e = self.entry(name)?;
+        match (e.shape.as_slice(), dim) {
+            (&[rows, _], 0) if range.start < range.end && range.end <= rows => {
+                let cols = e.shape[1];
+                self.get_rect(name, range, 0..cols)
+            }
+            (&[rows, cols], 1) if range.start < range.end && range.end <= cols => {
+                self.get_rect(name, 0..rows, range)
+            }
+            _ => Err(WorkerError::Weight {
+                name: name.to_string(),
+                source: candle_core::Error::Msg(format!(
+                    "cannot take {range:?} of dimension {dim} from shape {:?}",
+                    e.shape
+                )),
+            }),
+        }
+    }
+
+    /// A rectangle of a tensor as a candle tensor (`[rows, cols]`).
+    fn get_rect(&self, name: &str, rows: Range<usize>, cols: Range<usize>) -> Result<Weight> {
         let werr = |source| WorkerError::Weight {
             name: name.to_string(),
             source,
         };
-        let msg = |m: String| WorkerError::Weight {
-            name: name.to_string(),
-            source: candle_core::Error::Msg(m),
-        };
-        let check = |dims: &[usize]| -> Result<(usize, usize)> {
-            match dims {
-                &[rows, cols] if dim < 2 && range.start < range.end => {
-                    let len = [rows, cols][dim];
-                    if range.end > len {
-                        return Err(msg(format!(
-                            "slice {range:?} of dimension {dim} exceeds its size {len}"
-                        )));
-                    }
-                    Ok((rows, cols))
-                }
-                _ => Err(msg(format!(
-                    "cannot take {range:?} of dimension {dim} from shape {dims:?}"
-                ))),
-            }
-        };
-        match self {
-            Self::Safetensors(st) => {
-                let view = st.get(name).map_err(werr)?;
-                let (rows, cols) = check(view.shape())?;
-                let dtype = match view.dtype() {
-                    safetensors::Dtype::F32 => DType::F32,
-                    safetensors::Dtype::F16 => DType::F16,
-                    safetensors::Dtype::BF16 => DType::BF16,
-                    other => return Err(msg(format!("cannot slice a {other:?} tensor"))),
-                };
-                let data = view.data();
-                let (bytes, shape) = read_slice(
-                    rows,
-                    cols,
-                    1,
-                    dtype.size_in_bytes(),
-                    dim,
-                    &range,
-                    |at, len| Ok(data[at..at + len].to_vec()),
-                )?;
-                let t =
-                    Tensor::from_raw_buffer(&bytes, dtype, &shape, &Device::Cpu).map_err(werr)?;
-                Ok(Weight::Dense(t))
-            }
-            Self::Pth {
-                files,
-                paths,
-                index,
-            } => {
-                let file = *index
-                    .get(name)
-                    .ok_or_else(|| msg("not in the checkpoint".into()))?;
-                let info = files[file]
-                    .tensor_infos()
-                    .get(name)
-                    .ok_or_else(|| msg("not in the checkpoint".into()))?;
-                let (rows, cols) = check(info.layout.dims())?;
-                let elem = info.dtype.size_in_bytes();
-                if !info.layout.is_contiguous() {
-                    return Err(msg("a strided tensor in the .bin; cannot slice it".into()));
-                }
-                // PyTorch stores its zip entries uncompressed: seek to the
-                // slice's rows instead of reading the whole tensor.
-                let path = &paths[file];
-                let io = |e: std::io::Error| {
-                    WorkerError::io(format!("reading {name} from {}", path.display()), e)
-                };
-                let zerr = |e: zip::result::ZipError| WorkerError::load(path, e);
-                let reader = std::io::BufReader::new(File::open(path).map_err(io)?);
-                let mut zip = zip::ZipArchive::new(reader).map_err(zerr)?;
-                let mut entry = zip.by_name_seek(&info.path).map_err(zerr)?;
-                let base = (info.layout.start_offset() * elem) as u64;
-                let (bytes, shape) = read_slice(rows, cols, 1, elem, dim, &range, |at, len| {
-                    read_at(&mut entry, base + at as u64, len).map_err(io)
-                })?;
-                let t = Tensor::from_raw_buffer(&bytes, info.dtype, &shape, &Device::Cpu)
-                    .map_err(werr)?;
-                Ok(Weight::Dense(t))
-            }
-            Self::Gguf {
-                content,
-                file,
-                path,
-            } => {
-                let g = gguf_name(name).ok_or_else(|| msg("not in the checkpoint".into()))?;
-                let info = content
-                    .tensor_infos
-                    .get(&g)
-                    .ok_or_else(|| msg("not in the checkpoint".into()))?;
-                let dims = info.shape.dims().to_vec();
-                let (rows, cols) = check(&dims)?;
-                let (block, bytes_per_block) =
-                    (info.ggml_dtype.block_size(), info.ggml_dtype.type_size());
-                if dim == 1
-                    && !(range.start.is_multiple_of(block) && range.end.is_multiple_of(block))
-                {
-                    return Err(msg(format!(
-                        "columns {range:?} do not fall on its {block}-weight {} block \
-                         boundaries; choose a tensor-parallel size that divides {cols} into \
-                         multiples of {block}",
-                        ggml_label(info.ggml_dtype)
-                    )));
-                }
-                let start = content.tensor_data_offset + info.offset;
-                let mut f = file
-                    .lock()
-                    .map_err(|_| WorkerError::load(path, "GGUF reader poisoned"))?;
-                let (raw, shape) = read_slice(
-                    rows,
-                    cols,
-                    block,
-                    bytes_per_block,
-                    dim,
-                    &range,
-                    |at, len| {
-                        read_at(&mut *f, start + at as u64, len).map_err(|e| {
-                            WorkerError::io(format!("reading {g} from {}", path.display()), e)
-                        })
-                    },
-                )?;
-                let q = qtensor_from_ggml(info.ggml_dtype, &raw, shape.to_vec(), &Device::Cpu)
-                    .map_err(werr)?;
-                Ok(Weight::Quantized(Arc::new(q)))
-            }
+        if let Some(pth) = self.pth_fallback.get(name) {
+            let t = pth
+                .get(name)
+                .map_err(werr)?
+                .ok_or_else(|| werr(candle_core::Error::Msg("not in the checkpoint".into())))?;
+            let t = if t.rank() == 2 {
+                t.narrow(0, rows.start, rows.len())
+                    .and_then(|t| t.narrow(1, cols.start, cols.len()))
+                    .map_err(werr)?
+            } else {
+                t
+            };
+            return Ok(Weight::Dense(t));
         }
+        let e = self.entry(name)?;
+        let mut raw = Vec::new();
+        self.read_rows(name, rows.clone(), cols.clone(), &mut raw)?;
+        let shape = [rows.len(), cols.len()];
+        match (e.stored.candle(), e.stored) {
+            (Some(dtype), _) => Ok(Weight::Dense(
+                Tensor::from_raw_buffer(&raw, dtype, &shape, &Device::Cpu).map_err(werr)?,
+            )),
+            (None, Stored::Ggml(t)) => Ok(Weight::Quantized(Arc::new(
+                qtensor_from_ggml(t, &raw, shape.to_vec(), &Device::Cpu).map_err(werr)?,
+            ))),
+            (None, _) => unreachable!("float types have a candle dtype"),
+        }
+    }
+
+    /// How the checkpoint stores its weight matrices: the type of the first
+    /// layer's query projection.
+    pub fn weight_type(&self) -> Option<Stored> {
+        self.tensors
+            .get("model.layers.0.self_attn.q_proj.weight")
+            .map(|e| e.stored)
     }
 
     /// For a GGUF file, what its 2-D weights are stored as ("q4_1",
     /// "f16"...); float checkpoints are held in `--dtype`, so None.
     pub fn gguf_weight_type(&self) -> Option<String> {
-        match self {
-            Self::Gguf { content, .. } => Some(
-                content
-                    .tensor_infos
-                    .get("blk.0.attn_q.weight")
-                    .map(|t| ggml_label(t.ggml_dtype))
-                    .unwrap_or_else(|| "unknown".into()),
-            ),
-            Self::Safetensors(_) | Self::Pth { .. } => None,
-        }
+        self.gguf.as_ref().map(|_| {
+            self.weight_type()
+                .map(Stored::label)
+                .unwrap_or_else(|| "unknown".into())
+        })
     }
 }
 
@@ -359,47 +591,38 @@ pub fn ggml_label(t: GgmlDType) -> String {
     format!("{t:?}").to_lowercase()
 }
 
-/// Rows (`dim` 0) or columns (`dim` 1) `range` of a row-major `[rows,
-/// cols]` tensor stored as units of `unit` weights in `unit_bytes` bytes (a
-/// float element, or a GGML block), fetched by `read(at, len)` at byte
-/// offsets within the tensor: one read for rows, one per row for columns.
-/// Returns the bytes and the slice's shape.
-fn read_slice(
-    rows: usize,
-    cols: usize,
-    unit: usize,
-    unit_bytes: usize,
-    dim: usize,
-    range: &Range<usize>,
-    mut read: impl FnMut(usize, usize) -> Result<Vec<u8>>,
-) -> Result<(Vec<u8>, [usize; 2])> {
-    let row_bytes = cols / unit * unit_bytes;
-    if dim == 0 {
-        let bytes = read(range.start * row_bytes, range.len() * row_bytes)?;
-        return Ok((bytes, [range.len(), cols]));
-    }
-    let (from, len) = (
-        range.start / unit * unit_bytes,
-        range.len() / unit * unit_bytes,
-    );
-    let mut bytes = Vec::with_capacity(rows * len);
-    for r in 0..rows {
-        bytes.extend(read(r * row_bytes + from, len)?);
-    }
-    Ok((bytes, [rows, range.len()]))
-}
-
-/// `len` bytes at `at`.
-fn read_at(f: &mut (impl Read + Seek), at: u64, len: usize) -> std::io::Result<Vec<u8>> {
-    let mut buf = vec![0u8; len];
-    f.seek(SeekFrom::Start(at))?;
-    f.read_exact(&mut buf)?;
-    Ok(buf)
-}
-
 fn unique_files(dir: &Path, index: &ShardIndex) -> Vec<PathBuf> {
     let mut names: Vec<&String> = index.weight_map.values().collect();
     names.sort();
     names.dedup();
     names.into_iter().map(|n| dir.join(n)).collect()
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn gguf_and_hf_names_map_both_ways() {
+        for hf in [
+            "model.embed_tokens.weight",
+            "model.norm.weight",
+            "lm_head.weight",
+            "model.layers.0.self_attn.q_proj.weight",
+            "model.layers.31.mlp.down_proj.weight",
+            "model.layers.7.post_attention_layernorm.weight",
+        ] {
+            let g = gguf_name(hf).unwrap();
+            assert_eq!(hf_name(&g).as_deref(), Some(hf), "{g}");
+        }
+        assert_eq!(hf_name("blk.0.attn_q.bias"), None);
+        assert_eq!(hf_name("rope_freqs.weight"), None);
+    }
+
+    #[test]
+    fn stored_sizes() {
+        assert_eq!(Stored::F16.bytes(4096), 8192);
+        assert_eq!(Stored::Ggml(GgmlDType::Q4_0).bytes(4096), 128 * 18);
+        assert_eq!(Stored::Ggml(GgmlDType::Q4K).bytes(4096), 16 * 144);
+    }
 }

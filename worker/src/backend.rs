@@ -61,7 +61,13 @@ pub fn load(
                 None => Gpu::new(comm.rank())?,
             });
             tracing::info!(gpu = %gpu.name, sms = gpu.sms, kernels = %gpu.kernels, "loading the model onto the GPU");
-            let m = CudaModel::load(gpu, cfg, store, comm, opts.dtype, progress)?;
+            // The GPU loader reads tensor by tensor: each counts its share.
+            let world = comm.world_size();
+            progress.set_total(store.total_bytes() / world);
+            let mut tensor_read = |name: &str| {
+                progress.add(store.entry(name).map_or(0, |e| e.bytes()) / world)
+            };
+            let m = CudaModel::load(gpu, cfg, store, comm, opts.dtype, &mut tensor_read)?;
             let bytes = m.weight_bytes();
             Ok((Model::Cuda(m), bytes))
         }),

@@ -12,7 +12,7 @@ use crate::config::{HfConfig, ModelConfig};
 use crate::error::{Result, WorkerError};
 use crate::model::{Llama, WeightDtype};
 use crate::tokenizer::{self, LoadedTokenizer};
-use crate::weights::WeightStore;
+use crate::weights::{ReadProgress, WeightStore};
 
 /// AquilaChat-7B's conversation format (FastChat's `aquila-chat`), as a
 /// Jinja template: system text, then `###Human: q###Assistant: a` turns.
@@ -102,12 +102,13 @@ pub fn load(path: &Path, opts: &LoadOptions, comm: Arc<dyn Communicator>) -> Res
 }
 
 /// Loads the model with `build`, which makes it from the config and the
-/// weights (reporting each tensor to `progress`) and says how many bytes of
-/// weights it holds.
+/// weights (counting what it reads in `progress`, and setting its total)
+/// and says how many bytes of weights it holds. A line a second reports
+/// the bytes read, the rate and the time left.
 pub fn load_with<M>(
     path: &Path,
     opts: &LoadOptions,
-    build: impl FnOnce(ModelConfig, &WeightStore, &mut dyn FnMut(&str)) -> Result<(M, usize)>,
+    build: impl FnOnce(ModelConfig, &WeightStore, &ReadProgress) -> Result<(M, usize)>,
 ) -> Result<Loaded<M>> {
     let started = Instant::now();
     let is_gguf = path.is_file() && path.extension().is_some_and(|e| e == "gguf");
@@ -140,27 +141,26 @@ pub fn load_with<M>(
     let dtype = store
         .gguf_weight_type()
         .unwrap_or_else(|| opts.dtype.label().to_string());
-    let total = 2 + cfg.num_layers * 9 + usize::from(!cfg.tie_word_embeddings);
-    let mut done = 0;
-    let mut last_report = Instant::now();
-    let mut progress = |name: &str| {
-        done += 1;
-        if last_report.elapsed() >= Duration::from_secs(1) {
-            last_report = Instant::now();
-            tracing::info!(
-                "loading weights: {done}/{total} tensors ({name}), {:.1} s",
-                started.elapsed().as_secs_f64()
-            );
-        }
-    };
     let params = cfg.parameter_count();
-    let (model, weight_bytes) = build(cfg, &store, &mut progress)?;
+    let progress = ReadProgress::default();
+    let (done_tx, done_rx) = std::sync::mpsc::channel::<()>();
+    let built = std::thread::scope(|scope| {
+        let progress = &progress;
+        scope.spawn(move || report_progress(progress, started, &done_rx));
+        let built = build(cfg, &store, progress);
+        drop(done_tx);
+        built
+    });
+    let (model, weight_bytes) = built?;
+    let (read, _) = progress.get();
+    let secs = started.elapsed().as_secs_f64();
     let name = opts.name.clone().unwrap_or_else(|| default_name(path));
     tracing::info!(
-        "loaded {name}: {:.1}M parameters, {} of weights ({dtype}), {:.1} s",
+        "loaded {name}: {:.1}M parameters, {} of weights ({dtype}), {} read in {secs:.1} s ({}/s)",
         params as f64 / 1e6,
         human_bytes(weight_bytes),
-        started.elapsed().as_secs_f64()
+        human_bytes(read as usize),
+        human_bytes((read as f64 / secs.max(1e-3)) as usize),
     );
     let (chat_template, chat_stop) = match (&tok.chat_template, tok.is_aquila) {
         (Some(t), _) => (Some(t.clone()), Vec::new()),
@@ -179,6 +179,34 @@ pub fn load_with<M>(
         chat_template,
         chat_stop,
     })
+}
+
+/// Every second until `done` closes: bytes read of the total, the rate
+/// since the start, and the time left at that rate.
+fn report_progress(
+    progress: &ReadProgress,
+    started: Instant,
+    done: &std::sync::mpsc::Receiver<()>,
+) {
+    while let Err(std::sync::mpsc::RecvTimeoutError::Timeout) =
+        done.recv_timeout(Duration::from_secs(1))
+    {
+        let (read, total) = progress.get();
+        let secs = started.elapsed().as_secs_f64();
+        let rate = read as f64 / secs.max(1e-3);
+        let left = total.saturating_sub(read) as f64 / rate.max(1.0);
+        let pct = if total > 0 {
+            100.0 * read as f64 / total as f64
+        } else {
+            0.0
+        };
+        tracing::info!(
+            "loading weights: {} of {} ({pct:.0}%), {}/s, about {left:.0} s left",
+            human_bytes(read as usize),
+            human_bytes(total as usize),
+            human_bytes(rate as usize),
+        );
+    }
 }
 
 fn default_name(path: &Path) -> String {

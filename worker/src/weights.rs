@@ -430,17 +430,15 @@ impl WeightStore {
         self.tensors.contains_key(name) && !self.pth_fallback.contains_key(name)
     }
 
-    /// The bytes of rows `rows` and columns `cols` of the 2-D tensor
-    /// `name`, row after row, into `buf` (resized): one read for whole rows,
-    /// one per row for a column slice, which for a GGML type must fall on
-    /// its block boundaries. Safe to call from several threads at once.
-    pub fn read_rows(
+    /// Checks that rows `rows` × columns `cols` of `name` can be read in
+    /// place: inside its shape and, for a GGML type, on block boundaries.
+    /// Returns its columns and its storage unit (weights, bytes).
+    pub fn check_rect(
         &self,
         name: &str,
-        rows: Range<usize>,
-        cols: Range<usize>,
-        buf: &mut Vec<u8>,
-    ) -> Result<()> {
+        rows: &Range<usize>,
+        cols: &Range<usize>,
+    ) -> Result<(usize, usize, usize)> {
         let e = self.entry(name)?;
         let msg = |m: String| WorkerError::Weight {
             name: name.to_string(),
@@ -469,6 +467,22 @@ impl WeightStore {
                 e.stored.label()
             )));
         }
+        Ok((n_cols, unit, unit_bytes))
+    }
+
+    /// The bytes of rows `rows` and columns `cols` of the 2-D tensor
+    /// `name`, row after row, into `buf` (resized): one read for whole rows,
+    /// one per row for a column slice, which for a GGML type must fall on
+    /// its block boundaries. Safe to call from several threads at once.
+    pub fn read_rows(
+        &self,
+        name: &str,
+        rows: Range<usize>,
+        cols: Range<usize>,
+        buf: &mut Vec<u8>,
+    ) -> Result<()> {
+        let (n_cols, unit, unit_bytes) = self.check_rect(name, &rows, &cols)?;
+        let e = self.entry(name)?;
         let row_bytes = n_cols / unit * unit_bytes;
         let (from, len) = (
             cols.start / unit * unit_bytes,
@@ -584,6 +598,33 @@ impl WeightStore {
                 .map(Stored::label)
                 .unwrap_or_else(|| "unknown".into())
         })
+    }
+}
+
+/// Bytes of weights read so far, of how many: shared by the threads that
+/// read, watched by the loader's progress line.
+#[derive(Debug, Default)]
+pub struct ReadProgress {
+    done: std::sync::atomic::AtomicU64,
+    total: std::sync::atomic::AtomicU64,
+}
+
+impl ReadProgress {
+    pub fn add(&self, bytes: usize) {
+        self.done
+            .fetch_add(bytes as u64, std::sync::atomic::Ordering::Relaxed);
+    }
+
+    /// What the load will read in all, once the model knows.
+    pub fn set_total(&self, bytes: usize) {
+        self.total
+            .store(bytes as u64, std::sync::atomic::Ordering::Relaxed);
+    }
+
+    /// (done, total) bytes.
+    pub fn get(&self) -> (u64, u64) {
+        use std::sync::atomic::Ordering::Relaxed;
+        (self.done.load(Relaxed), self.total.load(Relaxed))
     }
 }
 

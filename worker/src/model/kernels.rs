@@ -17,6 +17,8 @@
 //! number of rows or the tiling, so a sequence's result does not depend on
 //! what it is batched with.
 
+use std::ops::Range;
+
 use half::{bf16, f16};
 
 use super::quant::Isa;
@@ -113,6 +115,14 @@ impl Out {
 /// A weight element the kernels can widen to f32.
 pub trait Elem: Zeroed {
     fn to_f32(self) -> f32;
+    /// `v` rounded to this type (to nearest, ties to even).
+    fn from_f32(v: f32) -> Self;
+    /// [`from_f32`](Self::from_f32) of each of `src` into `dst`.
+    fn from_f32_slice(src: &[f32], dst: &mut [Self]) {
+        dst.iter_mut()
+            .zip(src)
+            .for_each(|(d, &v)| *d = Self::from_f32(v));
+    }
     /// Sixteen consecutive elements as two vectors of eight f32.
     ///
     /// # Safety
@@ -130,6 +140,9 @@ pub trait Elem: Zeroed {
 impl Elem for f32 {
     fn to_f32(self) -> f32 {
         self
+    }
+    fn from_f32(v: f32) -> Self {
+        v
     }
     #[cfg(target_arch = "x86_64")]
     #[inline(always)]
@@ -149,6 +162,13 @@ impl Elem for f32 {
 impl Elem for f16 {
     fn to_f32(self) -> f32 {
         f16::to_f32(self)
+    }
+    fn from_f32(v: f32) -> Self {
+        f16::from_f32(v)
+    }
+    fn from_f32_slice(src: &[f32], dst: &mut [Self]) {
+        // F16C eight at a time, where the machine has it.
+        half::slice::HalfFloatSliceExt::convert_from_f32_slice(dst, src)
     }
     #[cfg(target_arch = "x86_64")]
     #[inline(always)]
@@ -175,6 +195,9 @@ impl Elem for f16 {
 impl Elem for bf16 {
     fn to_f32(self) -> f32 {
         bf16::to_f32(self)
+    }
+    fn from_f32(v: f32) -> Self {
+        bf16::from_f32(v)
     }
     #[cfg(target_arch = "x86_64")]
     #[inline(always)]
@@ -224,6 +247,63 @@ impl<T: Elem> PackedFloat<T> {
             out_dim,
             in_dim,
             data,
+        }
+    }
+
+    /// Packs a `[out, in]` matrix whose rows `fill(rows, dst)` writes
+    /// row-major into `dst` (`rows.len() × in` values), a panel of rows at a
+    /// time, panels in parallel on the compute pool: how weights are loaded
+    /// (each task reads and converts its panels' rows from the file itself).
+    /// The first error `fill` returns is returned.
+    pub fn build<E: Send>(
+        out_dim: usize,
+        in_dim: usize,
+        fill: impl Fn(Range<usize>, &mut [T]) -> Result<(), E> + Sync,
+    ) -> Result<Self, E> {
+        let panels = out_dim.div_ceil(PANEL);
+        let mut data = HugeBuf::zeroed(panels * PANEL * in_dim);
+        let len = PANEL * in_dim;
+        let failed = std::sync::Mutex::new(None);
+        let per_task = panels.div_ceil(pool::threads() * 8).max(1);
+        let tasks: Vec<(usize, &mut [T])> = data
+            .chunks_mut(per_task * len)
+            .enumerate()
+            .map(|(t, chunk)| (t * per_task, chunk))
+            .collect();
+        // Rows are read a run of panels at a time, about 4 MiB of f32:
+        // reads of one panel (128 KiB) left the disk far below its speed.
+        let run = ((1 << 20) / len).clamp(1, per_task);
+        pool::run_parts(tasks, |(first, chunk)| {
+            let mut rows_buf = vec![T::from_f32(0.0); run * len];
+            for (j, panels) in chunk.chunks_mut(run * len).enumerate() {
+                let start = (*first + j * run) * PANEL;
+                let rows = start..(start + panels.len() / in_dim).min(out_dim);
+                let n = rows.len();
+                if let Err(e) = fill(rows, &mut rows_buf[..n * in_dim]) {
+                    if let Ok(mut f) = failed.lock() {
+                        f.get_or_insert(e);
+                    }
+                    return;
+                }
+                for (panel, rows) in panels
+                    .chunks_mut(len)
+                    .zip(rows_buf[..n * in_dim].chunks(len))
+                {
+                    for (r, row) in rows.chunks_exact(in_dim).enumerate() {
+                        for (k, &v) in row.iter().enumerate() {
+                            panel[k * PANEL + r] = v;
+                        }
+                    }
+                }
+            }
+        });
+        match failed.into_inner().ok().flatten() {
+            Some(e) => Err(e),
+            None => Ok(Self {
+                out_dim,
+                in_dim,
+                data,
+            }),
         }
     }
 
@@ -691,6 +771,31 @@ mod tests {
                     - 1.0
             })
             .collect()
+    }
+
+    /// Packing in parallel from a row reader gives the same bytes as
+    /// packing the whole matrix, for outputs that do and do not fill the
+    /// last panel and matrices of one and of many runs of panels.
+    #[test]
+    fn built_from_rows_equals_packed_whole() {
+        for (out, inp) in [(1, 8), (17, 33), (70, 100), (1000, 64), (5000, 300)] {
+            let w = data(out * inp, 3);
+            let whole = PackedFloat::from_rows(&w, out, inp);
+            let built = PackedFloat::<f32>::build(out, inp, |rows, dst| {
+                dst.copy_from_slice(&w[rows.start * inp..rows.end * inp]);
+                Ok::<_, ()>(())
+            })
+            .unwrap();
+            assert_eq!(&built.data[..], &whole.data[..], "{out}x{inp}");
+        }
+        let failed = PackedFloat::<f32>::build(40, 8, |rows, _| {
+            if rows.start >= 16 {
+                Err(rows.start)
+            } else {
+                Ok(())
+            }
+        });
+        assert_eq!(failed.err(), Some(16));
     }
 
     fn check<T: Elem>(convert: impl Fn(f32) -> T, tol: f64) {

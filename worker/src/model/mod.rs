@@ -22,8 +22,9 @@ use crate::comm::Communicator;
 use crate::config::ModelConfig;
 use crate::error::{Result, WorkerError};
 use crate::kv::{BlockId, KvDtype, PagedKv};
-use crate::weights::{Weight, WeightStore};
+use crate::weights::{ReadProgress, Weight, WeightStore};
 use attention::AttnSeq;
+use half::{bf16, f16};
 pub use linear::{ColumnParallelLinear, Linear, RowParallelLinear, Shard, TpPlan, WeightDtype};
 pub use norm::{RmsNorm, Rope};
 
@@ -59,8 +60,79 @@ struct VocabParallelEmbedding {
 }
 
 enum Table {
-    Dense(Tensor),
+    F32(FloatRows<f32>),
+    Bf16(FloatRows<bf16>),
+    F16(FloatRows<f16>),
     Quantized(Arc<QTensor>),
+}
+
+/// A `[rows, width]` float table, row-major, read in parallel at load.
+struct FloatRows<T: kernels::Elem> {
+    data: crate::mem::HugeBuf<T>,
+    width: usize,
+}
+
+impl<T: kernels::Elem> FloatRows<T> {
+    /// Rows `rows` of the float tensor `name` (`width` columns), as `T`.
+    fn load(
+        store: &WeightStore,
+        name: &str,
+        rows: Range<usize>,
+        width: usize,
+        progress: &ReadProgress,
+    ) -> Result<Self> {
+        const RUN: usize = 256;
+        let stored = store.entry(name)?.stored;
+        let mut data = crate::mem::HugeBuf::zeroed(rows.len() * width);
+        let failed = std::sync::Mutex::new(None);
+        let parts: Vec<(usize, &mut [T])> = data
+            .chunks_mut(RUN * width)
+            .enumerate()
+            .map(|(i, c)| (rows.start + i * RUN, c))
+            .collect();
+        crate::pool::run_parts(parts, |(first, out)| {
+            let mut buf = Vec::new();
+            let n = out.len() / width;
+            let read = store.read_rows(name, *first..*first + n, 0..width, &mut buf);
+            match read {
+                Ok(()) => {
+                    progress.add(buf.len());
+                    linear::decode_into(stored, &buf, out);
+                }
+                Err(e) => {
+                    if let Ok(mut f) = failed.lock() {
+                        f.get_or_insert(e);
+                    }
+                }
+            }
+        });
+        match failed.into_inner().ok().flatten() {
+            Some(e) => Err(e),
+            None => Ok(Self { data, width }),
+        }
+    }
+
+    /// A table from f32 values, `width` to a row.
+    fn from_f32(values: &[f32], width: usize) -> Self {
+        let mut data = crate::mem::HugeBuf::zeroed(values.len());
+        data.iter_mut()
+            .zip(values)
+            .for_each(|(d, &v)| *d = T::from_f32(v));
+        Self { data, width }
+    }
+
+    /// Row `i` as f32, appended to `out`.
+    fn row_into(&self, i: usize, out: &mut Vec<f32>) {
+        out.extend(
+            self.data[i * self.width..][..self.width]
+                .iter()
+                .map(|v| v.to_f32()),
+        );
+    }
+
+    fn bytes(&self) -> usize {
+        self.data.len() * std::mem::size_of::<T>()
+    }
 }
 
 impl VocabParallelEmbedding {
@@ -76,12 +148,17 @@ impl VocabParallelEmbedding {
                 }
             })
             .collect();
-        let idx = Tensor::from_slice(&local, local.len(), &Device::Cpu)?;
-        let rows = match &self.table {
-            Table::Dense(t) => t.index_select(&idx, 0)?,
-            Table::Quantized(q) => q.embedding(&idx)?,
-        };
-        let mut out: Vec<f32> = rows.to_dtype(DType::F32)?.flatten_all()?.to_vec1()?;
+        let mut out = Vec::with_capacity(ids.len() * self.hidden);
+        match &self.table {
+            Table::F32(t) => local.iter().for_each(|&i| t.row_into(i as usize, &mut out)),
+            Table::Bf16(t) => local.iter().for_each(|&i| t.row_into(i as usize, &mut out)),
+            Table::F16(t) => local.iter().for_each(|&i| t.row_into(i as usize, &mut out)),
+            Table::Quantized(q) => {
+                let idx = Tensor::from_slice(&local, local.len(), &Device::Cpu)?;
+                let rows = q.embedding(&idx)?;
+                out = rows.to_dtype(DType::F32)?.flatten_all()?.to_vec1()?;
+            }
+        }
         debug_assert_eq!(out.len(), ids.len() * self.hidden);
         for (&id, row) in ids.iter().zip(out.chunks_exact_mut(self.hidden)) {
             if !held(id) {
@@ -127,51 +204,45 @@ pub struct Llama {
     weight_bytes: usize,
 }
 
-/// Loads tensors by Hugging Face name, reporting progress; a rank of a
-/// tensor-parallel group reads only its slice of each.
+/// Loads tensors by Hugging Face name, counting the bytes read; a rank of
+/// a tensor-parallel group reads only its slice of each.
 struct Loader<'a> {
     store: &'a WeightStore,
     dtype: WeightDtype,
-    whole: bool,
     /// Query heads and MLP width (all ranks): every tensor-parallel size
     /// divides both.
     heads: usize,
     intermediate: usize,
     /// Whether row-parallel layers sum by runs (see `RowParallelLinear`).
     tp_invariant: bool,
-    progress: &'a mut dyn FnMut(&str),
+    progress: &'a ReadProgress,
 }
 
 impl Loader<'_> {
     fn get(&mut self, name: &str) -> Result<Weight> {
         let w = self.store.get(name)?;
-        (self.progress)(name);
+        self.progress.add(self.store.entry(name)?.bytes());
         Ok(w)
     }
 
-    /// Rows (`dim` 0) or columns (`dim` 1) `range` of `name`; all of it in
-    /// a group of one.
-    fn slice(&mut self, name: &str, dim: usize, range: Range<usize>) -> Result<Weight> {
-        if self.whole {
-            return self.get(name);
-        }
-        let w = self.store.get_slice(name, dim, range)?;
-        (self.progress)(name);
-        Ok(w)
-    }
-
-    /// Rows `rows` of `[out, inp]` weight `name`.
+    /// Rows `rows` of the `[out, inp]` weight `name`.
     fn column(
         &mut self,
         name: &str,
+        out: usize,
         rows: Range<usize>,
         inp: usize,
     ) -> Result<ColumnParallelLinear> {
-        let out = rows.len();
-        let w = self.slice(name, 0, rows)?;
-        Ok(ColumnParallelLinear {
-            inner: Linear::new(name, w, out, inp, self.dtype)?,
-        })
+        let inner = Linear::load(
+            self.store,
+            name,
+            [out, inp],
+            rows,
+            0..inp,
+            self.dtype,
+            self.progress,
+        )?;
+        Ok(ColumnParallelLinear { inner })
     }
 
     /// Columns `cols` of `[out, in_all]` weight `name`, summed across ranks
@@ -184,11 +255,9 @@ impl Loader<'_> {
         in_all: usize,
         comm: &Arc<dyn Communicator>,
     ) -> Result<RowParallelLinear> {
-        let inp = cols.len();
-        let w = self.slice(name, 1, cols)?;
-        let block = match &w {
-            Weight::Quantized(q) if self.tp_invariant => {
-                linear::quant_format(q).map(|f| f.block_weights())
+        let block = match self.store.entry(name)?.stored {
+            crate::weights::Stored::Ggml(t) if self.tp_invariant => {
+                quant::Format::from_ggml(t).map(|f| f.block_weights())
             }
             _ => None,
         };
@@ -197,8 +266,17 @@ impl Loader<'_> {
             .map(|b| linear::row_runs(self.heads, self.intermediate, in_all, b))
             .filter(|&k| k > 1 && k.is_multiple_of(world))
             .map(|k| k / world);
+        let inner = Linear::load(
+            self.store,
+            name,
+            [out, in_all],
+            0..out,
+            cols,
+            self.dtype,
+            self.progress,
+        )?;
         Ok(RowParallelLinear {
-            inner: Linear::new(name, w, out, inp, self.dtype)?,
+            inner,
             comm: comm.clone(),
             runs,
         })
@@ -217,47 +295,103 @@ impl Loader<'_> {
         };
         RmsNorm::new(name, &w, dim, eps)
     }
+
+    /// Rows `vocab` of the embedding, as a lookup table.
+    fn table(&mut self, name: &str, vocab: Range<usize>, h: usize) -> Result<Table> {
+        let e = self.store.entry(name)?;
+        if e.shape.get(1) != Some(&h) {
+            return Err(WorkerError::Config(format!(
+                "{name}: shape {:?}, the config implies [{}, {h}]",
+                e.shape, vocab.end
+            )));
+        }
+        let (store, progress) = (self.store, self.progress);
+        Ok(match e.stored {
+            crate::weights::Stored::Ggml(_) => {
+                let w = store.get_slice(name, 0, vocab.clone())?;
+                progress.add(e.stored.bytes(vocab.len() * h));
+                match w {
+                    Weight::Quantized(q) => Table::Quantized(q),
+                    Weight::Dense(_) => unreachable!("a GGML type reads as quantized"),
+                }
+            }
+            _ if !store.readable_in_place(name) => {
+                let Weight::Dense(t) = store.get_slice(name, 0, vocab.clone())? else {
+                    unreachable!("float tensors read as dense")
+                };
+                progress.add(e.stored.bytes(vocab.len() * h));
+                let v: Vec<f32> = t.to_dtype(DType::F32)?.flatten_all()?.to_vec1()?;
+                match self.dtype {
+                    WeightDtype::F32 => Table::F32(FloatRows::from_f32(&v, h)),
+                    WeightDtype::Bf16 => Table::Bf16(FloatRows::from_f32(&v, h)),
+                    WeightDtype::F16 => Table::F16(FloatRows::from_f32(&v, h)),
+                }
+            }
+            _ => match self.dtype {
+                WeightDtype::F32 => Table::F32(FloatRows::load(store, name, vocab, h, progress)?),
+                WeightDtype::Bf16 => Table::Bf16(FloatRows::load(store, name, vocab, h, progress)?),
+                WeightDtype::F16 => Table::F16(FloatRows::load(store, name, vocab, h, progress)?),
+            },
+        })
+    }
+}
+
+/// The bytes a rank reads to load the model: each tensor's share, as
+/// stored (the embedding twice when it is also the output layer).
+fn bytes_to_read(cfg: &ModelConfig, plan: &TpPlan, store: &WeightStore, tied: bool) -> usize {
+    let bytes = |name: &str, n: usize| store.entry(name).map_or(0, |e| e.stored.bytes(n));
+    let h = cfg.hidden_size;
+    let [q, kv, i] = plan.projection_rows(cfg.head_dim);
+    let embed = bytes("model.embed_tokens.weight", plan.vocab.len() * h);
+    let mut total = embed + bytes("model.norm.weight", h);
+    total += if tied {
+        embed
+    } else {
+        bytes("lm_head.weight", plan.vocab.len() * h)
+    };
+    for l in 0..cfg.num_layers {
+        let p = |s: &str| format!("model.layers.{l}.{s}.weight");
+        total += bytes(&p("input_layernorm"), h) + bytes(&p("post_attention_layernorm"), h);
+        total += bytes(&p("self_attn.q_proj"), q.len() * h)
+            + bytes(&p("self_attn.k_proj"), kv.len() * h)
+            + bytes(&p("self_attn.v_proj"), kv.len() * h)
+            + bytes(&p("self_attn.o_proj"), h * q.len());
+        total += bytes(&p("mlp.gate_proj"), i.len() * h)
+            + bytes(&p("mlp.up_proj"), i.len() * h)
+            + bytes(&p("mlp.down_proj"), h * i.len());
+    }
+    total
 }
 
 impl Llama {
-    /// Builds the model from a store. `progress` is called after each tensor.
+    /// Builds the model from a store, counting the bytes it reads in
+    /// `progress` (whose total it sets first).
     pub fn load(
         cfg: ModelConfig,
         store: &WeightStore,
         opts: &crate::loader::LoadOptions,
         comm: Arc<dyn Communicator>,
-        progress: &mut dyn FnMut(&str),
+        progress: &ReadProgress,
     ) -> Result<Self> {
         let dtype = opts.dtype;
         let plan = TpPlan::of(&cfg, &*comm)?;
         let h = cfg.hidden_size;
         let [q, kv, i] = plan.projection_rows(cfg.head_dim);
+        let (kv_all, vocab) = (cfg.num_kv_heads * cfg.head_dim, cfg.vocab_size);
+        // Tied checkpoints (and GGUF files without `output.weight`) reuse
+        // the embedding as the output layer.
+        let tied = cfg.tie_word_embeddings || !store.contains("lm_head.weight");
+        progress.set_total(bytes_to_read(&cfg, &plan, store, tied));
         let mut ld = Loader {
             store,
             dtype,
-            whole: plan.world == 1,
             heads: cfg.num_heads,
             intermediate: cfg.intermediate_size,
             tp_invariant: opts.tp_invariant,
             progress,
         };
         let embed_name = "model.embed_tokens.weight";
-        let embed_w = ld.slice(embed_name, 0, plan.vocab.clone())?;
-        if embed_w.dims() != [plan.vocab.len(), h] {
-            return Err(WorkerError::Config(format!(
-                "{embed_name}: shape {:?}, the config implies [{}, {h}]",
-                embed_w.dims(),
-                cfg.vocab_size
-            )));
-        }
-        let table = match &embed_w {
-            Weight::Dense(t) => Table::Dense(match dtype {
-                WeightDtype::F32 => t.to_dtype(DType::F32)?,
-                WeightDtype::Bf16 => t.to_dtype(DType::BF16)?,
-                WeightDtype::F16 => t.to_dtype(DType::F16)?,
-            }),
-            Weight::Quantized(qt) => Table::Quantized(qt.clone()),
-        };
+        let table = ld.table(embed_name, plan.vocab.clone(), h)?;
         let mut layers = Vec::with_capacity(cfg.num_layers);
         for l in 0..cfg.num_layers {
             let p = format!("model.layers.{l}");
@@ -268,9 +402,24 @@ impl Llama {
                     cfg.rms_norm_eps,
                 )?,
                 self_attn: Attention {
-                    q_proj: ld.column(&format!("{p}.self_attn.q_proj.weight"), q.clone(), h)?,
-                    k_proj: ld.column(&format!("{p}.self_attn.k_proj.weight"), kv.clone(), h)?,
-                    v_proj: ld.column(&format!("{p}.self_attn.v_proj.weight"), kv.clone(), h)?,
+                    q_proj: ld.column(
+                        &format!("{p}.self_attn.q_proj.weight"),
+                        cfg.q_dim(),
+                        q.clone(),
+                        h,
+                    )?,
+                    k_proj: ld.column(
+                        &format!("{p}.self_attn.k_proj.weight"),
+                        kv_all,
+                        kv.clone(),
+                        h,
+                    )?,
+                    v_proj: ld.column(
+                        &format!("{p}.self_attn.v_proj.weight"),
+                        kv_all,
+                        kv.clone(),
+                        h,
+                    )?,
                     o_proj: ld.row(
                         &format!("{p}.self_attn.o_proj.weight"),
                         h,
@@ -285,8 +434,18 @@ impl Llama {
                     cfg.rms_norm_eps,
                 )?,
                 mlp: Mlp {
-                    gate_proj: ld.column(&format!("{p}.mlp.gate_proj.weight"), i.clone(), h)?,
-                    up_proj: ld.column(&format!("{p}.mlp.up_proj.weight"), i.clone(), h)?,
+                    gate_proj: ld.column(
+                        &format!("{p}.mlp.gate_proj.weight"),
+                        cfg.intermediate_size,
+                        i.clone(),
+                        h,
+                    )?,
+                    up_proj: ld.column(
+                        &format!("{p}.mlp.up_proj.weight"),
+                        cfg.intermediate_size,
+                        i.clone(),
+                        h,
+                    )?,
                     down_proj: ld.row(
                         &format!("{p}.mlp.down_proj.weight"),
                         h,
@@ -298,16 +457,8 @@ impl Llama {
             });
         }
         let norm = ld.norm("model.norm.weight", h, cfg.rms_norm_eps)?;
-        // Tied checkpoints (and GGUF files without `output.weight`) reuse
-        // the embedding as the output layer.
-        let tied = cfg.tie_word_embeddings || !store.contains("lm_head.weight");
-        let lm_head = if !tied {
-            ld.column("lm_head.weight", plan.vocab.clone(), h)?
-        } else {
-            ColumnParallelLinear {
-                inner: Linear::new(embed_name, embed_w, plan.vocab.len(), h, dtype)?,
-            }
-        };
+        let lm_name = if tied { embed_name } else { "lm_head.weight" };
+        let lm_head = ld.column(lm_name, vocab, plan.vocab.clone(), h)?;
         let rope = Rope::new(
             cfg.head_dim,
             cfg.context_length,
@@ -318,7 +469,9 @@ impl Llama {
         let mut weight_bytes = lm_head.inner.weight_bytes();
         if !tied {
             weight_bytes += match &table {
-                Table::Dense(t) => t.elem_count() * t.dtype().size_in_bytes(),
+                Table::F32(t) => t.bytes(),
+                Table::Bf16(t) => t.bytes(),
+                Table::F16(t) => t.bytes(),
                 Table::Quantized(qt) => qt.storage_size_in_bytes(),
             };
         }

@@ -197,37 +197,11 @@ impl PackedMatrix {
         assert_eq!(raw.len(), out_dim * blocks * src_block, "GGML data size");
         let groups = out_dim.div_ceil(GROUP);
         let gb = format.group_block_bytes();
-        let qb = format.quant_bytes();
         // Rows past out_dim stay zero: scale 0, so they contribute nothing.
         let mut data = HugeBuf::zeroed(groups * blocks * gb);
         for (o, row) in raw.chunks_exact(blocks * src_block).enumerate() {
-            let (g, r) = (o / GROUP, o % GROUP);
-            for (b, src) in row.chunks_exact(src_block).enumerate() {
-                let dst = &mut data[(g * blocks + b) * gb..][..gb];
-                match format {
-                    Format::Q4K => {
-                        repack_q4k(src, r, dst);
-                        continue;
-                    }
-                    Format::Q6K => {
-                        repack_q6k(src, r, dst);
-                        continue;
-                    }
-                    _ => {}
-                }
-                let (scales, quants) = match format {
-                    Format::Q4_1 => src.split_at(4),
-                    _ => src.split_at(2),
-                };
-                for (k, four) in quants.chunks_exact(4).enumerate() {
-                    dst[(k * GROUP + r) * 4..][..4].copy_from_slice(four);
-                }
-                let sc = GROUP * qb;
-                dst[sc + 2 * r..][..2].copy_from_slice(&scales[..2]);
-                if format == Format::Q4_1 {
-                    dst[sc + 2 * GROUP + 2 * r..][..2].copy_from_slice(&scales[2..4]);
-                }
-            }
+            let group = &mut data[o / GROUP * blocks * gb..][..blocks * gb];
+            repack_row(format, row, o % GROUP, group);
         }
         Self {
             format,
@@ -235,6 +209,62 @@ impl PackedMatrix {
             in_dim,
             blocks,
             data,
+        }
+    }
+
+    /// [`from_ggml`](Self::from_ggml) from rows that `fill(rows, buf)` reads
+    /// (their GGML bytes, into `buf`), a group of rows at a time, groups in
+    /// parallel on the compute pool: how weights are loaded. The first error
+    /// `fill` returns is returned.
+    pub fn build<E: Send>(
+        format: Format,
+        out_dim: usize,
+        in_dim: usize,
+        fill: impl Fn(Range<usize>, &mut Vec<u8>) -> Result<(), E> + Sync,
+    ) -> Result<Self, E> {
+        let bw = format.block_weights();
+        assert_eq!(in_dim % bw, 0, "in_dim {in_dim} is not a multiple of {bw}");
+        let blocks = in_dim / bw;
+        let row_bytes = blocks * format.ggml_block_bytes();
+        let groups = out_dim.div_ceil(GROUP);
+        let len = blocks * format.group_block_bytes();
+        let mut data = HugeBuf::zeroed(groups * len);
+        let failed = std::sync::Mutex::new(None);
+        let per_task = groups.div_ceil(pool::threads() * 8).max(1);
+        let tasks: Vec<(usize, &mut [u8])> = data
+            .chunks_mut(per_task * len)
+            .enumerate()
+            .map(|(t, chunk)| (t * per_task, chunk))
+            .collect();
+        // Rows are read a run of groups at a time, about 4 MiB.
+        let run = ((4 << 20) / (GROUP * row_bytes).max(1)).clamp(1, per_task);
+        pool::run_parts(tasks, |(first, chunk)| {
+            let mut raw = Vec::new();
+            for (j, groups) in chunk.chunks_mut(run * len).enumerate() {
+                let start = (*first + j * run) * GROUP;
+                let rows = start..(start + groups.len() / len * GROUP).min(out_dim);
+                if let Err(e) = fill(rows.clone(), &mut raw) {
+                    if let Ok(mut f) = failed.lock() {
+                        f.get_or_insert(e);
+                    }
+                    return;
+                }
+                assert_eq!(raw.len(), rows.len() * row_bytes, "GGML data size");
+                for (o, row) in raw.chunks_exact(row_bytes).enumerate() {
+                    let group = &mut groups[o / GROUP * len..][..len];
+                    repack_row(format, row, o % GROUP, group);
+                }
+            }
+        });
+        match failed.into_inner().ok().flatten() {
+            Some(e) => Err(e),
+            None => Ok(Self {
+                format,
+                out_dim,
+                in_dim,
+                blocks,
+                data,
+            }),
         }
     }
 
@@ -348,6 +378,41 @@ impl PackedMatrix {
             Isa::Avx2 | Isa::Avx512Vnni => unsafe { x86::group_rows(isa, self.format, w, x, out) },
             #[cfg(not(target_arch = "x86_64"))]
             _ => unreachable!(),
+        }
+    }
+}
+
+/// One row's GGML blocks into lane `r` of its group's blocks (`dst`, all
+/// of the group's blocks).
+fn repack_row(format: Format, row: &[u8], r: usize, dst: &mut [u8]) {
+    let gb = format.group_block_bytes();
+    let qb = format.quant_bytes();
+    for (src, dst) in row
+        .chunks_exact(format.ggml_block_bytes())
+        .zip(dst.chunks_exact_mut(gb))
+    {
+        match format {
+            Format::Q4K => {
+                repack_q4k(src, r, dst);
+                continue;
+            }
+            Format::Q6K => {
+                repack_q6k(src, r, dst);
+                continue;
+            }
+            _ => {}
+        }
+        let (scales, quants) = match format {
+            Format::Q4_1 => src.split_at(4),
+            _ => src.split_at(2),
+        };
+        for (k, four) in quants.chunks_exact(4).enumerate() {
+            dst[(k * GROUP + r) * 4..][..4].copy_from_slice(four);
+        }
+        let sc = GROUP * qb;
+        dst[sc + 2 * r..][..2].copy_from_slice(&scales[..2]);
+        if format == Format::Q4_1 {
+            dst[sc + 2 * GROUP + 2 * r..][..2].copy_from_slice(&scales[2..4]);
         }
     }
 }

@@ -297,3 +297,31 @@ fn activations_quantize_as_the_plain_rule_says() {
         }
     }
 }
+
+/// Repacking in parallel from a row reader gives the same bytes as
+/// repacking the whole matrix (odd row counts, one run and many).
+#[test]
+fn built_from_rows_equals_repacked_whole() {
+    let mut rng = Rng(7);
+    for format in [
+        Format::Q4_0,
+        Format::Q4_1,
+        Format::Q8_0,
+        Format::Q4K,
+        Format::Q6K,
+    ] {
+        for out in [1, 13, 8 * 700 + 3] {
+            let inp = 512;
+            let raw = ggml_matrix(format, out, inp, &mut rng, &mut |r| r.unit());
+            let row = raw.len() / out;
+            let whole = PackedMatrix::from_ggml(format, &raw, out, inp);
+            let built = PackedMatrix::build(format, out, inp, |rows, buf| {
+                buf.clear();
+                buf.extend_from_slice(&raw[rows.start * row..rows.end * row]);
+                Ok::<_, ()>(())
+            })
+            .unwrap();
+            assert_eq!(&built.data[..], &whole.data[..], "{format:?} {out}");
+        }
+    }
+}

@@ -52,9 +52,6 @@ enum Command {
         /// Address of the OpenAI-compatible HTTP API (/v1/chat/completions...).
         #[arg(long, env = "AQUILA_HTTP_LISTEN", default_value = "127.0.0.1:8000")]
         http_listen: SocketAddr,
-        /// Jinja chat template file, overriding the model's.
-        #[arg(long, env = "AQUILA_CHAT_TEMPLATE")]
-        chat_template: Option<PathBuf>,
         /// Address of the Prometheus `/metrics` endpoint (HTTP) with both the
         /// gateway's and the worker's metrics; off when unset.
         #[arg(long, env = "AQUILA_METRICS_LISTEN")]
@@ -198,12 +195,11 @@ async fn dispatch(cmd: Command) -> Result<()> {
             listen,
             worker_listen,
             http_listen,
-            chat_template,
             metrics_listen,
             worker,
         } => {
             let listeners = (listen, worker_listen, http_listen, metrics_listen);
-            serve(model, listeners, chat_template, worker).await
+            serve(model, listeners, worker).await
         }
         Command::Worker {
             model,
@@ -294,8 +290,11 @@ async fn dispatch(cmd: Command) -> Result<()> {
                 None => aquila_worker::demo::fetch_demo()?,
             };
             aquila_worker::service::init_threads(worker.threads);
+            let (dtype, why) =
+                aquila_worker::loader::Checkpoint::open(&model)?.resolve_dtype(worker.dtype, false);
+            tracing::info!("weights in {}: {why}", dtype.label());
             let opts = aquila_worker::loader::LoadOptions {
-                dtype: worker.dtype,
+                dtype,
                 name: worker.served_model_name.clone(),
                 tp_invariant: worker.tp_invariant,
             };
@@ -348,7 +347,6 @@ async fn serve(
         SocketAddr,
         Option<SocketAddr>,
     ),
-    chat_template: Option<PathBuf>,
     worker: WorkerArgs,
 ) -> Result<()> {
     let model = match model {
@@ -372,7 +370,6 @@ async fn serve(
         .context("binding the worker")?;
     let worker_addr = worker_listener.local_addr()?;
     let mut args = GatewayArgs::with_workers(vec![worker_addr.to_string()]);
-    args.chat_template = chat_template;
     args.metrics_vllm_names = vllm_names;
     let config = args.into_config()?;
     // Printed before the gateway's line, which tells scripts all is bound.
@@ -444,6 +441,16 @@ async fn run_worker(
         }
         Role::Launcher(n) => {
             aquila_worker::tp::check_layout(&model, n)?;
+            // All n ranks run on this host: together they must fit.
+            if worker.device == aquila_worker::backend::Device::Cpu {
+                let ckpt = aquila_worker::loader::Checkpoint::open(&model)?;
+                let (dtype, _) = ckpt.resolve_dtype(worker.dtype, false);
+                let shard = aquila_worker::model::Shard {
+                    rank: 0,
+                    world_size: n,
+                };
+                aquila_worker::service::check_fits(&ckpt, &worker, dtype, shard, n)?;
+            }
             let stop = Arc::new(AtomicBool::new(false));
             let flag = stop.clone();
             tokio::spawn(async move {

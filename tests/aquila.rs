@@ -64,7 +64,8 @@ fn write_aquila_folder(tok_dir: &std::path::Path, out: &std::path::Path) {
             data,
         });
     }
-    write_pytorch_bin(out, &ts, 2, FloatDtype::F32).unwrap();
+    // fp16, like the official release's shards.
+    write_pytorch_bin(out, &ts, 2, FloatDtype::F16).unwrap();
 }
 
 #[tokio::test]
@@ -106,6 +107,15 @@ async fn aquila_folder_tokenizes_templates_and_stops_like_aquila() {
         (m.architecture.as_str(), m.vocab_size, m.has_chat_template),
         ("AquilaModel", VOCAB as u32, true)
     );
+    // --dtype auto keeps an fp16 checkpoint in f16 and says why; the
+    // Aquila vocabulary gets AquilaChat's template.
+    assert_eq!(m.dtype, "f16");
+    assert!(
+        m.dtype_reason.contains("float16") && m.dtype_reason.contains("auto"),
+        "{}",
+        m.dtype_reason
+    );
+    assert_eq!(m.chat_template_name, "aquila-chat");
 
     // The gateway's tokenizer (shipped by the worker as JSON) reproduces
     // every golden encoding.
@@ -151,4 +161,114 @@ async fn aquila_folder_tokenizes_templates_and_stops_like_aquila() {
         .unwrap()
         .into_inner();
     assert_eq!(r.usage.unwrap().prompt_tokens, 41);
+}
+
+/// The prompt tokens of a chat through `gateway` against the tokens of the
+/// text the template should render, and the finish of a short greedy run.
+async fn chat_prompt_is(gateway: &common::Proc, messages: &[(&str, &str)], rendered: &str) {
+    let mut c = GenerationClient::connect(gateway.url()).await.unwrap();
+    let want = c
+        .tokenize(TokenizeRequest {
+            text: rendered.into(),
+            ..Default::default()
+        })
+        .await
+        .unwrap()
+        .into_inner()
+        .token_ids;
+    let r = c
+        .chat(ChatRequest {
+            messages: messages
+                .iter()
+                .map(|(role, content)| ChatMessage {
+                    role: role.to_string(),
+                    content: content.to_string(),
+                })
+                .collect(),
+            params: Some(SamplingParams {
+                temperature: Some(0.0),
+                max_new_tokens: Some(2),
+                ..Default::default()
+            }),
+            ..Default::default()
+        })
+        .await
+        .unwrap()
+        .into_inner();
+    assert_eq!(
+        r.usage.unwrap().prompt_tokens as usize,
+        want.len(),
+        "chat prompt vs tokens of {rendered:?}"
+    );
+}
+
+#[tokio::test]
+async fn named_chat_templates_render_aquilas_other_formats() {
+    let Some(tok_dir) = common::env_or_skip("AQUILA_TOKENIZER_DIR", ".ci/run") else {
+        return;
+    };
+    let dir = tempfile::tempdir().unwrap();
+    write_aquila_folder(std::path::Path::new(&tok_dir), dir.path());
+    let conversation = [
+        ("user", "北京有哪些好玩的地方？"),
+        ("assistant", "故宫。"),
+        ("user", "还有呢？"),
+    ];
+    for (name, rendered) in [
+        // The model card's FlagAI predictor format.
+        (
+            "aquila-legacy",
+            "[CLS]#用户#北京有哪些好玩的地方？ #ai助手#故宫。 #用户#还有呢？ #ai助手#",
+        ),
+        // Aquila2's.
+        (
+            "aquila-v1",
+            "<|startofpiece|>北京有哪些好玩的地方？<|endofpiece|>故宫。</s>\
+             <|startofpiece|>还有呢？<|endofpiece|>",
+        ),
+    ] {
+        let worker = common::spawn_worker(dir.path(), &["--chat-template", name]);
+        let gateway = common::spawn_gateway(&[&worker], &[]);
+        common::wait_serving(&gateway.url()).await;
+        let mut c = GenerationClient::connect(gateway.url()).await.unwrap();
+        let m = c
+            .list_models(ListModelsRequest {})
+            .await
+            .unwrap()
+            .into_inner()
+            .models
+            .remove(0);
+        assert_eq!(m.chat_template_name, name);
+        chat_prompt_is(&gateway, &conversation, rendered).await;
+    }
+
+    // A file of the user's own, named by its path.
+    let file = dir.path().join("mine.jinja");
+    std::fs::write(
+        &file,
+        "{% for m in messages %}<{{ m['role'] }}>{{ m['content'] }}{% endfor %}<assistant>",
+    )
+    .unwrap();
+    let worker = common::spawn_worker(dir.path(), &["--chat-template", file.to_str().unwrap()]);
+    let gateway = common::spawn_gateway(&[&worker], &[]);
+    common::wait_serving(&gateway.url()).await;
+    chat_prompt_is(
+        &gateway,
+        &conversation[..1],
+        "<user>北京有哪些好玩的地方？<assistant>",
+    )
+    .await;
+
+    // An unknown name is refused at start, naming it and the built-ins.
+    let out = std::process::Command::new(env!("CARGO_BIN_EXE_aquila"))
+        .args(["worker", "--model", dir.path().to_str().unwrap()])
+        .args(["--listen", "127.0.0.1:0", "--chat-template", "aquila-v9"])
+        .output()
+        .unwrap();
+    let err = String::from_utf8_lossy(&out.stderr);
+    assert!(!out.status.success());
+    assert!(
+        err.contains("aquila-v9") && err.contains("aquila-legacy"),
+        "{err}"
+    );
 }

@@ -367,13 +367,15 @@ fn load_template(path: &std::path::Path) -> Result<ChatTemplate, GatewayError> {
     let shown = path.display();
     let source = std::fs::read_to_string(path)
         .map_err(|e| config_error("chat_template", &shown, format!("cannot read: {e}")))?;
-    ChatTemplate::compile(&source).map_err(|e| {
-        config_error(
-            "chat_template",
-            &shown,
-            format!("not a valid Jinja template: {}", template::describe(&e)),
-        )
-    })
+    ChatTemplate::compile(&source)
+        .map(|t| t.named(shown.to_string()))
+        .map_err(|e| {
+            config_error(
+                "chat_template",
+                &shown,
+                format!("not a valid Jinja template: {}", template::describe(&e)),
+            )
+        })
 }
 
 pub(crate) fn config_error(

@@ -49,7 +49,10 @@ impl Model {
             .map_err(|e| format!("tokenizer_json is not a usable tokenizer: {e}"))?;
         info.tokenizer_json = String::new();
         let template = match override_template {
-            Some(t) => TemplateState::Ready(t),
+            Some(t) => {
+                info.chat_template_name = t.name().to_string();
+                TemplateState::Ready(t)
+            }
             None if info.chat_template.trim().is_empty() => TemplateState::Missing,
             None => match ChatTemplate::compile(&info.chat_template) {
                 Ok(t) => TemplateState::Ready(Arc::new(t)),

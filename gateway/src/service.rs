@@ -431,6 +431,8 @@ impl GenerationService {
                     has_chat_template: model.has_chat_template(),
                     replicas: u32::try_from(self.pool.healthy_replicas(&info.name))
                         .unwrap_or(u32::MAX),
+                    dtype_reason: info.dtype_reason.clone(),
+                    chat_template_name: info.chat_template_name.clone(),
                 }
             })
             .collect();

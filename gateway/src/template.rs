@@ -19,6 +19,8 @@ pub struct Message {
 
 pub struct ChatTemplate {
     env: Environment<'static>,
+    /// Where it came from (a file's path), for ListModels.
+    name: String,
 }
 
 impl std::fmt::Debug for ChatTemplate {
@@ -38,7 +40,22 @@ impl ChatTemplate {
         env.set_unknown_method_callback(minijinja_contrib::pycompat::unknown_method_callback);
         env.add_function("raise_exception", raise_exception);
         env.add_template_owned(TEMPLATE_NAME, source.to_owned())?;
-        Ok(ChatTemplate { env })
+        Ok(ChatTemplate {
+            env,
+            name: String::new(),
+        })
+    }
+
+    /// The same template, known as `name`.
+    pub fn named(self, name: impl Into<String>) -> Self {
+        Self {
+            name: name.into(),
+            ..self
+        }
+    }
+
+    pub fn name(&self) -> &str {
+        &self.name
     }
 
     pub fn render(

@@ -112,8 +112,16 @@ pub fn spawn(args: &[&str], what: &str) -> Proc {
 
 /// As `spawn`, logging at `level` (a `RUST_LOG` value) into `log`.
 pub fn spawn_with_log(args: &[&str], what: &str, level: &str, log: Stdio) -> Proc {
-    let mut child = Command::new(env!("CARGO_BIN_EXE_aquila"))
-        .args(args)
+    let mut cmd = Command::new(env!("CARGO_BIN_EXE_aquila"));
+    cmd.args(args);
+    spawn_command(cmd, what, level, log)
+}
+
+/// Starts `cmd` (which runs aquila, perhaps through a wrapper) and waits for
+/// its "aquila WHAT listening on ADDR" line.
+pub fn spawn_command(mut cmd: Command, what: &str, level: &str, log: Stdio) -> Proc {
+    let args = format!("{cmd:?}");
+    let mut child = cmd
         .env("RUST_LOG", level)
         .stdout(Stdio::piped())
         .stderr(log)
@@ -136,7 +144,7 @@ pub fn spawn_with_log(args: &[&str], what: &str, level: &str, log: Stdio) -> Pro
                     others.push((w.to_string(), a.trim().to_string()));
                 }
             }
-            _ => panic!("aquila {args:?} exited before listening"),
+            _ => panic!("{args} exited before listening"),
         }
     };
     // Keep draining stdout so the child never blocks on a full pipe.

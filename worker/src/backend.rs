@@ -50,10 +50,38 @@ pub fn load(
     comm: Arc<dyn Communicator>,
     device: Device,
 ) -> Result<Loaded<Model>> {
+    ensure_built(device)?;
+    load_checkpoint(loader::Checkpoint::open(path)?, opts, comm, device)
+}
+
+/// Refuses a device this build has no backend for, before anything is read.
+pub fn ensure_built(device: Device) -> Result<()> {
     match device {
-        Device::Cpu => Ok(loader::load(path, opts, comm)?.map(Model::Cpu)),
+        #[cfg(not(feature = "cuda"))]
+        Device::Cuda => Err(no_cuda()),
+        _ => Ok(()),
+    }
+}
+
+#[cfg(not(feature = "cuda"))]
+fn no_cuda() -> crate::error::WorkerError {
+    crate::error::WorkerError::Config(
+        "--device cuda: this worker was built without the CUDA backend (build with --features cuda)"
+            .into(),
+    )
+}
+
+/// [`load`] of a checkpoint already opened.
+pub fn load_checkpoint(
+    ckpt: loader::Checkpoint,
+    opts: &LoadOptions,
+    comm: Arc<dyn Communicator>,
+    device: Device,
+) -> Result<Loaded<Model>> {
+    match device {
+        Device::Cpu => Ok(loader::load_checkpoint(ckpt, opts, comm)?.map(Model::Cpu)),
         #[cfg(feature = "cuda")]
-        Device::Cuda => loader::load_with(path, opts, |cfg, store, progress| {
+        Device::Cuda => ckpt.load_with(opts, |cfg, store, progress| {
             use crate::gpu::cuda::{model::CudaModel, ops::Gpu};
             // NCCL's stream if the group has one: kernels and collectives in order.
             let gpu = Arc::new(match comm.cuda_stream() {
@@ -72,10 +100,7 @@ pub fn load(
             Ok((Model::Cuda(m), bytes))
         }),
         #[cfg(not(feature = "cuda"))]
-        Device::Cuda => Err(crate::error::WorkerError::Config(
-            "--device cuda: this worker was built without the CUDA backend (build with --features cuda)"
-                .into(),
-        )),
+        Device::Cuda => Err(no_cuda()),
     }
 }
 

@@ -11,6 +11,10 @@ pub enum WorkerError {
     Load { path: PathBuf, reason: String },
     #[error("model config: {0}")]
     Config(String),
+    /// Start-up: the model, cache and step buffers would not fit in the
+    /// memory the process may use (the message says what would).
+    #[error("{0}")]
+    DoesNotFit(String),
     #[error("weight {name}: {source}")]
     Weight {
         name: String,
@@ -62,9 +66,11 @@ impl WorkerError {
     /// Short label for metrics and logs.
     pub fn label(&self) -> &'static str {
         match self {
-            Self::Load { .. } | Self::Config(_) | Self::Weight { .. } | Self::Tokenizer(_) => {
-                "load"
-            }
+            Self::Load { .. }
+            | Self::Config(_)
+            | Self::DoesNotFit(_)
+            | Self::Weight { .. }
+            | Self::Tokenizer(_) => "load",
             Self::Compute(_) => "compute",
             Self::InvalidRequest(_) => "invalid_request",
             Self::Overloaded(_) => "overloaded",
@@ -81,6 +87,7 @@ impl WorkerError {
             Self::InvalidRequest(_) => Code::InvalidArgument,
             Self::Overloaded(_) => Code::ResourceExhausted,
             Self::EngineStopped | Self::Comm(_) | Self::Transport(_) => Code::Unavailable,
+            Self::DoesNotFit(_) => Code::ResourceExhausted,
             Self::Load { .. }
             | Self::Config(_)
             | Self::Weight { .. }

@@ -5,12 +5,14 @@
 
 pub mod backend;
 pub mod bench;
+pub mod chat_template;
 pub mod comm;
 pub mod config;
 pub mod demo;
 pub mod engine;
 pub mod error;
 pub mod export;
+pub mod fit;
 pub mod gpu;
 pub mod kv;
 pub mod loader;

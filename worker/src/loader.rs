@@ -10,19 +10,11 @@ use std::time::{Duration, Instant};
 use crate::comm::Communicator;
 use crate::config::{HfConfig, ModelConfig};
 use crate::error::{Result, WorkerError};
-use crate::model::{Llama, WeightDtype};
+use crate::model::{DtypeChoice, Llama, WeightDtype};
 use crate::tokenizer::{self, LoadedTokenizer};
-use crate::weights::{ReadProgress, WeightStore};
+use crate::weights::{ReadProgress, Stored, WeightStore};
 
-/// AquilaChat-7B's conversation format (FastChat's `aquila-chat`), as a
-/// Jinja template: system text, then `###Human: q###Assistant: a` turns.
-pub const AQUILA_CHAT_TEMPLATE: &str = "{% if messages[0]['role'] == 'system' %}\
-{{ messages[0]['content'] }}{% set rest = messages[1:] %}\
-{% else %}A chat between a curious human and an artificial intelligence assistant. \
-The assistant gives helpful, detailed, and polite answers to the human's questions.\
-{% set rest = messages %}{% endif %}\
-{% for m in rest %}{% if m['role'] == 'user' %}###Human: {{ m['content'] }}\
-{% else %}###Assistant: {{ m['content'] }}{% endif %}{% endfor %}###Assistant:";
+pub use crate::chat_template::AQUILA_CHAT_TEMPLATE;
 
 /// A model (the CPU engine's `Llama` unless said otherwise) with what
 /// serving it needs besides.
@@ -34,7 +26,13 @@ pub struct Loaded<M = Llama> {
     pub architecture: String,
     /// What the weights are held as: "f32", "bf16", "q4_1"...
     pub dtype: String,
+    /// Why: "--dtype bf16", "--dtype auto: the checkpoint's weights are
+    /// float16"...
+    pub dtype_reason: String,
     pub chat_template: Option<String>,
+    /// Its name: "model" (the checkpoint's own), a built-in's
+    /// ("aquila-chat"...), a file's path; empty without one.
+    pub chat_template_name: String,
     /// Stop strings the chat template implies.
     pub chat_stop: Vec<String>,
 }
@@ -86,7 +84,9 @@ impl<M> Loaded<M> {
             name: self.name,
             architecture: self.architecture,
             dtype: self.dtype,
+            dtype_reason: self.dtype_reason,
             chat_template: self.chat_template,
+            chat_template_name: self.chat_template_name,
             chat_stop: self.chat_stop,
         })
     }
@@ -94,49 +94,137 @@ impl<M> Loaded<M> {
 
 /// Loads the model for the CPU engine.
 pub fn load(path: &Path, opts: &LoadOptions, comm: Arc<dyn Communicator>) -> Result<LoadedModel> {
-    load_with(path, opts, |cfg, store, progress| {
+    load_checkpoint(Checkpoint::open(path)?, opts, comm)
+}
+
+/// [`load`] of a checkpoint already opened.
+pub fn load_checkpoint(
+    ckpt: Checkpoint,
+    opts: &LoadOptions,
+    comm: Arc<dyn Communicator>,
+) -> Result<LoadedModel> {
+    ckpt.load_with(opts, |cfg, store, progress| {
         let m = Llama::load(cfg, store, opts, comm, progress)?;
         let bytes = m.weight_bytes();
         Ok((m, bytes))
     })
 }
 
-/// Loads the model with `build`, which makes it from the config and the
-/// weights (counting what it reads in `progress`, and setting its total)
-/// and says how many bytes of weights it holds. A line a second reports
-/// the bytes read, the rate and the time left.
+/// A checkpoint opened but not loaded: its config, its tokenizer and where
+/// its tensors lie (headers only), for what must be decided before the
+/// weights are read: the dtype, whether it fits.
+pub struct Checkpoint {
+    pub path: std::path::PathBuf,
+    pub cfg: ModelConfig,
+    pub store: WeightStore,
+    pub tokenizer: LoadedTokenizer,
+}
+
+impl Checkpoint {
+    pub fn open(path: &Path) -> Result<Self> {
+        let is_gguf = path.is_file() && path.extension().is_some_and(|e| e == "gguf");
+        let (cfg, store, tokenizer) = if is_gguf {
+            let store = WeightStore::open_gguf(path)?;
+            let content = store
+                .gguf_content()
+                .ok_or_else(|| WorkerError::load(path, "not a GGUF file"))?;
+            let cfg = ModelConfig::from_gguf(content)?;
+            let tok = tokenizer::from_gguf(content)?;
+            (cfg, store, tok)
+        } else if path.is_dir() {
+            let cfg = HfConfig::read(&path.join("config.json"))?.into_runtime()?;
+            let tok = tokenizer::from_hf_folder(path)?;
+            (cfg, WeightStore::open_hf(path)?, tok)
+        } else {
+            return Err(WorkerError::load(
+                path,
+                "not a Hugging Face model folder or a .gguf file",
+            ));
+        };
+        let vocab = tokenizer.tokenizer.get_vocab_size(true);
+        if vocab > cfg.vocab_size {
+            return Err(WorkerError::Config(format!(
+                "the tokenizer has {vocab} tokens but the model's vocab_size is {}",
+                cfg.vocab_size
+            )));
+        }
+        Ok(Self {
+            path: path.to_path_buf(),
+            cfg,
+            store,
+            tokenizer,
+        })
+    }
+
+    /// The float type `choice` means for this checkpoint on `device`, and
+    /// why: `auto` keeps the checkpoint's own (float16 and bfloat16 stay
+    /// 16-bit, float32 stays f32; a GGUF file's quantized weights stay
+    /// quantized and its float tensors f32, as before), except that a GPU
+    /// holds 16-bit weights, so f32 becomes bf16 there.
+    pub fn resolve_dtype(&self, choice: DtypeChoice, gpu: bool) -> (WeightDtype, String) {
+        let explicit = match choice {
+            DtypeChoice::Auto => None,
+            DtypeChoice::F32 => Some(WeightDtype::F32),
+            DtypeChoice::Bf16 => Some(WeightDtype::Bf16),
+            DtypeChoice::F16 => Some(WeightDtype::F16),
+        };
+        if let Some(d) = explicit {
+            return (d, format!("--dtype {}", d.label()));
+        }
+        let stored = self.store.weight_type();
+        let (d, why) = match stored {
+            Some(Stored::F16) => (WeightDtype::F16, "the checkpoint's weights are float16"),
+            Some(Stored::Bf16) => (WeightDtype::Bf16, "the checkpoint's weights are bfloat16"),
+            Some(Stored::Ggml(_)) => (
+                WeightDtype::F32,
+                "GGUF quantized weights stay quantized, its float tensors in f32",
+            ),
+            Some(Stored::F32) | None => (WeightDtype::F32, "the checkpoint's weights are float32"),
+        };
+        if gpu && d == WeightDtype::F32 {
+            return (
+                WeightDtype::Bf16,
+                format!("--dtype auto: {why}, and a GPU holds 16-bit weights"),
+            );
+        }
+        (d, format!("--dtype auto: {why}"))
+    }
+
+    /// Loads the model with `build`, which makes it from the config and the
+    /// weights (counting what it reads in `progress`, and setting its total)
+    /// and says how many bytes of weights it holds. A line a second reports
+    /// the bytes read, the rate and the time left.
+    pub fn load_with<M>(
+        self,
+        opts: &LoadOptions,
+        build: impl FnOnce(ModelConfig, &WeightStore, &ReadProgress) -> Result<(M, usize)>,
+    ) -> Result<Loaded<M>> {
+        load_opened(self, opts, build)
+    }
+}
+
+/// Loads the model with `build` (see [`Checkpoint::load_with`]).
 pub fn load_with<M>(
     path: &Path,
     opts: &LoadOptions,
     build: impl FnOnce(ModelConfig, &WeightStore, &ReadProgress) -> Result<(M, usize)>,
 ) -> Result<Loaded<M>> {
+    Checkpoint::open(path)?.load_with(opts, build)
+}
+
+fn load_opened<M>(
+    ckpt: Checkpoint,
+    opts: &LoadOptions,
+    build: impl FnOnce(ModelConfig, &WeightStore, &ReadProgress) -> Result<(M, usize)>,
+) -> Result<Loaded<M>> {
     let started = Instant::now();
-    let is_gguf = path.is_file() && path.extension().is_some_and(|e| e == "gguf");
-    let (cfg, store, tok) = if is_gguf {
-        let store = WeightStore::open_gguf(path)?;
-        let content = store
-            .gguf_content()
-            .ok_or_else(|| WorkerError::load(path, "not a GGUF file"))?;
-        let cfg = ModelConfig::from_gguf(content)?;
-        let tok = tokenizer::from_gguf(content)?;
-        (cfg, store, tok)
-    } else if path.is_dir() {
-        let cfg = HfConfig::read(&path.join("config.json"))?.into_runtime()?;
-        let tok = tokenizer::from_hf_folder(path)?;
-        (cfg, WeightStore::open_hf(path)?, tok)
-    } else {
-        return Err(WorkerError::load(
-            path,
-            "not a Hugging Face model folder or a .gguf file",
-        ));
-    };
-    let vocab = tok.tokenizer.get_vocab_size(true);
-    if vocab > cfg.vocab_size {
-        return Err(WorkerError::Config(format!(
-            "the tokenizer has {vocab} tokens but the model's vocab_size is {}",
-            cfg.vocab_size
-        )));
-    }
+    let Checkpoint {
+        path,
+        cfg,
+        store,
+        tokenizer: tok,
+    } = ckpt;
+    let path = path.as_path();
     let architecture = cfg.architecture.clone();
     let dtype = store
         .gguf_weight_type()
@@ -162,13 +250,20 @@ pub fn load_with<M>(
         human_bytes(read as usize),
         human_bytes((read as f64 / secs.max(1e-3)) as usize),
     );
-    let (chat_template, chat_stop) = match (&tok.chat_template, tok.is_aquila) {
-        (Some(t), _) => (Some(t.clone()), Vec::new()),
-        (None, true) => (
-            Some(AQUILA_CHAT_TEMPLATE.to_string()),
-            vec!["###".to_string()],
-        ),
-        (None, false) => (None, Vec::new()),
+    let dtype_reason = match store.gguf_weight_type() {
+        Some(_) => "GGUF weights as stored".to_string(),
+        None => format!("--dtype {}", opts.dtype.label()),
+    };
+    // The checkpoint's own template; the Aquila vocabulary without one
+    // gets AquilaChat's.
+    let (chat_template, chat_template_name, chat_stop) = match (&tok.chat_template, tok.is_aquila) {
+        (Some(t), _) => (Some(t.clone()), "model".to_string(), Vec::new()),
+        (None, true) => {
+            let c = crate::chat_template::Chosen::built_in("aquila-chat")
+                .expect("aquila-chat is built in");
+            (Some(c.template), c.name, c.stop)
+        }
+        (None, false) => (None, String::new(), Vec::new()),
     };
     Ok(Loaded {
         model,
@@ -176,7 +271,9 @@ pub fn load_with<M>(
         name,
         architecture,
         dtype,
+        dtype_reason,
         chat_template,
+        chat_template_name,
         chat_stop,
     })
 }

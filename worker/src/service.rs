@@ -29,9 +29,10 @@ use crate::comm::{Communicator, SingleRank, Timed};
 use crate::engine::{EngineConfig, EngineHandle};
 use crate::error::{Result, WorkerError};
 use crate::kv::KvDtype;
+use crate::loader::Checkpoint;
 use crate::loader::{self, LoadOptions};
 use crate::metrics::{EngineCollector, WorkerMetrics};
-use crate::model::WeightDtype;
+use crate::model::{DtypeChoice, Shard, WeightDtype};
 use crate::tp::Group;
 
 /// How a worker loads its model and runs its engine.
@@ -49,10 +50,19 @@ pub struct WorkerArgs {
     /// kernel. 0 turns graphs off.
     #[arg(long, env = "AQUILA_CUDA_GRAPH_MAX_BATCH", default_value_t = 256)]
     pub cuda_graph_max_batch: usize,
-    /// Float type to hold weights in (GGUF quantized weights stay quantized
-    /// on the CPU; a GPU dequantizes them to this type).
-    #[arg(long, env = "AQUILA_DTYPE", value_enum, default_value = "f32")]
-    pub dtype: WeightDtype,
+    /// Float type to hold weights in. auto: the checkpoint's own (float16
+    /// and bfloat16 checkpoints stay 16-bit, float32 stays f32; a GPU makes
+    /// f32 bf16). GGUF quantized weights stay quantized on the CPU; a GPU
+    /// dequantizes them to this type.
+    #[arg(long, env = "AQUILA_DTYPE", value_enum, default_value = "auto")]
+    pub dtype: DtypeChoice,
+    /// Chat template: a built-in (aquila-chat: AquilaChat-7B's
+    /// `###Human: …###Assistant:`; aquila-v1: Aquila2's
+    /// `<|startofpiece|>…<|endofpiece|>`; aquila-legacy: FlagAI's
+    /// `[CLS]#用户#… #ai助手#`) or a Jinja file. Default: the checkpoint's
+    /// own, and aquila-chat for the Aquila vocabulary without one.
+    #[arg(long, env = "AQUILA_CHAT_TEMPLATE")]
+    pub chat_template: Option<String>,
     /// Model name reported to clients (default: the folder or file name).
     #[arg(long, env = "AQUILA_SERVED_MODEL_NAME")]
     pub served_model_name: Option<String>,
@@ -170,8 +180,25 @@ fn load_rank(
             args.kv_block_size
         )));
     }
+    let template = args
+        .chat_template
+        .as_deref()
+        .map(crate::chat_template::from_flag)
+        .transpose()?;
+    crate::backend::ensure_built(args.device)?;
+    let ckpt = Checkpoint::open(model)?;
+    let gpu = args.device != crate::backend::Device::Cpu;
+    let (dtype, dtype_reason) = ckpt.resolve_dtype(args.dtype, gpu);
+    tracing::info!("weights in {}: {dtype_reason}", dtype.label());
+    if !gpu {
+        let shard = Shard {
+            rank: comm.rank(),
+            world_size: comm.world_size(),
+        };
+        check_fits(&ckpt, args, dtype, shard, 1)?;
+    }
     let opts = LoadOptions {
-        dtype: args.dtype,
+        dtype,
         name: args.served_model_name.clone(),
         tp_invariant: args.tp_invariant,
     };
@@ -181,7 +208,13 @@ fn load_rank(
         comm
     };
     let started = Instant::now();
-    let mut loaded = crate::backend::load(model, &opts, comm, args.device)?;
+    let mut loaded = crate::backend::load_checkpoint(ckpt, &opts, comm, args.device)?;
+    loaded.dtype_reason = dtype_reason;
+    if let Some(t) = template {
+        loaded.chat_template = Some(t.template);
+        loaded.chat_template_name = t.name;
+        loaded.chat_stop = t.stop;
+    }
     loaded
         .model
         .set_cuda_graph_max_batch(args.cuda_graph_max_batch.min(args.max_running));
@@ -224,6 +257,96 @@ fn load_rank(
     let loaded =
         loaded.try_map(|m| m.into_backend(kv_blocks, args.kv_block_size, args.kv_cache_dtype))?;
     Ok((loaded, kv_blocks))
+}
+
+/// Refuses, before any weight is read, a model that `ranks` ranks of
+/// `shard`'s size on this host cannot hold in the memory they may use (see
+/// [`crate::fit`]), with the flags that would fit.
+pub fn check_fits(
+    ckpt: &Checkpoint,
+    args: &WorkerArgs,
+    dtype: WeightDtype,
+    shard: Shard,
+    ranks: usize,
+) -> Result<()> {
+    use crate::fit;
+    let cfg = &ckpt.cfg;
+    let kv_mib = args.kv_cache_mib.unwrap_or(1024);
+    let kv = |shard: Shard, mib: usize| {
+        fit::kv_bytes(
+            cfg,
+            shard,
+            args.kv_cache_dtype,
+            args.kv_block_size,
+            args.kv_cache_blocks,
+            mib,
+        )
+    };
+    let need = |dtype: WeightDtype, shard: Shard, kv_bytes: usize| {
+        fit::need(
+            ckpt,
+            dtype,
+            shard,
+            kv_bytes,
+            args.max_batch_tokens,
+            args.max_running,
+        )
+    };
+    let here = need(dtype, shard, kv(shard, kv_mib)?)?;
+    let avail = fit::available();
+    if here.total() * ranks <= avail.bytes {
+        return Ok(());
+    }
+    let mut alternatives = Vec::new();
+    let is_float = !matches!(
+        ckpt.store.weight_type(),
+        Some(crate::weights::Stored::Ggml(_))
+    );
+    if is_float && dtype == WeightDtype::F32 {
+        let n = need(WeightDtype::Bf16, shard, here.kv)?;
+        alternatives.push(fit::Alternative {
+            flags: "--dtype bf16".into(),
+            needs: n.total() * ranks,
+        });
+    }
+    // A smaller cache, if the rest fits with room for some of it.
+    let rest = (here.total() - here.kv) * ranks;
+    if rest < avail.bytes && args.kv_cache_blocks.is_none() {
+        let mib = ((avail.bytes - rest) / ranks) >> 20;
+        let bytes = kv(shard, mib)?;
+        if bytes > 0 {
+            alternatives.push(fit::Alternative {
+                flags: format!("--kv-cache-mib {mib}"),
+                needs: rest + bytes * ranks,
+            });
+        }
+    }
+    // Ranks on separate machines: each holds a share.
+    if shard.world_size == 1 {
+        for world in [2, 4, 8] {
+            let part = Shard {
+                rank: 0,
+                world_size: world,
+            };
+            let Ok(kv_part) = kv(part, kv_mib) else {
+                continue;
+            };
+            let Ok(n) = need(dtype, part, kv_part) else {
+                continue;
+            };
+            if n.total() <= avail.bytes {
+                alternatives.push(fit::Alternative {
+                    flags: format!(
+                        "--tp {world} with one rank per machine (--rank R --world-size {world} \
+                         --leader HOST:PORT), each"
+                    ),
+                    needs: n.total(),
+                });
+                break;
+            }
+        }
+    }
+    fit::check(&here, ranks, dtype, &avail, &alternatives)
 }
 
 /// Every rank has loaded (the startup deadline still applies); from now on
@@ -328,6 +451,8 @@ impl WorkerState {
             bos_token_id: tok.bos.as_ref().map(|b| b.0),
             bos_token: tok.bos.as_ref().map(|b| b.1.clone()).unwrap_or_default(),
             eos_token: tok.eos_token.clone(),
+            dtype_reason: loaded.dtype_reason.clone(),
+            chat_template_name: loaded.chat_template_name.clone(),
         };
         let engine = EngineHandle::start(
             loaded.model,

@@ -311,6 +311,11 @@ impl<T: Elem> PackedFloat<T> {
         self.data.len() * std::mem::size_of::<T>()
     }
 
+    /// Elements a packed `[out, in]` matrix holds (out padded to panels).
+    pub fn packed_len(out_dim: usize, in_dim: usize) -> usize {
+        out_dim.div_ceil(PANEL) * PANEL * in_dim
+    }
+
     /// `x` is `[rows, in]`; returns `[rows, out]`.
     pub fn matmul(&self, x: &[f32], rows: usize) -> Vec<f32> {
         self.matmul_with(FloatPath::selected(), x, rows)

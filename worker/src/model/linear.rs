@@ -15,7 +15,17 @@ use crate::comm::Communicator;
 use crate::error::{Result, WorkerError};
 use crate::weights::{ReadProgress, Stored, Weight, WeightStore};
 
-/// The dtype float weights are kept in (`--dtype`).
+/// `--dtype`: the float type to hold weights in, or `auto`, the
+/// checkpoint's own (see `loader::Checkpoint::resolve_dtype`).
+#[derive(Debug, Clone, Copy, PartialEq, Eq, clap::ValueEnum)]
+pub enum DtypeChoice {
+    Auto,
+    F32,
+    Bf16,
+    F16,
+}
+
+/// The dtype float weights are kept in.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, clap::ValueEnum)]
 pub enum WeightDtype {
     F32,

@@ -25,7 +25,9 @@ use crate::kv::{BlockId, KvDtype, PagedKv};
 use crate::weights::{ReadProgress, Weight, WeightStore};
 use attention::AttnSeq;
 use half::{bf16, f16};
-pub use linear::{ColumnParallelLinear, Linear, RowParallelLinear, Shard, TpPlan, WeightDtype};
+pub use linear::{
+    ColumnParallelLinear, DtypeChoice, Linear, RowParallelLinear, Shard, TpPlan, WeightDtype,
+};
 pub use norm::{RmsNorm, Rope};
 
 /// One sequence's part of a step.
@@ -336,31 +338,94 @@ impl Loader<'_> {
     }
 }
 
+/// The weight matrices a rank holds: name, then its share's rows and
+/// columns (the output layer is the embedding when tied).
+fn matrices(cfg: &ModelConfig, plan: &TpPlan, tied: bool) -> Vec<(String, usize, usize)> {
+    let h = cfg.hidden_size;
+    let [q, kv, i] = plan.projection_rows(cfg.head_dim);
+    let lm = if tied {
+        "model.embed_tokens.weight"
+    } else {
+        "lm_head.weight"
+    };
+    let mut out = vec![(lm.to_string(), plan.vocab.len(), h)];
+    for l in 0..cfg.num_layers {
+        let p = |s: &str| format!("model.layers.{l}.{s}.weight");
+        out.extend([
+            (p("self_attn.q_proj"), q.len(), h),
+            (p("self_attn.k_proj"), kv.len(), h),
+            (p("self_attn.v_proj"), kv.len(), h),
+            (p("self_attn.o_proj"), h, q.len()),
+            (p("mlp.gate_proj"), i.len(), h),
+            (p("mlp.up_proj"), i.len(), h),
+            (p("mlp.down_proj"), h, i.len()),
+        ]);
+    }
+    out
+}
+
+/// The norms' names and widths.
+fn norms(cfg: &ModelConfig) -> Vec<(String, usize)> {
+    let h = cfg.hidden_size;
+    let mut out = vec![("model.norm.weight".to_string(), h)];
+    for l in 0..cfg.num_layers {
+        for n in ["input_layernorm", "post_attention_layernorm"] {
+            out.push((format!("model.layers.{l}.{n}.weight"), h));
+        }
+    }
+    out
+}
+
+fn is_tied(cfg: &ModelConfig, store: &WeightStore) -> bool {
+    cfg.tie_word_embeddings || !store.contains("lm_head.weight")
+}
+
 /// The bytes a rank reads to load the model: each tensor's share, as
 /// stored (the embedding twice when it is also the output layer).
 fn bytes_to_read(cfg: &ModelConfig, plan: &TpPlan, store: &WeightStore, tied: bool) -> usize {
     let bytes = |name: &str, n: usize| store.entry(name).map_or(0, |e| e.stored.bytes(n));
     let h = cfg.hidden_size;
-    let [q, kv, i] = plan.projection_rows(cfg.head_dim);
     let embed = bytes("model.embed_tokens.weight", plan.vocab.len() * h);
-    let mut total = embed + bytes("model.norm.weight", h);
-    total += if tied {
-        embed
-    } else {
-        bytes("lm_head.weight", plan.vocab.len() * h)
+    let mats: usize = matrices(cfg, plan, tied)
+        .iter()
+        .map(|(n, r, c)| bytes(n, r * c))
+        .sum();
+    let norms: usize = norms(cfg).iter().map(|(n, w)| bytes(n, *w)).sum();
+    embed + mats + norms
+}
+
+/// The memory a rank's share of the model takes once loaded with float
+/// weights as `dtype`: each matrix as our kernels pack it, the embedding
+/// table, the norms. What `forward` needs besides is not counted.
+pub fn resident_bytes(
+    cfg: &ModelConfig,
+    plan: &TpPlan,
+    store: &WeightStore,
+    dtype: WeightDtype,
+) -> usize {
+    use crate::weights::Stored;
+    let elem = match dtype {
+        WeightDtype::F32 => 4,
+        WeightDtype::Bf16 | WeightDtype::F16 => 2,
     };
-    for l in 0..cfg.num_layers {
-        let p = |s: &str| format!("model.layers.{l}.{s}.weight");
-        total += bytes(&p("input_layernorm"), h) + bytes(&p("post_attention_layernorm"), h);
-        total += bytes(&p("self_attn.q_proj"), q.len() * h)
-            + bytes(&p("self_attn.k_proj"), kv.len() * h)
-            + bytes(&p("self_attn.v_proj"), kv.len() * h)
-            + bytes(&p("self_attn.o_proj"), h * q.len());
-        total += bytes(&p("mlp.gate_proj"), i.len() * h)
-            + bytes(&p("mlp.up_proj"), i.len() * h)
-            + bytes(&p("mlp.down_proj"), h * i.len());
-    }
-    total
+    let h = cfg.hidden_size;
+    let tied = is_tied(cfg, store);
+    let packed = |name: &str, rows: usize, cols: usize| match store.entry(name).map(|e| e.stored) {
+        Ok(Stored::Ggml(t)) => match quant::Format::from_ggml(t) {
+            Some(f) => f.packed_bytes(rows, cols),
+            None => Stored::Ggml(t).bytes(rows * cols),
+        },
+        _ => kernels::PackedFloat::<f32>::packed_len(rows, cols) * elem,
+    };
+    let embed = match store.entry("model.embed_tokens.weight").map(|e| e.stored) {
+        Ok(s @ Stored::Ggml(_)) => s.bytes(plan.vocab.len() * h),
+        _ => plan.vocab.len() * h * elem,
+    };
+    let mats: usize = matrices(cfg, plan, tied)
+        .iter()
+        .map(|(n, r, c)| packed(n, *r, *c))
+        .sum();
+    embed + mats + norms(cfg).len() * h * 4
 }
 
 impl Llama {
@@ -380,7 +445,7 @@ impl Llama {
         let (kv_all, vocab) = (cfg.num_kv_heads * cfg.head_dim, cfg.vocab_size);
         // Tied checkpoints (and GGUF files without `output.weight`) reuse
         // the embedding as the output layer.
-        let tied = cfg.tie_word_embeddings || !store.contains("lm_head.weight");
+        let tied = is_tied(&cfg, store);
         progress.set_total(bytes_to_read(&cfg, &plan, store, tied));
         let mut ld = Loader {
             store,

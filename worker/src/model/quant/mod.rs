@@ -67,6 +67,12 @@ impl Format {
         }
     }
 
+    /// Bytes a `[out, in]` matrix takes repacked (`in` a multiple of the
+    /// block; out padded to groups).
+    pub fn packed_bytes(self, out_dim: usize, in_dim: usize) -> usize {
+        out_dim.div_ceil(GROUP) * (in_dim / self.block_weights()) * self.group_block_bytes()
+    }
+
     /// Bytes of one block in a GGUF file.
     fn ggml_block_bytes(self) -> usize {
         match self {

@@ -525,3 +525,152 @@ fn int(v: &Value, key: &str) -> Result<i64, TokenizerError> {
         _ => Err(meta_err(key, format!("expected an integer, got {v:?}"))),
     }
 }
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use candle_core::quantized::gguf_file::VersionedMagic;
+
+    fn content(metadata: Vec<(&str, Value)>) -> Content {
+        Content {
+            magic: VersionedMagic::GgufV3,
+            metadata: metadata
+                .into_iter()
+                .map(|(k, v)| (k.to_owned(), v))
+                .collect(),
+            tensor_infos: HashMap::new(),
+            tensor_data_offset: 0,
+        }
+    }
+
+    fn strings(items: &[&str]) -> Value {
+        Value::Array(
+            items
+                .iter()
+                .map(|s| Value::String((*s).to_owned()))
+                .collect(),
+        )
+    }
+
+    /// A byte-level vocabulary of `a`, `b`, `ab` with one merge, under `pre`.
+    fn bpe_metadata(pre: Option<&str>) -> Vec<(&'static str, Value)> {
+        let mut md = vec![
+            ("tokenizer.ggml.model", Value::String("gpt2".to_owned())),
+            ("tokenizer.ggml.tokens", strings(&["a", "b", "ab", "Ġ"])),
+            ("tokenizer.ggml.merges", strings(&["a b"])),
+        ];
+        if let Some(pre) = pre {
+            md.push(("tokenizer.ggml.pre", Value::String(pre.to_owned())));
+        }
+        md
+    }
+
+    fn ids(t: &LoadedTokenizer, text: &str) -> Vec<u32> {
+        t.tokenizer.encode(text, false).unwrap().get_ids().to_vec()
+    }
+
+    #[test]
+    fn an_unknown_pre_tokenizer_is_refused_naming_it() {
+        let err = from_gguf(&content(bpe_metadata(Some("no-such-pre"))))
+            .err()
+            .expect("refused")
+            .to_string();
+        assert!(err.contains("tokenizer.ggml.pre"), "{err}");
+        assert!(err.contains("`no-such-pre`"), "{err}");
+        assert!(err.contains("llama-bpe") && err.contains("smollm"), "{err}");
+    }
+
+    #[test]
+    fn an_unknown_model_is_refused_naming_it() {
+        let mut md = bpe_metadata(None);
+        md[0].1 = Value::String("t5".to_owned());
+        let err = from_gguf(&content(md)).err().expect("refused").to_string();
+        assert!(err.contains("`t5`") && err.contains("llama"), "{err}");
+    }
+
+    #[test]
+    fn a_missing_pre_tokenizer_is_llama_cpps_default() {
+        let t = from_gguf(&content(bpe_metadata(None))).unwrap();
+        assert_eq!(ids(&t, "ab a"), [2, 3, 0]);
+        // gpt2 files get no bos unless they ask; llama.cpp's default bos/eos id 11 is outside
+        // this vocabulary, so there is none.
+        assert!(t.bos.is_none());
+        assert!(t.eos_ids.is_empty());
+    }
+
+    /// `▁` `a` `b` `c`, `ab` (score -1), `bc` (-2), `▁a` (-3), `abc` (-4): llama.cpp merges the
+    /// best-scoring pair first: `▁abc` → `▁`,`ab`,`c`→ `▁`,`abc`.
+    fn spm_metadata() -> Vec<(&'static str, Value)> {
+        let tokens = [
+            "<unk>", "<s>", "</s>", "▁", "a", "b", "c", "ab", "bc", "▁a", "abc",
+        ];
+        let scores = [
+            0.0, 0.0, 0.0, -5.0, -6.0, -7.0, -8.0, -1.0, -2.0, -3.0, -4.0,
+        ];
+        let types = [2, 3, 3, 1, 1, 1, 1, 1, 1, 1, 1];
+        vec![
+            ("tokenizer.ggml.model", Value::String("llama".to_owned())),
+            ("tokenizer.ggml.tokens", strings(&tokens)),
+            (
+                "tokenizer.ggml.scores",
+                Value::Array(scores.iter().map(|&s| Value::F32(s)).collect()),
+            ),
+            (
+                "tokenizer.ggml.token_type",
+                Value::Array(types.iter().map(|&t| Value::I32(t)).collect()),
+            ),
+        ]
+    }
+
+    #[test]
+    fn sentencepiece_merges_by_score_with_llama_defaults() {
+        let t = from_gguf(&content(spm_metadata())).unwrap();
+        assert_eq!(ids(&t, "abc"), [3, 10]);
+        assert_eq!(ids(&t, "bc a"), [3, 8, 9]);
+        // Specials in text are tokens; text after one gets the space prefix again.
+        assert_eq!(ids(&t, "<s>a</s>"), [1, 9, 2]);
+        // No bos/eos keys: llama.cpp's 1 and 2, and bos is prepended by default.
+        assert_eq!(t.bos, Some((1, "<s>".to_owned())));
+        assert_eq!(t.eos_ids, [2]);
+        assert_eq!(t.tokenizer.decode(&[3, 10, 2], true).unwrap(), "abc");
+    }
+
+    #[test]
+    fn tied_whitespace_runs_grow_from_the_left_as_in_llama_cpp() {
+        let runs: Vec<String> = (2..=4).map(|k| "▁".repeat(k)).collect();
+        let tokens = ["▁", "x"].into_iter().map(str::to_owned).chain(runs);
+        let tokens: Vec<String> = tokens.collect();
+        let scores = vec![-1.0, -1.0, -1e9, -1e9, -1e9];
+        let vocab: HashMap<String, u32> = tokens
+            .iter()
+            .enumerate()
+            .map(|(i, t)| (t.clone(), i as u32))
+            .collect();
+        let merges = spm_merges(&tokens, &scores, &vocab);
+        // The longest run first, so a run of five is ▁▁▁▁ + ▁, as llama.cpp's leftmost rule
+        // gives (ranked by token id instead, ▁▁ + ▁▁▁ would win).
+        assert_eq!(merges[0].0.clone() + &merges[0].1, "▁▁▁▁");
+        let bpe = BPE::builder()
+            .vocab_and_merges(vocab.into_iter().collect::<Vocab>(), merges)
+            .build()
+            .unwrap();
+        let got: Vec<u32> = tokenizers::Model::tokenize(&bpe, "▁▁▁▁▁")
+            .unwrap()
+            .iter()
+            .map(|t| t.id)
+            .collect();
+        assert_eq!(got, [4, 0]);
+    }
+
+    #[test]
+    fn bad_metadata_is_an_error_naming_the_key() {
+        let mut md = spm_metadata();
+        md[2].1 = Value::Array(vec![Value::F32(0.0)]);
+        let err = from_gguf(&content(md)).err().expect("refused").to_string();
+        assert!(err.contains("tokenizer.ggml.scores"), "{err}");
+        let mut md = spm_metadata();
+        md.push(("tokenizer.ggml.bos_token_id", Value::U32(99)));
+        let err = from_gguf(&content(md)).err().expect("refused").to_string();
+        assert!(err.contains("bos_token_id") && err.contains("99"), "{err}");
+    }
+}

@@ -72,9 +72,8 @@ fn llama_clean_spaces(text: &str) -> String {
         let x = t[i];
         if t[i - 1] == b' ' && x == b'\'' && i + 1 < n {
             let x1 = t[i + 1];
-            if matches!(x1, b's' | b'm') {
-                total -= 1;
-            } else if i + 2 < n && matches!((x1, t[i + 2]), (b'r', b'e') | (b'v', b'e')) {
+            let re_ve = i + 2 < n && matches!((x1, t[i + 2]), (b'r', b'e') | (b'v', b'e'));
+            if matches!(x1, b's' | b'm') || re_ve {
                 total -= 1;
             }
         }

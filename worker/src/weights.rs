@@ -25,6 +25,10 @@ use candle_core::{DType, Device, Tensor, pickle::PthTensors};
 
 use crate::error::{Result, WorkerError};
 
+mod gguf_types;
+
+pub use gguf_types::{file_type_name, ggml_type_name};
+
 /// One tensor as the checkpoint stores it.
 pub enum Weight {
     /// A float tensor (f32, f16 or bf16), shape as in PyTorch.
@@ -91,7 +95,7 @@ impl Stored {
             Self::F32 => "f32".into(),
             Self::F16 => "f16".into(),
             Self::Bf16 => "bf16".into(),
-            Self::Ggml(t) => ggml_label(t),
+            Self::Ggml(t) => ggml_type_name(t).to_string(),
         }
     }
 
@@ -378,13 +382,26 @@ impl WeightStore {
 
     pub fn open_gguf(path: &Path) -> Result<Self> {
         let mut file = open(path)?;
-        let content =
-            gguf_file::Content::read(&mut file).map_err(|e| WorkerError::load(path, e))?;
+        let content = match gguf_file::Content::read(&mut file) {
+            Ok(c) => c,
+            Err(e) => {
+                // candle stops at a type id it does not know, without naming
+                // the tensor: name it, and the type.
+                if let Some((tensor, id)) = gguf_types::unreadable_tensor(&mut file) {
+                    let ty = gguf_types::ggml_type_name_by_id(id)
+                        .map(|n| n.to_string())
+                        .unwrap_or_else(|| format!("unknown type {id}"));
+                    return Err(WorkerError::load(path, no_kernel(&tensor, &ty)));
+                }
+                return Err(WorkerError::load(path, e));
+            }
+        };
         let mut store = Self::empty(Format::Gguf);
         for (name, info) in &content.tensor_infos {
             let Some(hf) = hf_name(name) else {
                 continue;
             };
+            check_type(&hf, name, info.ggml_dtype)?;
             store.tensors.insert(
                 hf,
                 TensorEntry {
@@ -590,14 +607,12 @@ impl WeightStore {
             .map(|e| e.stored)
     }
 
-    /// For a GGUF file, what its 2-D weights are stored as ("q4_1",
-    /// "f16"...); float checkpoints are held in `--dtype`, so None.
+    /// For a GGUF file, what its 2-D weights are stored as: their GGML type
+    /// when they share one ("Q4_1", "F16"), else the file's type as
+    /// llama.cpp names it (`general.file_type`: "Q4_K_M"), else "mixed".
+    /// Float checkpoints are held in `--dtype`, so None.
     pub fn gguf_weight_type(&self) -> Option<String> {
-        self.gguf.as_ref().map(|_| {
-            self.weight_type()
-                .map(Stored::label)
-                .unwrap_or_else(|| "unknown".into())
-        })
+        self.gguf.as_ref().map(gguf_label)
     }
 }
 
@@ -628,8 +643,48 @@ impl ReadProgress {
     }
 }
 
-pub fn ggml_label(t: GgmlDType) -> String {
-    format!("{t:?}").to_lowercase()
+fn gguf_label(content: &gguf_file::Content) -> String {
+    let mut types: Vec<GgmlDType> = content
+        .tensor_infos
+        .values()
+        .filter(|t| t.shape.dims().len() == 2)
+        .map(|t| t.ggml_dtype)
+        .collect();
+    types.sort_by_key(|t| ggml_type_name(*t));
+    types.dedup();
+    if let [one] = types.as_slice() {
+        return ggml_type_name(*one).to_string();
+    }
+    content
+        .metadata
+        .get("general.file_type")
+        .and_then(|v| v.to_u32().ok())
+        .and_then(file_type_name)
+        .map(str::to_string)
+        .unwrap_or_else(|| "mixed".to_string())
+}
+
+/// What a tensor of a GGML type we have no kernel for is refused with.
+pub fn no_kernel(tensor: &str, type_name: &str) -> String {
+    format!(
+        "tensor {tensor} is of GGML type {type_name}, which this server has no kernel for; \
+         supported weight types: {}",
+        crate::model::linear::supported_types()
+    )
+}
+
+/// Refuses GGUF tensor `g` (Hugging Face `name`) of a type no kernel here
+/// takes (and candle cannot read from a GGUF file either: Q8_1, Q8_K).
+fn check_type(name: &str, g: &str, dtype: GgmlDType) -> Result<()> {
+    let ok = matches!(dtype, GgmlDType::F32 | GgmlDType::F16 | GgmlDType::BF16)
+        || crate::model::quant::Format::from_ggml(dtype).is_some();
+    if ok {
+        return Ok(());
+    }
+    Err(WorkerError::Config(no_kernel(
+        &format!("{g} ({name})"),
+        ggml_type_name(dtype),
+    )))
 }
 
 fn unique_files(dir: &Path, index: &ShardIndex) -> Vec<PathBuf> {

@@ -2,9 +2,9 @@
 //! metadata keys, its tensor names, and its permutation of q/k rows from the rotate-half RoPE
 //! layout of Hugging Face checkpoints to the interleaved layout GGUF files use.
 //!
-//! Quantization: norms (1-D) stay F32; 2-D weights become `dtype`, except that a weight whose
-//! row length is not a multiple of `dtype`'s block size stays F32 (llama.cpp does the same
-//! fallback). The tokenizer is written as `gpt2` (byte-level BPE) only.
+//! Quantization: each tensor's type is [`GgufType::tensor_type`]'s (norms F32; 2-D weights the
+//! file type's, or llama.cpp's choice for a mix, with its fallbacks for rows that do not split
+//! into blocks). The tokenizer is written as `gpt2` (byte-level BPE) only.
 
 use std::borrow::Cow;
 use std::io::Write;
@@ -15,7 +15,7 @@ use candle_core::quantized::{GgmlDType, QTensor};
 use candle_core::{Device, Tensor};
 use serde_json::Value as Json;
 
-use super::{ExportError, TensorSource, values_of};
+use super::{ExportError, GgufType, TensorSource, values_of};
 use crate::tokenizer::LoadedTokenizer;
 use crate::weights::gguf_name;
 
@@ -40,12 +40,10 @@ pub fn write_gguf(
     path: &Path,
     meta: &GgufMeta,
     tensors: &dyn TensorSource,
-    dtype: GgmlDType,
+    file_type: GgufType,
     tokenizer: &LoadedTokenizer,
 ) -> Result<(), ExportError> {
-    let file_type = file_type(dtype).ok_or_else(|| {
-        ExportError::format(path, format!("{dtype:?} is not a GGUF model file type"))
-    })?;
+    let tied = !(0..tensors.len()).any(|i| tensors.name(i) == "lm_head.weight");
     let embed = (0..tensors.len())
         .find(|&i| tensors.name(i) == "model.embed_tokens.weight")
         .ok_or_else(|| ExportError::format(path, "no model.embed_tokens.weight tensor"))?;
@@ -58,10 +56,12 @@ pub fn write_gguf(
             name: tensors.name(i).to_owned(),
             message: "no GGUF name for this tensor".to_owned(),
         })?;
-        let tensor_dtype = match tensors.shape(i) {
-            [_, cols] if cols % dtype.block_size() == 0 => dtype,
-            _ => GgmlDType::F32,
-        };
+        let tensor_dtype = file_type.tensor_type(
+            tensors.name(i),
+            tensors.shape(i),
+            meta.num_layers as usize,
+            tied,
+        );
         plan.push((name, tensor_dtype));
     }
 
@@ -84,7 +84,7 @@ pub fn write_gguf(
             "llama.rope.dimension_count",
             u32v(meta.hidden_size / meta.num_heads.max(1)),
         ),
-        ("general.file_type", u32v(file_type)),
+        ("general.file_type", u32v(file_type.file_type())),
         ("general.quantization_version", u32v(2)),
     ];
     let vocab_len = tokenizer_metadata(tokenizer, n_vocab, &mut metadata)?;
@@ -274,26 +274,6 @@ fn quantize(
     Ok(parts.concat())
 }
 
-/// llama.cpp's `llama_ftype` for a file whose weights are mostly `dtype`.
-fn file_type(dtype: GgmlDType) -> Option<u32> {
-    Some(match dtype {
-        GgmlDType::F32 => 0,
-        GgmlDType::F16 => 1,
-        GgmlDType::Q4_0 => 2,
-        GgmlDType::Q4_1 => 3,
-        GgmlDType::Q8_0 => 7,
-        GgmlDType::Q5_0 => 8,
-        GgmlDType::Q5_1 => 9,
-        GgmlDType::Q2K => 10,
-        GgmlDType::Q3K => 12,
-        GgmlDType::Q4K => 15,
-        GgmlDType::Q5K => 17,
-        GgmlDType::Q6K => 18,
-        GgmlDType::BF16 => 32,
-        GgmlDType::Q8_1 | GgmlDType::Q8K => return None,
-    })
-}
-
 /// `w.reshape(n_head, 2, out/n_head/2, in).swapaxes(1, 2).reshape(out, in)`: within each head,
 /// row `s * half + j` moves to row `2 * j + s`.
 fn permute_qk(
@@ -448,6 +428,7 @@ mod tests {
     use crate::export::ExportTensor;
     use crate::export::test_util::tensor;
     use crate::tokenizer::{from_gguf, from_hf_folder};
+    use candle_core::quantized::GgmlDType;
     use candle_core::quantized::gguf_file;
 
     /// GPT-2's byte → printable char table, so the fixture vocabulary is a real byte-level one.
@@ -593,7 +574,7 @@ mod tests {
         let tok = tiny_tokenizer(dir.path());
         let ts = model(262, 8);
         let path = dir.path().join("tiny.gguf");
-        write_gguf(&path, &meta(8), &ts, GgmlDType::F32, &tok).unwrap();
+        write_gguf(&path, &meta(8), &ts, GgufType::F32, &tok).unwrap();
         let (content, mut file) = read(&path);
         assert_eq!(content.tensor_infos.len(), ts.len());
         let md = &content.metadata;
@@ -622,13 +603,13 @@ mod tests {
     }
 
     #[test]
-    fn q8_0_within_tolerance_and_f32_fallback() {
+    fn q8_0_within_tolerance_and_f16_fallback() {
         let dir = tempfile::tempdir().unwrap();
         let tok = tiny_tokenizer(dir.path());
         let mut ts = model(262, 32);
         ts.push(tensor("lm_head.weight", &[262, 32], 12));
         let path = dir.path().join("q8.gguf");
-        write_gguf(&path, &meta(32), &ts, GgmlDType::Q8_0, &tok).unwrap();
+        write_gguf(&path, &meta(32), &ts, GgufType::Q8_0, &tok).unwrap();
         let (content, mut file) = read(&path);
         assert_eq!(content.metadata["general.file_type"].to_u32().unwrap(), 7);
         let (q, got) = values(&content, &mut file, "output.weight");
@@ -644,12 +625,12 @@ mod tests {
         let (norm, _) = values(&content, &mut file, "output_norm.weight");
         assert_eq!(norm.dtype(), GgmlDType::F32);
 
-        // Rows of 8 are not a multiple of Q8_0's block of 32: those weights stay F32.
+        // Rows of 8 are not a multiple of Q8_0's block of 32: those weights become F16.
         let path = dir.path().join("fallback.gguf");
-        write_gguf(&path, &meta(8), &model(262, 8), GgmlDType::Q8_0, &tok).unwrap();
+        write_gguf(&path, &meta(8), &model(262, 8), GgufType::Q8_0, &tok).unwrap();
         let (content, mut file) = read(&path);
         let (q, _) = values(&content, &mut file, "blk.0.ffn_up.weight");
-        assert_eq!(q.dtype(), GgmlDType::F32);
+        assert_eq!(q.dtype(), GgmlDType::F16);
     }
 
     #[test]
@@ -657,7 +638,7 @@ mod tests {
         let dir = tempfile::tempdir().unwrap();
         let tok = tiny_tokenizer(dir.path());
         let path = dir.path().join("tok.gguf");
-        write_gguf(&path, &meta(8), &model(262, 8), GgmlDType::F32, &tok).unwrap();
+        write_gguf(&path, &meta(8), &model(262, 8), GgufType::F32, &tok).unwrap();
         let (content, _) = read(&path);
         assert_eq!(
             content.metadata["tokenizer.ggml.pre"].to_string().unwrap(),

@@ -5,6 +5,7 @@
 //! Writers only: nothing here reads checkpoints or knows about the model's forward pass.
 
 mod gguf;
+mod gguf_types;
 mod pytorch;
 mod safetensors;
 
@@ -12,6 +13,7 @@ use std::borrow::Cow;
 use std::path::PathBuf;
 
 pub use gguf::{GgufMeta, write_gguf};
+pub use gguf_types::GgufType;
 pub use pytorch::write_pytorch_bin;
 pub use safetensors::write_safetensors;
 

@@ -5,8 +5,8 @@
 use std::ops::Range;
 use std::sync::Arc;
 
-use candle_core::quantized::QMatMul;
-use candle_core::{DType, Device, Module, Tensor};
+use candle_core::quantized::GgmlDType;
+use candle_core::{DType, Device, Tensor};
 use half::slice::HalfFloatSliceExt;
 use half::{bf16, f16};
 
@@ -48,11 +48,9 @@ enum Kind {
     F32(kernels::PackedFloat<f32>),
     Bf16(kernels::PackedFloat<bf16>),
     F16(kernels::PackedFloat<f16>),
-    /// Q4_0, Q4_1, Q8_0, Q4_K and Q6_K weights, repacked for our kernels.
+    /// GGML-quantized weights (see `quant::Format`), repacked for our
+    /// kernels. Other GGML types are refused at load.
     Packed(quant::PackedMatrix),
-    /// Other GGML-quantized weights (Q5_*, Q2_K, Q3_K, Q5_K...): candle's
-    /// quantized matmul.
-    Quantized(QMatMul),
 }
 
 pub struct Linear {
@@ -82,8 +80,8 @@ impl Linear {
             source,
         };
         let dense = match w {
-            Weight::Quantized(q) => {
-                if let Some(format) = quant::Format::from_ggml(q.dtype()) {
+            Weight::Quantized(q) => match (quant::Format::from_ggml(q.dtype()), q.dtype()) {
+                (Some(format), _) => {
                     let raw = q.data().map_err(werr)?;
                     let packed = quant::PackedMatrix::from_ggml(format, &raw, out_dim, in_dim);
                     return Ok(Self {
@@ -92,17 +90,12 @@ impl Linear {
                         out_dim,
                     });
                 }
-                match QMatMul::from_arc(q).map_err(werr)? {
-                    QMatMul::QTensor(q) => {
-                        return Ok(Self {
-                            kind: Kind::Quantized(QMatMul::QTensor(q)),
-                            in_dim,
-                            out_dim,
-                        });
-                    }
-                    QMatMul::Tensor(t) | QMatMul::TensorF16(t) => t,
+                // GGUF float tensors are float weights like any checkpoint's.
+                (None, GgmlDType::F32 | GgmlDType::F16 | GgmlDType::BF16) => {
+                    q.dequantize(&Device::Cpu).map_err(werr)?
                 }
-            }
+                (None, other) => return Err(unsupported(name, other)),
+            },
             Weight::Dense(t) => t,
         };
         let kind = match dtype {
@@ -207,10 +200,6 @@ impl Linear {
             Kind::Bf16(w) => Ok(w.matmul(x, rows)),
             Kind::F16(w) => Ok(w.matmul(x, rows)),
             Kind::Packed(p) => Ok(p.matmul(x, rows)),
-            Kind::Quantized(q) => {
-                let xt = Tensor::from_slice(x, (rows, self.in_dim), &Device::Cpu)?;
-                Ok(q.forward(&xt)?.flatten_all()?.to_vec1()?)
-            }
         }
     }
 
@@ -251,12 +240,27 @@ impl Linear {
             Kind::Bf16(w) => w.bytes(),
             Kind::F16(w) => w.bytes(),
             Kind::Packed(p) => p.bytes(),
-            Kind::Quantized(QMatMul::QTensor(q)) => q.storage_size_in_bytes(),
-            Kind::Quantized(QMatMul::Tensor(t) | QMatMul::TensorF16(t)) => {
-                t.elem_count() * t.dtype().size_in_bytes()
-            }
         }
     }
+}
+
+/// The load error for a weight of a GGML type no kernel here takes, naming
+/// the tensor (its GGUF name too), the type and what is supported.
+fn unsupported(name: &str, dtype: GgmlDType) -> WorkerError {
+    let tensor = crate::weights::gguf_name(name)
+        .map(|g| format!("{g} ({name})"))
+        .unwrap_or_else(|| name.to_string());
+    WorkerError::Config(crate::weights::no_kernel(
+        &tensor,
+        crate::weights::ggml_type_name(dtype),
+    ))
+}
+
+/// The GGML types weights may have, as GGML names them.
+pub fn supported_types() -> String {
+    let mut names = vec!["F32", "F16", "BF16"];
+    names.extend(quant::Format::ALL.iter().map(|f| f.label()));
+    names.join(", ")
 }
 
 /// The format of a GGML tensor our kernels take, if they take it.

@@ -8,7 +8,7 @@ one rank). (dict "ctx" $ "role" "group|leader|follower")
 {{- $w := $.Values.worker -}}
 {{- $cuda := eq $w.device "cuda" -}}
 {{- if and $cuda (eq $w.dtype "f32") -}}
-{{- fail "worker.device=cuda holds weights in bf16 or f16: set worker.dtype to bf16 (or f16)" -}}
+{{- fail "worker.device=cuda holds weights in bf16 or f16: set worker.dtype to bf16 (or f16, or auto)" -}}
 {{- end -}}
 {{- $gpus := ternary $w.multiNode.gpusPerPod $w.tp (ne .role "group") -}}
 {{- $vol := $.Values.model.volume -}}

@@ -1,38 +1,50 @@
-//! Matrix products with GGML-quantized weights (Q4_0, Q4_1, Q8_0, Q4_K,
-//! Q6_K) against activations quantized to 8 bits, written for this project.
+//! Matrix products with GGML-quantized weights (Q4_0, Q4_1, Q5_0, Q5_1,
+//! Q8_0, Q2_K, Q3_K, Q4_K, Q5_K, Q6_K) against activations quantized to 8
+//! bits, written for this project. Other GGML types have no kernel here: the
+//! loader refuses them (see [`Format::from_ggml`]); this module never
+//! dequantizes weights to floats to multiply them.
 //!
 //! At load time each weight matrix is repacked: rows are taken eight at a
-//! time (a *group*), and for every 32-weight block the eight rows' quants are
-//! interleaved four bytes at a time, followed by their eight f16 scales (and
-//! mins). One 32-byte load then holds the same four columns of all eight
-//! rows, so a broadcast of four activation bytes and one integer
+//! time (a *group*), and for every block the eight rows' quants are
+//! interleaved four bytes at a time, followed by their eight scales (and
+//! mins). One 32-byte load then holds the same four byte columns of all
+//! eight rows, so a broadcast of four activation bytes and one integer
 //! multiply-add (`vpdpbusd`, or `vpmaddubsw` on plain AVX2) advance eight dot
 //! products at once, and the scales apply to eight rows with one vector
 //! multiply. Each group is used for every activation row while it sits in
 //! L1, so a batch of 16 reads the weights from memory once, like one stream.
-//! For Q4_0, Q4_1 and Q8_0 the repacked bytes per weight equal GGML's
-//! (Q4_0's offset of 8 is folded into the integer sums).
-//! Q4_K keeps its 256-weight super-blocks: per row a 128-byte quant block,
-//! interleaved the same way, then its eight 6-bit scales and mins unpacked to
-//! bytes and its two f16 super-scales (148 bytes per row instead of 144).
-//! Q6_K's 6-bit quants are unpacked to a byte each (274 bytes per row and
-//! super-block instead of 210): simpler and exact, at 30% more traffic.
+//! The layouts (`repack.rs`), in bytes per row and block against GGML's:
+//! - Q4_0, Q4_1, Q8_0: GGML's bytes, interleaved (Q4_0's offset of 8 is
+//!   folded into the integer sums).
+//! - Q5_0, Q5_1: the 4-bit nibbles as Q4's, then the fifth bits as one more
+//!   interleaved 32-bit word per row, each byte holding the fifth bits of the
+//!   eight quants its nibble byte column feeds (GGML's size: 22 and 24).
+//! - Q4_K, Q5_K: 256-weight super-blocks; the quants (and Q5_K's 32 bytes of
+//!   fifth bits, already in that per-byte order in GGML) interleaved, the
+//!   6-bit scales and mins unpacked to bytes (148 and 180 instead of 144
+//!   and 176).
+//! - Q2_K, Q3_K: the 2-bit fields kept packed four to a byte (and Q3_K's
+//!   high-bit mask interleaved); Q2_K's 4-bit scale/min pairs as GGML's
+//!   bytes (84, GGML's size), Q3_K's 6-bit scales unpacked to signed bytes
+//!   (114 instead of 110).
+//! - Q6_K: the 6-bit quants unpacked to a byte each (274 instead of 210):
+//!   simpler and exact, at 30% more traffic.
 //!
 //! Every path (scalar, AVX2, AVX-512 VNNI) computes the same integer block
 //! sums and applies the scales in the same order with fused multiply-adds,
 //! so all paths give bit-identical results, and a row's result never depends
 //! on what it is batched with.
 
+mod repack;
+mod scalar;
 #[cfg(target_arch = "x86_64")]
 mod x86;
 
 use std::ops::Range;
 
-use candle_core::quantized::GgmlDType;
-use half::f16;
-
 use crate::mem::HugeBuf;
 use crate::pool;
+use candle_core::quantized::GgmlDType;
 
 /// Weights per block, as in GGML's Q4_0/Q4_1/Q8_0.
 pub const BLOCK: usize = 32;
@@ -45,25 +57,77 @@ pub enum Format {
     Q4_0,
     /// 4-bit quants `q`, value `d·q + m`.
     Q4_1,
+    /// 5-bit quants `q`, value `d·(q - 16)`.
+    Q5_0,
+    /// 5-bit quants `q`, value `d·q + m`.
+    Q5_1,
     /// 8-bit signed quants `q`, value `d·q`.
     Q8_0,
+    /// 256-weight super-blocks of sixteen 16-weight sub-blocks, 2-bit quants
+    /// `q`, value `d·scᵢ·q - dmin·mᵢ` with 4-bit `scᵢ`, `mᵢ`.
+    Q2K,
+    /// 256-weight super-blocks, 3-bit quants `q` (-4..3), value `d·scᵢ·q`
+    /// with a 6-bit signed `scᵢ` per 16 weights.
+    Q3K,
     /// 256-weight super-blocks of eight 32-weight sub-blocks, 4-bit quants
     /// `q`, value `d·scᵢ·q - dmin·mᵢ` with 6-bit `scᵢ`, `mᵢ` per sub-block.
     Q4K,
+    /// As Q4_K with 5-bit quants.
+    Q5K,
     /// 256-weight super-blocks, 6-bit quants `q`, value `d·scᵢ·(q - 32)`
     /// with an 8-bit signed `scᵢ` per 16 weights.
     Q6K,
 }
 
 impl Format {
+    /// Every format, in the order of [`Format::label`]'s list.
+    pub const ALL: [Format; 10] = [
+        Self::Q4_0,
+        Self::Q4_1,
+        Self::Q5_0,
+        Self::Q5_1,
+        Self::Q8_0,
+        Self::Q2K,
+        Self::Q3K,
+        Self::Q4K,
+        Self::Q5K,
+        Self::Q6K,
+    ];
+
+    /// The format of a GGML type, if these kernels take it.
     pub fn from_ggml(dtype: GgmlDType) -> Option<Self> {
-        match dtype {
-            GgmlDType::Q4_0 => Some(Self::Q4_0),
-            GgmlDType::Q4_1 => Some(Self::Q4_1),
-            GgmlDType::Q8_0 => Some(Self::Q8_0),
-            GgmlDType::Q4K => Some(Self::Q4K),
-            GgmlDType::Q6K => Some(Self::Q6K),
-            _ => None,
+        Some(match dtype {
+            GgmlDType::Q4_0 => Self::Q4_0,
+            GgmlDType::Q4_1 => Self::Q4_1,
+            GgmlDType::Q5_0 => Self::Q5_0,
+            GgmlDType::Q5_1 => Self::Q5_1,
+            GgmlDType::Q8_0 => Self::Q8_0,
+            GgmlDType::Q2K => Self::Q2K,
+            GgmlDType::Q3K => Self::Q3K,
+            GgmlDType::Q4K => Self::Q4K,
+            GgmlDType::Q5K => Self::Q5K,
+            GgmlDType::Q6K => Self::Q6K,
+            GgmlDType::F32
+            | GgmlDType::F16
+            | GgmlDType::BF16
+            | GgmlDType::Q8_1
+            | GgmlDType::Q8K => return None,
+        })
+    }
+
+    /// GGML's name for the type ("Q4_K").
+    pub fn label(self) -> &'static str {
+        match self {
+            Self::Q4_0 => "Q4_0",
+            Self::Q4_1 => "Q4_1",
+            Self::Q5_0 => "Q5_0",
+            Self::Q5_1 => "Q5_1",
+            Self::Q8_0 => "Q8_0",
+            Self::Q2K => "Q2_K",
+            Self::Q3K => "Q3_K",
+            Self::Q4K => "Q4_K",
+            Self::Q5K => "Q5_K",
+            Self::Q6K => "Q6_K",
         }
     }
 
@@ -74,12 +138,17 @@ impl Format {
     }
 
     /// Bytes of one block in a GGUF file.
-    fn ggml_block_bytes(self) -> usize {
+    pub const fn ggml_block_bytes(self) -> usize {
         match self {
             Self::Q4_0 => 18,
             Self::Q4_1 => 20,
+            Self::Q5_0 => 22,
+            Self::Q5_1 => 24,
             Self::Q8_0 => 34,
+            Self::Q2K => 84,
+            Self::Q3K => 110,
             Self::Q4K => 144,
+            Self::Q5K => 176,
             Self::Q6K => 210,
         }
     }
@@ -87,44 +156,53 @@ impl Format {
     /// Weights per GGML block.
     pub const fn block_weights(self) -> usize {
         match self {
-            Self::Q4K | Self::Q6K => 256,
-            Self::Q4_0 | Self::Q4_1 | Self::Q8_0 => BLOCK,
+            Self::Q2K | Self::Q3K | Self::Q4K | Self::Q5K | Self::Q6K => 256,
+            Self::Q4_0 | Self::Q4_1 | Self::Q5_0 | Self::Q5_1 | Self::Q8_0 => BLOCK,
         }
     }
 
-    /// Bytes of quants for one block of one row.
+    /// Bytes of quants (and high bits) for one block of one row.
     const fn quant_bytes(self) -> usize {
         match self {
             Self::Q4_0 | Self::Q4_1 => BLOCK / 2,
+            // Nibbles, then a 32-bit word of fifth bits.
+            Self::Q5_0 | Self::Q5_1 => BLOCK / 2 + 4,
             Self::Q8_0 => BLOCK,
+            Self::Q2K => 64,
+            // 2-bit fields, then the 32-byte high-bit mask.
+            Self::Q3K => 64 + 32,
             Self::Q4K => 128,
+            Self::Q5K => 128 + 32,
             // Unpacked to a byte per weight (0..63).
             Self::Q6K => 256,
         }
     }
 
-    /// Bytes of one block of one group: quants, then f16 scales, then (Q4_1)
-    /// f16 mins.
+    /// Bytes of one block of one group: quants, then scales (and mins).
     const fn group_block_bytes(self) -> usize {
         let scales = match self {
-            Self::Q4_1 => 2 * GROUP * 2,
-            Self::Q4_0 | Self::Q8_0 => GROUP * 2,
-            // Eight scales and eight mins per row as bytes, then d and dmin.
-            Self::Q4K => GROUP * 16 + 2 * GROUP * 2,
+            Self::Q4_1 | Self::Q5_1 => 2 * GROUP * 2,
+            Self::Q4_0 | Self::Q5_0 | Self::Q8_0 => GROUP * 2,
+            // Sixteen scale/min bytes per row (GGML's), then d and dmin.
+            Self::Q2K => GROUP * 16 + 2 * GROUP * 2,
             // Sixteen i8 scales per row, then d.
-            Self::Q6K => GROUP * 16 + GROUP * 2,
+            Self::Q3K | Self::Q6K => GROUP * 16 + GROUP * 2,
+            // Eight scales and eight mins per row as bytes, then d and dmin.
+            Self::Q4K | Self::Q5K => GROUP * 16 + 2 * GROUP * 2,
         };
         GROUP * self.quant_bytes() + scales
     }
 
     /// What the integer sum of `q·x` is corrected by, per unit of `Σx`, to
-    /// make it the sum of the signed values' products: Q4_0's quants are
-    /// stored offset by 8; Q8_0's are offset by 128 on the VNNI path only,
-    /// which handles that itself.
+    /// make it the sum of the signed values' products: Q4_0's and Q5_0's
+    /// quants are stored offset by 8 and 16; Q8_0's are offset by 128 on
+    /// the VNNI path only, which handles that itself. (The K-quants' offsets
+    /// apply per sub-block, in their own kernels.)
     const fn offset(self) -> i32 {
         match self {
             Self::Q4_0 => 8,
-            Self::Q4_1 | Self::Q8_0 | Self::Q4K | Self::Q6K => 0,
+            Self::Q5_0 => 16,
+            _ => 0,
         }
     }
 }
@@ -376,7 +454,7 @@ impl PackedMatrix {
         match isa {
             Isa::Scalar => {
                 for r in 0..x.rows {
-                    scalar_group(self.format, w, x, r, &mut out[r * GROUP..][..GROUP]);
+                    scalar::group(self.format, w, x, r, &mut out[r * GROUP..][..GROUP]);
                 }
             }
             #[cfg(target_arch = "x86_64")]
@@ -392,96 +470,11 @@ impl PackedMatrix {
 /// of the group's blocks).
 fn repack_row(format: Format, row: &[u8], r: usize, dst: &mut [u8]) {
     let gb = format.group_block_bytes();
-    let qb = format.quant_bytes();
     for (src, dst) in row
         .chunks_exact(format.ggml_block_bytes())
         .zip(dst.chunks_exact_mut(gb))
     {
-        match format {
-            Format::Q4K => {
-                repack_q4k(src, r, dst);
-                continue;
-            }
-            Format::Q6K => {
-                repack_q6k(src, r, dst);
-                continue;
-            }
-            _ => {}
-        }
-        let (scales, quants) = match format {
-            Format::Q4_1 => src.split_at(4),
-            _ => src.split_at(2),
-        };
-        for (k, four) in quants.chunks_exact(4).enumerate() {
-            dst[(k * GROUP + r) * 4..][..4].copy_from_slice(four);
-        }
-        let sc = GROUP * qb;
-        dst[sc + 2 * r..][..2].copy_from_slice(&scales[..2]);
-        if format == Format::Q4_1 {
-            dst[sc + 2 * GROUP + 2 * r..][..2].copy_from_slice(&scales[2..4]);
-        }
-    }
-}
-
-/// One row's Q4_K block (`d`, `dmin`, 12 bytes of packed 6-bit scales and
-/// mins, 128 bytes of quants) into lane `r` of a group's super-block.
-fn repack_q4k(src: &[u8], r: usize, dst: &mut [u8]) {
-    let (head, quants) = src.split_at(16);
-    for (k, four) in quants.chunks_exact(4).enumerate() {
-        dst[(k * GROUP + r) * 4..][..4].copy_from_slice(four);
-    }
-    let sc = GROUP * Format::Q4K.quant_bytes();
-    for j in 0..8 {
-        let (scale, min) = q4k_scale_min(j, &head[4..16]);
-        dst[sc + j * GROUP + r] = scale;
-        dst[sc + 64 + j * GROUP + r] = min;
-    }
-    dst[sc + 128 + 2 * r..][..2].copy_from_slice(&head[..2]);
-    dst[sc + 144 + 2 * r..][..2].copy_from_slice(&head[2..4]);
-}
-
-/// One row's Q6_K block (`ql[128]`, `qh[64]`, 16 i8 scales, `d`) into lane
-/// `r` of a group's super-block: quants 0..63 in element order, interleaved
-/// four at a time, then the scales as `[16][8]`, then d.
-fn repack_q6k(src: &[u8], r: usize, dst: &mut [u8]) {
-    let (ql, rest) = src.split_at(128);
-    let (qh, rest) = rest.split_at(64);
-    let (scales, d) = rest.split_at(16);
-    let mut q = [0u8; 256];
-    // GGML's layout: two halves of 128, each from 64 bytes of ql and 32 of
-    // qh; ql's low nibbles give elements 0..64 of the half, its high
-    // nibbles 64..128; qh's 2-bit fields are the top bits of the four.
-    for half in 0..2 {
-        let (ql, qh) = (&ql[64 * half..], &qh[32 * half..]);
-        let y = &mut q[128 * half..];
-        for l in 0..32 {
-            y[l] = (ql[l] & 0x0F) | ((qh[l] & 3) << 4);
-            y[l + 32] = (ql[l + 32] & 0x0F) | (((qh[l] >> 2) & 3) << 4);
-            y[l + 64] = (ql[l] >> 4) | (((qh[l] >> 4) & 3) << 4);
-            y[l + 96] = (ql[l + 32] >> 4) | (((qh[l] >> 6) & 3) << 4);
-        }
-    }
-    for (k, four) in q.chunks_exact(4).enumerate() {
-        dst[(k * GROUP + r) * 4..][..4].copy_from_slice(four);
-    }
-    let sc = GROUP * Format::Q6K.quant_bytes();
-    for (i, &s) in scales.iter().enumerate() {
-        dst[sc + i * GROUP + r] = s;
-    }
-    dst[sc + 128 + 2 * r..][..2].copy_from_slice(d);
-}
-
-/// Sub-block `j`'s 6-bit scale and min from Q4_K's 12 packed bytes: the
-/// first four of each in the low six bits of bytes 0–3 and 4–7, the last
-/// four split between bytes 8–11 and the top two bits of bytes 0–7.
-fn q4k_scale_min(j: usize, q: &[u8]) -> (u8, u8) {
-    if j < 4 {
-        (q[j] & 63, q[j + 4] & 63)
-    } else {
-        (
-            (q[j + 4] & 0x0F) | ((q[j - 4] >> 6) << 4),
-            (q[j + 4] >> 4) | ((q[j] >> 6) << 4),
-        )
+        repack::block(format, src, r, dst);
     }
 }
 
@@ -683,107 +676,6 @@ fn run_jobs(isa: Isa, jobs: &[Job<'_>], rows: usize) -> Vec<Vec<f32>> {
         .zip(outs)
         .map(|(j, o)| j.m.untranspose(&o, rows))
         .collect()
-}
-
-fn f16_at(bytes: &[u8], i: usize) -> f32 {
-    f16::from_le_bytes([bytes[2 * i], bytes[2 * i + 1]]).to_f32()
-}
-
-/// The reference: one group against activation row `r`, one lane at a time.
-fn scalar_group(format: Format, w: &[u8], x: &QuantizedRows, r: usize, out: &mut [f32]) {
-    match format {
-        Format::Q4K => return scalar_group_q4k(w, x, r, out),
-        Format::Q6K => return scalar_group_q6k(w, x, r, out),
-        _ => {}
-    }
-    let gb = format.group_block_bytes();
-    let qb = format.quant_bytes();
-    for (lane, acc) in out.iter_mut().enumerate() {
-        *acc = 0.0;
-        for b in 0..x.blocks {
-            let wb = &w[b * gb..][..gb];
-            let xi = x.index(r, b);
-            let xq = &x.qs[xi * BLOCK..][..BLOCK];
-            // Weight quant j of this lane's row.
-            let quant = |j: usize| -> i32 {
-                match format {
-                    Format::Q4_0 | Format::Q4_1 => {
-                        let byte = wb[((j % 16) / 4 * GROUP + lane) * 4 + j % 4];
-                        i32::from(if j < 16 { byte & 0x0F } else { byte >> 4 })
-                    }
-                    Format::Q8_0 => i32::from(wb[(j / 4 * GROUP + lane) * 4 + j % 4] as i8),
-                    Format::Q4K | Format::Q6K => unreachable!("handled above"),
-                }
-            };
-            let isum = (0..BLOCK).map(|j| quant(j) * i32::from(xq[j])).sum::<i32>()
-                - format.offset() * x.sum[xi];
-            let scales = &wb[GROUP * qb..];
-            let scale = f16_at(scales, lane) * x.d[xi];
-            *acc = (isum as f32).mul_add(scale, *acc);
-            if format == Format::Q4_1 {
-                *acc = f16_at(scales, GROUP + lane).mul_add(x.s[xi], *acc);
-            }
-        }
-    }
-}
-
-/// [`scalar_group`] for Q4_K: per sub-block `i` of super-block `b`,
-/// `acc += isum·((d·scᵢ)·d_x)`, then `acc -= (dmin·mᵢ)·(d_x·Σq)`.
-fn scalar_group_q4k(w: &[u8], x: &QuantizedRows, r: usize, out: &mut [f32]) {
-    let gb = Format::Q4K.group_block_bytes();
-    let sc = GROUP * Format::Q4K.quant_bytes();
-    for (lane, acc) in out.iter_mut().enumerate() {
-        *acc = 0.0;
-        for b in 0..x.blocks / 8 {
-            let wb = &w[b * gb..][..gb];
-            let d = f16_at(&wb[sc + 128..], lane);
-            let dmin = f16_at(&wb[sc + 144..], lane);
-            for i in 0..8 {
-                let xi = x.index(r, b * 8 + i);
-                let xq = &x.qs[xi * BLOCK..][..BLOCK];
-                // Element e of sub-block i: byte e of 64-chunk i/2, low
-                // nibble for even i.
-                let isum: i32 = (0..BLOCK)
-                    .map(|e| {
-                        let byte = wb[((i / 2 * 8 + e / 4) * GROUP + lane) * 4 + e % 4];
-                        let q = if i % 2 == 0 { byte & 0x0F } else { byte >> 4 };
-                        i32::from(q) * i32::from(xq[e])
-                    })
-                    .sum();
-                let scale = d * f32::from(wb[sc + i * GROUP + lane]) * x.d[xi];
-                let min = dmin * f32::from(wb[sc + 64 + i * GROUP + lane]);
-                *acc = (isum as f32).mul_add(scale, *acc);
-                *acc = (-min).mul_add(x.s[xi], *acc);
-            }
-        }
-    }
-}
-
-/// [`scalar_group`] for Q6_K: per 16 weights `i`, `isum = Σ q·x - 32·Σx`
-/// (exact), then `acc += isum·((d·scᵢ)·d_x)`.
-fn scalar_group_q6k(w: &[u8], x: &QuantizedRows, r: usize, out: &mut [f32]) {
-    let gb = Format::Q6K.group_block_bytes();
-    let sc = GROUP * Format::Q6K.quant_bytes();
-    for (lane, acc) in out.iter_mut().enumerate() {
-        *acc = 0.0;
-        for b in 0..x.blocks / 8 {
-            let wb = &w[b * gb..][..gb];
-            let d = f16_at(&wb[sc + 128..], lane);
-            for i in 0..16 {
-                let xi = x.index(r, b * 8 + i / 2);
-                let xq = &x.qs[xi * BLOCK + (i % 2) * 16..][..16];
-                let isum: i32 = (0..16)
-                    .map(|e| {
-                        let k = (i * 16 + e) / 4;
-                        i32::from(wb[(k * GROUP + lane) * 4 + e % 4]) * i32::from(xq[e])
-                    })
-                    .sum::<i32>()
-                    - 32 * x.half_sum[2 * xi + i % 2];
-                let scale = d * f32::from(wb[sc + i * GROUP + lane] as i8) * x.d[xi];
-                *acc = (isum as f32).mul_add(scale, *acc);
-            }
-        }
-    }
 }
 
 #[cfg(test)]

@@ -1,3 +1,5 @@
+use half::f16;
+
 use super::*;
 
 /// A small deterministic generator (xorshift), so failures reproduce.
@@ -19,7 +21,8 @@ impl Rng {
     }
 }
 
-/// Random GGML blocks for `[out, in]`; scales from `scale`.
+/// Random GGML blocks for `[out, in]`: random bytes for quants, scales
+/// and high bits, and f16 super-scales (d, dmin, m) from `scale`.
 fn ggml_matrix(
     format: Format,
     out: usize,
@@ -28,85 +31,234 @@ fn ggml_matrix(
     scale: &mut dyn FnMut(&mut Rng) -> f32,
 ) -> Vec<u8> {
     let mut raw = Vec::new();
-    if format == Format::Q6K {
-        for _ in 0..out * inp / 256 {
-            raw.extend((0..128 + 64 + 16).map(|_| rng.byte()));
-            raw.extend_from_slice(&f16::from_f32(scale(rng)).to_le_bytes());
+    let mut half = |raw: &mut Vec<u8>, rng: &mut Rng| {
+        raw.extend_from_slice(&f16::from_f32(scale(rng)).to_le_bytes())
+    };
+    for _ in 0..out * inp / format.block_weights() {
+        // GGML's field order: (f16 fields, random bytes, f16 fields).
+        let (before, bytes, after) = match format {
+            Format::Q4_0 | Format::Q5_0 | Format::Q8_0 => (1, format.ggml_block_bytes() - 2, 0),
+            Format::Q4_1 | Format::Q5_1 => (2, format.ggml_block_bytes() - 4, 0),
+            Format::Q4K | Format::Q5K => (2, format.ggml_block_bytes() - 4, 0),
+            Format::Q2K => (0, 80, 2),
+            Format::Q3K | Format::Q6K => (0, format.ggml_block_bytes() - 2, 1),
+        };
+        for _ in 0..before {
+            half(&mut raw, rng);
         }
-        return raw;
-    }
-    if format == Format::Q4K {
-        for _ in 0..out * inp / 256 {
-            raw.extend_from_slice(&f16::from_f32(scale(rng)).to_le_bytes());
-            raw.extend_from_slice(&f16::from_f32(scale(rng)).to_le_bytes());
-            raw.extend((0..12 + 128).map(|_| rng.byte()));
-        }
-        return raw;
-    }
-    for _ in 0..out * inp / BLOCK {
-        raw.extend_from_slice(&f16::from_f32(scale(rng)).to_le_bytes());
-        if format == Format::Q4_1 {
-            raw.extend_from_slice(&f16::from_f32(scale(rng)).to_le_bytes());
-        }
-        for _ in 0..format.quant_bytes() {
-            raw.push(rng.byte());
+        raw.extend((0..bytes).map(|_| rng.byte()));
+        for _ in 0..after {
+            half(&mut raw, rng);
         }
     }
     raw
 }
 
-/// Weight `[o][j]` from the GGML bytes, independently of the packing (for
-/// Q4_K through candle's own dequantization).
-fn ggml_value(format: Format, raw: &[u8], inp: usize, o: usize, j: usize) -> f64 {
-    if let Format::Q4K | Format::Q6K = format {
-        let bb = format.ggml_block_bytes();
-        let row = &raw[o * inp / 256 * bb..][..inp / 256 * bb];
-        let dtype = if format == Format::Q4K {
-            GgmlDType::Q4K
-        } else {
-            GgmlDType::Q6K
-        };
-        let t = candle_core::quantized::ggml_file::qtensor_from_ggml(
-            dtype,
-            row,
-            vec![inp],
-            &candle_core::Device::Cpu,
+fn h(b: &[u8], at: usize) -> f64 {
+    f16::from_le_bytes([b[at], b[at + 1]]).to_f64()
+}
+
+/// Q4_K's and Q5_K's 6-bit scale and min `j` from their 12 packed bytes.
+fn scale_min_k4(j: usize, q: &[u8]) -> (f64, f64) {
+    let (d, m) = if j < 4 {
+        (q[j] & 63, q[j + 4] & 63)
+    } else {
+        (
+            (q[j + 4] & 0xF) | ((q[j - 4] >> 6) << 4),
+            (q[j + 4] >> 4) | ((q[j] >> 6) << 4),
         )
-        .unwrap();
-        let v: Vec<f32> = t
-            .dequantize(&candle_core::Device::Cpu)
-            .unwrap()
-            .to_vec1()
-            .unwrap();
-        return v[j] as f64;
-    }
-    let bb = format.ggml_block_bytes();
-    let blk = &raw[(o * inp / BLOCK + j / BLOCK) * bb..][..bb];
-    let e = j % BLOCK;
-    let d = f16_at(blk, 0) as f64;
+    };
+    (d as f64, m as f64)
+}
+
+/// One GGML block's weights in f64, decoded from GGML's block layout as its
+/// reference `dequantize_row_*` functions do, independently of the packing
+/// and of the kernels.
+fn dequantize_block(format: Format, blk: &[u8]) -> Vec<f64> {
+    let mut y = vec![0f64; format.block_weights()];
     match format {
-        Format::Q4_0 => {
-            let byte = blk[2 + e % 16];
-            let q = if e < 16 { byte & 0x0F } else { byte >> 4 };
-            d * (q as f64 - 8.0)
+        Format::Q4_0 | Format::Q4_1 => {
+            let (d, m, qs) = match format {
+                Format::Q4_0 => (h(blk, 0), -8.0 * h(blk, 0), &blk[2..]),
+                _ => (h(blk, 0), h(blk, 2), &blk[4..]),
+            };
+            for j in 0..16 {
+                y[j] = d * (qs[j] & 0xF) as f64 + m;
+                y[j + 16] = d * (qs[j] >> 4) as f64 + m;
+            }
         }
-        Format::Q4_1 => {
-            let byte = blk[4 + e % 16];
-            let q = if e < 16 { byte & 0x0F } else { byte >> 4 };
-            d * q as f64 + f16_at(blk, 1) as f64
+        Format::Q5_0 | Format::Q5_1 => {
+            let (d, m, rest) = match format {
+                Format::Q5_0 => (h(blk, 0), -16.0 * h(blk, 0), &blk[2..]),
+                _ => (h(blk, 0), h(blk, 2), &blk[4..]),
+            };
+            let qh = u32::from_le_bytes([rest[0], rest[1], rest[2], rest[3]]);
+            let qs = &rest[4..];
+            for j in 0..16 {
+                let h0 = ((qh >> j) << 4) & 0x10;
+                let h1 = (qh >> (j + 12)) & 0x10;
+                y[j] = d * ((qs[j] as u32 & 0xF) | h0) as f64 + m;
+                y[j + 16] = d * ((qs[j] as u32 >> 4) | h1) as f64 + m;
+            }
         }
-        Format::Q8_0 => d * (blk[2 + e] as i8) as f64,
-        Format::Q4K | Format::Q6K => unreachable!("dequantized by candle above"),
+        Format::Q8_0 => {
+            for j in 0..32 {
+                y[j] = h(blk, 0) * (blk[2 + j] as i8) as f64;
+            }
+        }
+        Format::Q2K => {
+            let (scales, qs) = (&blk[..16], &blk[16..80]);
+            let (d, dmin) = (h(blk, 80), h(blk, 82));
+            let mut is = 0;
+            for n in 0..2 {
+                let q = &qs[32 * n..];
+                for j in 0..4 {
+                    for part in 0..2 {
+                        let sc = scales[is];
+                        is += 1;
+                        let (dl, ml) = (d * (sc & 0xF) as f64, dmin * (sc >> 4) as f64);
+                        for l in 0..16 {
+                            let v = (q[l + 16 * part] >> (2 * j)) & 3;
+                            y[128 * n + 32 * j + 16 * part + l] = dl * v as f64 - ml;
+                        }
+                    }
+                }
+            }
+        }
+        Format::Q3K => {
+            let (hmask, qs, packed) = (&blk[..32], &blk[32..96], &blk[96..108]);
+            let d = h(blk, 108);
+            // GGML unpacks the scales as four 32-bit words.
+            let word = |i: usize| u32::from_le_bytes(packed[4 * i..4 * i + 4].try_into().unwrap());
+            let (a0, a1, tmp) = (word(0), word(1), word(2));
+            let (k1, k2) = (0x0303_0303u32, 0x0f0f_0f0fu32);
+            let aux = [
+                (a0 & k2) | ((tmp & k1) << 4),
+                (a1 & k2) | (((tmp >> 2) & k1) << 4),
+                ((a0 >> 4) & k2) | (((tmp >> 4) & k1) << 4),
+                ((a1 >> 4) & k2) | (((tmp >> 6) & k1) << 4),
+            ];
+            let scales: Vec<i32> = aux
+                .iter()
+                .flat_map(|w| w.to_le_bytes())
+                .map(|b| b as i8 as i32 - 32)
+                .collect();
+            let (mut is, mut m) = (0, 1u8);
+            for n in 0..2 {
+                let q = &qs[32 * n..];
+                for j in 0..4 {
+                    for part in 0..2 {
+                        let dl = d * scales[is] as f64;
+                        is += 1;
+                        for l in 0..16 {
+                            let l = l + 16 * part;
+                            let low = ((q[l] >> (2 * j)) & 3) as i32;
+                            let v = low - if hmask[l] & m != 0 { 0 } else { 4 };
+                            y[128 * n + 32 * j + l] = dl * v as f64;
+                        }
+                    }
+                    m <<= 1;
+                }
+            }
+        }
+        Format::Q4K | Format::Q5K => {
+            let (d, dmin, packed) = (h(blk, 0), h(blk, 2), &blk[4..16]);
+            let (qh, ql) = match format {
+                Format::Q5K => (Some(&blk[16..48]), &blk[48..]),
+                _ => (None, &blk[16..]),
+            };
+            for c in 0..4 {
+                for s in 0..2 {
+                    let (sc, m) = scale_min_k4(2 * c + s, packed);
+                    for l in 0..32 {
+                        let byte = ql[32 * c + l];
+                        let mut q = if s == 0 { byte & 0xF } else { byte >> 4 } as f64;
+                        if qh.is_some_and(|qh| qh[l] & (1 << (2 * c + s)) != 0) {
+                            q += 16.0;
+                        }
+                        y[64 * c + 32 * s + l] = d * sc * q - dmin * m;
+                    }
+                }
+            }
+        }
+        Format::Q6K => {
+            let (ql, qh, sc) = (&blk[..128], &blk[128..192], &blk[192..208]);
+            let d = h(blk, 208);
+            for n in 0..2 {
+                let (ql, qh, sc) = (&ql[64 * n..], &qh[32 * n..], &sc[8 * n..]);
+                for l in 0..32 {
+                    let is = l / 16;
+                    let q = [
+                        (ql[l] & 0xF) | ((qh[l] & 3) << 4),
+                        (ql[l + 32] & 0xF) | (((qh[l] >> 2) & 3) << 4),
+                        (ql[l] >> 4) | (((qh[l] >> 4) & 3) << 4),
+                        (ql[l + 32] >> 4) | (((qh[l] >> 6) & 3) << 4),
+                    ];
+                    for (k, q) in q.into_iter().enumerate() {
+                        let s = sc[is + 2 * k] as i8 as f64;
+                        y[128 * n + l + 32 * k] = d * s * (q as f64 - 32.0);
+                    }
+                }
+            }
+        }
+    }
+    y
+}
+
+/// The `[out, in]` weights of GGML blocks, in f64.
+fn dequantize(format: Format, raw: &[u8]) -> Vec<f64> {
+    raw.chunks_exact(format.ggml_block_bytes())
+        .flat_map(|blk| dequantize_block(format, blk))
+        .collect()
+}
+
+const FORMATS: [Format; 10] = Format::ALL;
+
+fn ggml_dtype(format: Format) -> GgmlDType {
+    match format {
+        Format::Q4_0 => GgmlDType::Q4_0,
+        Format::Q4_1 => GgmlDType::Q4_1,
+        Format::Q5_0 => GgmlDType::Q5_0,
+        Format::Q5_1 => GgmlDType::Q5_1,
+        Format::Q8_0 => GgmlDType::Q8_0,
+        Format::Q2K => GgmlDType::Q2K,
+        Format::Q3K => GgmlDType::Q3K,
+        Format::Q4K => GgmlDType::Q4K,
+        Format::Q5K => GgmlDType::Q5K,
+        Format::Q6K => GgmlDType::Q6K,
     }
 }
 
-const FORMATS: [Format; 5] = [
-    Format::Q4_0,
-    Format::Q4_1,
-    Format::Q8_0,
-    Format::Q4K,
-    Format::Q6K,
-];
+/// The f64 decoders above against candle's dequantization (in f32, so to
+/// f32 rounding of each weight): a check of the test's own reference.
+#[test]
+fn the_reference_decoders_agree_with_candle() {
+    let mut rng = Rng(31337);
+    for format in FORMATS {
+        assert_eq!(Format::from_ggml(ggml_dtype(format)), Some(format));
+        let (out, inp) = (3, 512);
+        let raw = ggml_matrix(format, out, inp, &mut rng, &mut |r| 0.05 * r.unit());
+        let ours = dequantize(format, &raw);
+        let t = candle_core::quantized::ggml_file::qtensor_from_ggml(
+            ggml_dtype(format),
+            &raw,
+            vec![out, inp],
+            &candle_core::Device::Cpu,
+        )
+        .unwrap();
+        let theirs: Vec<f32> = t
+            .dequantize(&candle_core::Device::Cpu)
+            .unwrap()
+            .flatten_all()
+            .unwrap()
+            .to_vec1()
+            .unwrap();
+        for (i, (a, b)) in ours.iter().zip(&theirs).enumerate() {
+            let tol = 1e-6 * (1.0 + a.abs());
+            assert!((a - *b as f64).abs() <= tol, "{format:?} [{i}]: {a} vs {b}");
+        }
+    }
+}
 
 #[test]
 fn every_path_matches_an_f64_reference_on_random_blocks() {
@@ -127,6 +279,7 @@ fn every_path_matches_an_f64_reference_on_random_blocks() {
                 0.01 + 0.02 * r.unit().abs()
             });
             let packed = PackedMatrix::from_ggml(format, &raw, out, inp);
+            let wv = dequantize(format, &raw);
             let x: Vec<f32> = (0..rows * inp).map(|_| rng.unit()).collect();
             // The reference uses the activations as the kernels see them:
             // quantized to 8 bits, then dequantized in f64.
@@ -139,9 +292,7 @@ fn every_path_matches_an_f64_reference_on_random_blocks() {
                 let got = packed.matmul_with(isa, &x, rows);
                 for r in 0..rows {
                     for o in 0..out {
-                        let want: f64 = (0..inp)
-                            .map(|j| ggml_value(format, &raw, inp, o, j) * xv(r, j))
-                            .sum();
+                        let want: f64 = (0..inp).map(|j| wv[o * inp + j] * xv(r, j)).sum();
                         let g = got[r * out + o] as f64;
                         // f32 scale products and accumulation: a few ulps per block.
                         let tol = 1e-5 * (inp / BLOCK) as f64 * (1.0 + want.abs());
@@ -160,20 +311,24 @@ fn every_path_matches_an_f64_reference_on_random_blocks() {
 fn every_path_is_bit_identical_to_the_scalar_one() {
     let mut rng = Rng(12345);
     for format in FORMATS {
-        let (out, inp) = (37, 512);
-        let raw = ggml_matrix(format, out, inp, &mut rng, &mut |r| r.unit() * 0.05);
-        let packed = PackedMatrix::from_ggml(format, &raw, out, inp);
-        // Extreme activations too: a block of zeros, and a lone large value.
-        let mut x: Vec<f32> = (0..11 * inp).map(|_| rng.unit() * 3.0).collect();
-        x[..BLOCK].fill(0.0);
-        x[BLOCK + 3] = 1e4;
-        let reference = packed.matmul_with(Isa::Scalar, &x, 11);
-        for isa in Isa::available() {
-            assert_eq!(
-                packed.matmul_with(isa, &x, 11),
-                reference,
-                "{format:?} {isa:?}"
-            );
+        for (out, inp) in [(37, 512), (5, 256), (8, 768)] {
+            let raw = ggml_matrix(format, out, inp, &mut rng, &mut |r| r.unit() * 0.05);
+            let packed = PackedMatrix::from_ggml(format, &raw, out, inp);
+            for rows in [1, 2, 3, 8, 16, 11] {
+                // Extreme activations too: a block of zeros, and a lone
+                // large value.
+                let mut x: Vec<f32> = (0..rows * inp).map(|_| rng.unit() * 3.0).collect();
+                x[..BLOCK].fill(0.0);
+                x[BLOCK + 3] = 1e4;
+                let reference = packed.matmul_with(Isa::Scalar, &x, rows);
+                for isa in Isa::available() {
+                    assert_eq!(
+                        packed.matmul_with(isa, &x, rows),
+                        reference,
+                        "{format:?} {isa:?} {rows}x{out}x{inp}"
+                    );
+                }
+            }
         }
     }
 }
@@ -187,6 +342,7 @@ fn integer_parts_are_exact() {
         let (out, inp) = (16, 256);
         let raw = ggml_matrix(format, out, inp, &mut rng, &mut |_| 1.0);
         let packed = PackedMatrix::from_ggml(format, &raw, out, inp);
+        let wv = dequantize(format, &raw);
         // Activations whose blocks all have max |x| = 127: d = 1, x exact.
         let x: Vec<f32> = (0..2 * inp)
             .map(|j| {
@@ -202,7 +358,7 @@ fn integer_parts_are_exact() {
             for r in 0..2 {
                 for o in 0..out {
                     let want: f64 = (0..inp)
-                        .map(|j| ggml_value(format, &raw, inp, o, j) * x[r * inp + j] as f64)
+                        .map(|j| wv[o * inp + j] * x[r * inp + j] as f64)
                         .sum();
                     assert_eq!(
                         got[r * out + o] as f64,

@@ -13,8 +13,13 @@ JOBS=${AQUILA_PEERS_JOBS:-2}
 PINS_LLAMA="llama-cpp-python==0.3.36"
 PINS_TORCH="torch==2.15.0 transformers==5.24.0 accelerate==1.15.0 gguf==0.19.0
   safetensors==0.8.0 numpy==2.4.6 sentencepiece==0.2.3"
-# the native build dies with an illegal instruction on these machines; AMX is off too
-LLAMA_CMAKE_ARGS="-DGGML_NATIVE=OFF -DGGML_AVX2=ON -DGGML_AVX512=ON -DGGML_AVX512_VNNI=ON \
+# the native build dies with an illegal instruction on these machines; AMX is
+# off too. AVX-512 only where the CPU has it: these VMs come with and without
+# (an AVX-512 build on an AVX2-only VM dies the same way).
+avx512=OFF; vnni=OFF
+grep -qw avx512f /proc/cpuinfo && avx512=ON
+grep -qw avx512_vnni /proc/cpuinfo && vnni=ON
+LLAMA_CMAKE_ARGS="-DGGML_NATIVE=OFF -DGGML_AVX2=ON -DGGML_AVX512=$avx512 -DGGML_AVX512_VNNI=$vnni \
 -DGGML_AMX_TILE=OFF -DGGML_AMX_INT8=OFF -DGGML_AMX_BF16=OFF"
 
 # true when every "name==version" pin given is installed in the venv

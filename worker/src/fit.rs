@@ -6,7 +6,7 @@
 //! and which flags would fit, instead of being killed by the kernel halfway
 //! through loading. It only measures; it loads nothing.
 
-use std::path::Path;
+use std::path::{Path, PathBuf};
 
 use crate::config::ModelConfig;
 use crate::kv::KvDtype;
@@ -165,45 +165,31 @@ fn cgroup_room() -> Option<(usize, String)> {
     for line in own.lines() {
         let mut parts = line.splitn(3, ':');
         let (_, controllers, path) = (parts.next()?, parts.next()?, parts.next()?);
-        let rel = path.trim_start_matches('/');
-        if controllers.is_empty() {
-            // cgroup v2: every level from ours up to the root.
-            let mut dir = root.join(rel);
-            loop {
-                if let Some(room) = v2_room(&dir) {
-                    consider(
-                        room.0,
-                        format!(
-                            "cgroup memory.max {} of {} (less {} in use)",
-                            human_bytes(room.1),
-                            dir.display(),
-                            human_bytes(room.2)
-                        ),
-                    );
-                }
-                if dir == root || !dir.pop() {
-                    break;
-                }
-            }
+        // v2's unified line has no controllers; v1 walks up too, as with
+        // use_hierarchy: every level from ours to the hierarchy's root.
+        type Room = fn(&Path) -> Option<(usize, usize, usize)>;
+        let (top, limit, room): (PathBuf, &str, Room) = if controllers.is_empty() {
+            (root.to_path_buf(), "memory.max", v2_room)
         } else if controllers.split(',').any(|c| c == "memory") {
-            // cgroup v1: ours and, as with use_hierarchy, each level above.
-            let top = root.join("memory");
-            let mut dir = top.join(rel);
-            loop {
-                if let Some(room) = v1_room(&dir) {
-                    consider(
-                        room.0,
-                        format!(
-                            "cgroup memory.limit_in_bytes {} of {} (less {} in use)",
-                            human_bytes(room.1),
-                            dir.display(),
-                            human_bytes(room.2)
-                        ),
-                    );
-                }
-                if dir == top || !dir.pop() {
-                    break;
-                }
+            (root.join("memory"), "memory.limit_in_bytes", v1_room)
+        } else {
+            continue;
+        };
+        let mut dir = top.join(path.trim_start_matches('/'));
+        loop {
+            if let Some((left, max, used)) = room(&dir) {
+                consider(
+                    left,
+                    format!(
+                        "cgroup {limit} {} of {} (less {} in use)",
+                        human_bytes(max),
+                        dir.display(),
+                        human_bytes(used)
+                    ),
+                );
+            }
+            if dir == top || !dir.pop() {
+                break;
             }
         }
     }

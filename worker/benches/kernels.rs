@@ -7,7 +7,8 @@
 //!
 //! `AQUILA_BENCH_QUICK=1` runs each measurement briefly (a smoke test);
 //! `AQUILA_BENCH_ONLY=float|attention|quant` runs one part, and
-//! `AQUILA_BENCH_FORMAT=Q5_K` (GGML's name) only that type's quant lines.
+//! `AQUILA_BENCH_FORMAT=Q5_K` (GGML's name) only that type's quant lines;
+//! `AQUILA_BENCH_CYCLE=1` reads every shape from memory, not only the 7B one.
 
 use std::hint::black_box;
 use std::time::{Duration, Instant};
@@ -51,9 +52,9 @@ fn main() {
         .into_iter()
         .map(|f| ("base_mlp_up", f, 2048, 768))
         .collect();
-    // 7B's MLP (15–48 MB of weights, as GGUF stores them): mostly read from
-    // memory, not cache, as in decoding a real model (the smaller types can
-    // stay in a 32 MiB L3). Rows 1 and 16 on the SIMD paths only.
+    // 7B's MLP (15–48 MB of weights, as GGUF stores them), read from memory
+    // as in decoding a real model (see the copies below). Rows 1 and 16 on
+    // the SIMD paths only.
     let large: Vec<(&str, Format, usize, usize)> = Format::ALL
         .into_iter()
         .map(|f| ("7b_mlp_up", f, 11008, 4096))
@@ -63,12 +64,22 @@ fn main() {
         if only_format.as_deref().is_some_and(|f| f != format.label()) {
             continue;
         }
-        let packed = PackedMatrix::from_ggml(
-            format,
-            &random_blocks(format, out * inp / format.block_weights()),
-            out,
-            inp,
-        );
+        let raw = random_blocks(format, out * inp / format.block_weights());
+        let packed = PackedMatrix::from_ggml(format, &raw, out, inp);
+        // The 7B shape cycles through copies of its matrix that together
+        // pass 128 MiB, four times the L3, so every call reads from memory
+        // as decoding a 7B model does (one copy would partly stay cached);
+        // AQUILA_BENCH_CYCLE does so for every shape.
+        let copies = if name == "7b_mlp_up" || std::env::var_os("AQUILA_BENCH_CYCLE").is_some() {
+            (128usize << 20).div_ceil(packed.bytes())
+        } else {
+            1
+        };
+        let cycle: Vec<PackedMatrix> = (1..copies)
+            .map(|_| PackedMatrix::from_ggml(format, &raw, out, inp))
+            .chain(std::iter::once(packed))
+            .collect();
+        let packed = &cycle[cycle.len() - 1];
         for isa in Isa::available() {
             for rows in [1, 4, 16, 64] {
                 if isa == Isa::Scalar && rows > 4 {
@@ -80,8 +91,10 @@ fn main() {
                 let x: Vec<f32> = (0..rows * inp)
                     .map(|i| ((i * 7919) % 201) as f32 / 100.0 - 1.0)
                     .collect();
+                let mut next = 0;
                 let secs = time(budget, || {
-                    black_box(packed.matmul_with(isa, black_box(&x), rows));
+                    next = (next + 1) % cycle.len();
+                    black_box(cycle[next].matmul_with(isa, black_box(&x), rows));
                 });
                 let macs = (rows * out * inp) as f64;
                 let gguf_bytes = out * inp / format.block_weights() * format.ggml_block_bytes();

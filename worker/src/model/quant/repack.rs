@@ -154,27 +154,46 @@ fn k4_scale_min(j: usize, q: &[u8]) -> (u8, u8) {
     }
 }
 
-/// Q6_K (`ql[128]`, `qh[64]`, 16 i8 scales, `d`): quants 0..63 in element
-/// order, interleaved four at a time, then the scales as `[16][8]`, then d.
+/// Q6_K (`ql[128]`, `qh[64]`, 16 i8 scales, `d`), in the order the kernel
+/// reads it (GGML's size). GGML: in half `n`, weight `l + 32k` (`l` < 32,
+/// kind `k` < 4) has its low four bits in nibble `k / 2` of `ql` byte
+/// `64n + 32(k % 2) + l` and its top two in field `k` of `qh` byte
+/// `32n + l`. Here, per half `n`, nibble run `p` (kinds `p` and `p + 2`) and
+/// sixteen `l` at `16s`, a 192-byte chunk of two 96-byte pairs `c`: nibble
+/// bytes `l = 16s + 8c + 0..4` interleaved, then `+ 4..8`, then one
+/// interleaved 4-byte column whose byte `j` holds the top bits of the first
+/// four's `l = 16s + 8c + j` (kind `p` in bits 0–1, `p + 2` in 2–3) and
+/// of the second four's (bits 4–5 and 6–7). Then the scales as `[16][8]`,
+/// then d.
 fn q6k(src: &[u8], r: usize, dst: &mut [u8]) {
     let (ql, rest) = src.split_at(128);
     let (qh, rest) = rest.split_at(64);
     let (scales, d) = rest.split_at(16);
-    let mut q = [0u8; 256];
-    // GGML's layout: two halves of 128, each from 64 bytes of ql and 32 of
-    // qh; ql's low nibbles give elements 0..64 of the half, its high
-    // nibbles 64..128; qh's 2-bit fields are the top bits of the four.
-    for half in 0..2 {
-        let (ql, qh) = (&ql[64 * half..], &qh[32 * half..]);
-        let y = &mut q[128 * half..];
-        for l in 0..32 {
-            y[l] = (ql[l] & 0x0F) | ((qh[l] & 3) << 4);
-            y[l + 32] = (ql[l + 32] & 0x0F) | (((qh[l] >> 2) & 3) << 4);
-            y[l + 64] = (ql[l] >> 4) | (((qh[l] >> 4) & 3) << 4);
-            y[l + 96] = (ql[l + 32] >> 4) | (((qh[l] >> 6) & 3) << 4);
+    for n in 0..2 {
+        for p in 0..2 {
+            for s in 0..2 {
+                let chunk = ((n * 2 + p) * 2 + s) * 192;
+                for c in 0..2 {
+                    let pair = chunk + 96 * c;
+                    for half in 0..2 {
+                        let l = 16 * s + 8 * c + 4 * half;
+                        let at = pair + 32 * half + 4 * r;
+                        dst[at..at + 4].copy_from_slice(&ql[64 * n + 32 * p + l..][..4]);
+                    }
+                    for j in 0..4 {
+                        let mut byte = 0;
+                        for half in 0..2 {
+                            let h = qh[32 * n + 16 * s + 8 * c + 4 * half + j];
+                            let lo = (h >> (2 * p)) & 3;
+                            let hi = (h >> (2 * p + 4)) & 3;
+                            byte |= (lo | hi << 2) << (4 * half);
+                        }
+                        dst[pair + 64 + 4 * r + j] = byte;
+                    }
+                }
+            }
         }
     }
-    interleave(&q, r, dst);
     let sc = GROUP * Format::Q6K.quant_bytes();
     for (i, &s) in scales.iter().enumerate() {
         dst[sc + i * GROUP + r] = s;

@@ -153,7 +153,9 @@ fn k4(format: Format, w: &[u8], x: &QuantizedRows, r: usize, out: &mut [f32]) {
 }
 
 /// Q6_K: per 16 weights `i`, `isum = Σ q·x - 32·Σx` (exact), then
-/// `acc += isum·((d·scᵢ)·d_x)`.
+/// `acc += isum·((d·scᵢ)·d_x)`, in the SIMD kernels' order (the layout's,
+/// see `repack::q6k`): per half `n`, nibble run `p`, sixteen `l` at `16s`,
+/// the sub-blocks of kinds `p` and `p + 2`.
 fn q6k(w: &[u8], x: &QuantizedRows, r: usize, out: &mut [f32]) {
     let gb = Format::Q6K.group_block_bytes();
     let sc = GROUP * Format::Q6K.quant_bytes();
@@ -162,18 +164,30 @@ fn q6k(w: &[u8], x: &QuantizedRows, r: usize, out: &mut [f32]) {
         for b in 0..x.blocks / 8 {
             let wb = &w[b * gb..][..gb];
             let d = f16_at(&wb[sc + 128..], lane);
-            for i in 0..16 {
-                let xi = x.index(r, b * 8 + i / 2);
-                let xq = &x.qs[xi * BLOCK + (i % 2) * 16..][..16];
-                let isum: i32 = (0..16)
-                    .map(|e| {
-                        let k = (i * 16 + e) / 4;
-                        i32::from(wb[(k * GROUP + lane) * 4 + e % 4]) * i32::from(xq[e])
-                    })
-                    .sum::<i32>()
-                    - 32 * x.half_sum[2 * xi + i % 2];
-                let scale = d * f32::from(wb[sc + i * GROUP + lane] as i8) * x.d[xi];
-                *acc = (isum as f32).mul_add(scale, *acc);
+            // Quant `l` (< 32) of kind `k` in half `n`.
+            let quant = |n: usize, k: usize, l: usize| {
+                let (p, s, c, half, j) = (k % 2, l / 16, l % 16 / 8, l % 8 / 4, l % 4);
+                let pair = ((n * 2 + p) * 2 + s) * 192 + 96 * c;
+                let ql = wb[pair + 32 * half + 4 * lane + j];
+                let qh = wb[pair + 64 + 4 * lane + j];
+                ((ql >> (4 * (k / 2))) & 0x0F) | (((qh >> (4 * half + 2 * (k / 2))) & 3) << 4)
+            };
+            for n in 0..2 {
+                for p in 0..2 {
+                    for s in 0..2 {
+                        for k in [p, p + 2] {
+                            let i = 8 * n + 2 * k + s;
+                            let xi = x.index(r, b * 8 + i / 2);
+                            let xq = &x.qs[xi * BLOCK + s * 16..][..16];
+                            let isum: i32 = (0..16)
+                                .map(|e| i32::from(quant(n, k, 16 * s + e)) * i32::from(xq[e]))
+                                .sum::<i32>()
+                                - 32 * x.half_sum[2 * xi + s];
+                            let scale = d * f32::from(wb[sc + i * GROUP + lane] as i8) * x.d[xi];
+                            *acc = (isum as f32).mul_add(scale, *acc);
+                        }
+                    }
+                }
             }
         }
     }

@@ -1,6 +1,7 @@
 //! The K-quant kernels (256-weight super-blocks): Q2_K and Q3_K (16-weight
 //! sub-blocks, 2-bit fields packed four to a byte), Q4_K and Q5_K (32-weight
-//! sub-blocks, nibbles), Q6_K (16-weight sub-blocks, a byte per quant).
+//! sub-blocks, nibbles), Q6_K (16-weight sub-blocks, nibbles and 2-bit high
+//! parts).
 //! Each applies the scales per sub-block exactly as its scalar reference.
 
 use std::arch::x86_64::*;
@@ -326,8 +327,9 @@ unsafe fn k4_chunk<const R: usize, const VNNI: bool, const FIVE: bool, const C: 
 }
 
 /// Q6_K: per 16 weights, the integer sum of `q·x` (quants 0..63) less
-/// `32·Σx`, then `acc += isum·((d·scᵢ)·d_x)`, as `scalar::q6k`. On AVX2 two
-/// `vpmaddubsw` results are added in 16 bits (2 × 2 × 63 × 128 < 2¹⁵)
+/// `32·Σx`, then `acc += isum·((d·scᵢ)·d_x)`, in `scalar::q6k`'s order,
+/// reading the super-block front to back (see `repack::q6k`). On AVX2 two
+/// `vpmaddubsw` results are added in 16 bits (2 × 2 × 63 × 127 < 2¹⁵)
 /// before widening. Returns `R`.
 ///
 /// # Safety
@@ -346,43 +348,98 @@ pub(super) unsafe fn q6k<const R: usize, const VNNI: bool>(
     // SAFETY: every access below stays within super-block b of the group
     // (asserted above) or within row r's 32-blocks (broadcast4).
     unsafe {
-        let ones = _mm256_set1_epi16(1);
         let mut acc = [_mm256_setzero_ps(); R];
         for b in 0..supers {
             let wb = w.as_ptr().add(b * gb);
             let d = load_f16(wb.add(sc + 128));
-            for i in 0..16 {
-                let (blk, off) = (b * 8 + i / 2, (i % 2) * 16);
-                let mut sums = [_mm256_setzero_si256(); R];
-                for pair in 0..2 {
-                    let k = 4 * i + 2 * pair;
-                    let q0 = load(wb.add(k * 32));
-                    let q1 = load(wb.add((k + 1) * 32));
-                    for (r, s) in sums.iter_mut().enumerate() {
-                        let x0 = broadcast4(x, r0 + r, blk, off + 8 * pair);
-                        let x1 = broadcast4(x, r0 + r, blk, off + 8 * pair + 4);
-                        if VNNI {
-                            *s = dpbusd(dpbusd(*s, q0, x0), q1, x1);
-                        } else {
-                            let p = _mm256_add_epi16(
-                                _mm256_maddubs_epi16(q0, x0),
-                                _mm256_maddubs_epi16(q1, x1),
-                            );
-                            *s = _mm256_add_epi32(*s, _mm256_madd_epi16(p, ones));
-                        }
-                    }
-                }
-                let dsc = _mm256_mul_ps(d, widen_i8(wb.add(sc + i * GROUP)));
-                for (r, a) in acc.iter_mut().enumerate() {
-                    let xi = x.index(r0 + r, blk);
-                    let hs = x.half_sum[2 * xi + i % 2];
-                    let s = _mm256_sub_epi32(sums[r], _mm256_set1_epi32(32 * hs));
-                    let scale = _mm256_mul_ps(dsc, _mm256_set1_ps(x.d[xi]));
-                    *a = _mm256_fmadd_ps(_mm256_cvtepi32_ps(s), scale, *a);
+            for n in 0..2 {
+                for p in 0..2 {
+                    q6k_sixteen::<R, VNNI>(wb, x, r0, (b, n, p, 0), d, &mut acc);
+                    q6k_sixteen::<R, VNNI>(wb, x, r0, (b, n, p, 1), d, &mut acc);
                 }
             }
         }
         store(acc, out);
     }
     R
+}
+
+/// Sixteen `l` at `16s` of half `n`, nibble run `p` of super-block `b`:
+/// the sub-blocks of kinds `p` (low nibbles) and `p + 2` (high), summed
+/// from one 192-byte chunk and scaled into `acc`.
+#[inline(always)]
+unsafe fn q6k_sixteen<const R: usize, const VNNI: bool>(
+    wb: *const u8,
+    x: &QuantizedRows,
+    r0: usize,
+    (b, n, p, s): (usize, usize, usize, usize),
+    d: __m256,
+    acc: &mut [__m256; R],
+) {
+    let sc = GROUP * Format::Q6K.quant_bytes();
+    let (lo_blk, hi_blk) = (b * 8 + 4 * n + p, b * 8 + 4 * n + p + 2);
+    let chunk = ((n * 2 + p) * 2 + s) * 192;
+    // SAFETY: within super-block b (the caller's bounds) and row r's
+    // 32-blocks.
+    unsafe {
+        let nibble = _mm256_set1_epi8(0x0F);
+        let top = _mm256_set1_epi8(0x30);
+        let ones = _mm256_set1_epi16(1);
+        let mut lo_sum = [_mm256_setzero_si256(); R];
+        let mut hi_sum = [_mm256_setzero_si256(); R];
+        for c in 0..2 {
+            let pair = wb.add(chunk + 96 * c);
+            let (q0, q1, h) = (load(pair), load(pair.add(32)), load(pair.add(64)));
+            let lo0 = _mm256_or_si256(
+                _mm256_and_si256(q0, nibble),
+                _mm256_and_si256(_mm256_slli_epi16::<4>(h), top),
+            );
+            let hi0 = _mm256_or_si256(
+                _mm256_and_si256(_mm256_srli_epi16::<4>(q0), nibble),
+                _mm256_and_si256(_mm256_slli_epi16::<2>(h), top),
+            );
+            let lo1 = _mm256_or_si256(_mm256_and_si256(q1, nibble), _mm256_and_si256(h, top));
+            let hi1 = _mm256_or_si256(
+                _mm256_and_si256(_mm256_srli_epi16::<4>(q1), nibble),
+                _mm256_and_si256(_mm256_srli_epi16::<2>(h), top),
+            );
+            let l = 16 * s + 8 * c;
+            for r in 0..R {
+                let (xl0, xl1) = (
+                    broadcast4(x, r0 + r, lo_blk, l),
+                    broadcast4(x, r0 + r, lo_blk, l + 4),
+                );
+                let (xh0, xh1) = (
+                    broadcast4(x, r0 + r, hi_blk, l),
+                    broadcast4(x, r0 + r, hi_blk, l + 4),
+                );
+                if VNNI {
+                    lo_sum[r] = dpbusd(dpbusd(lo_sum[r], lo0, xl0), lo1, xl1);
+                    hi_sum[r] = dpbusd(dpbusd(hi_sum[r], hi0, xh0), hi1, xh1);
+                } else {
+                    let pl = _mm256_add_epi16(
+                        _mm256_maddubs_epi16(lo0, xl0),
+                        _mm256_maddubs_epi16(lo1, xl1),
+                    );
+                    let ph = _mm256_add_epi16(
+                        _mm256_maddubs_epi16(hi0, xh0),
+                        _mm256_maddubs_epi16(hi1, xh1),
+                    );
+                    lo_sum[r] = _mm256_add_epi32(lo_sum[r], _mm256_madd_epi16(pl, ones));
+                    hi_sum[r] = _mm256_add_epi32(hi_sum[r], _mm256_madd_epi16(ph, ones));
+                }
+            }
+        }
+        for (k, blk, sums) in [(p, lo_blk, lo_sum), (p + 2, hi_blk, hi_sum)] {
+            let i = 8 * n + 2 * k + s;
+            let dsc = _mm256_mul_ps(d, widen_i8(wb.add(sc + i * GROUP)));
+            for (r, a) in acc.iter_mut().enumerate() {
+                let xi = x.index(r0 + r, blk);
+                let hs = x.half_sum[2 * xi + s];
+                let v = _mm256_sub_epi32(sums[r], _mm256_set1_epi32(32 * hs));
+                let scale = _mm256_mul_ps(dsc, _mm256_set1_ps(x.d[xi]));
+                *a = _mm256_fmadd_ps(_mm256_cvtepi32_ps(v), scale, *a);
+            }
+        }
+    }
 }

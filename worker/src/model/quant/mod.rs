@@ -19,10 +19,10 @@
 //! - Q5_0, Q5_1: the 4-bit nibbles as Q4's, then the fifth bits as one more
 //!   interleaved 32-bit word per row, each byte holding the fifth bits of the
 //!   eight quants its nibble byte column feeds (GGML's size: 22 and 24).
-//! - Q4_K, Q5_K: 256-weight super-blocks; the quants (and Q5_K's 32 bytes of
-//!   fifth bits, already in that per-byte order in GGML) interleaved, the
-//!   6-bit scales and mins unpacked to bytes (148 and 180 instead of 144
-//!   and 176).
+//! - Q4_K, Q5_K: 256-weight super-blocks; the quants interleaved (Q5_K's
+//!   in 160-byte runs of four nibble columns and their fifth bits, in the
+//!   order the kernel reads them), the 6-bit scales and mins unpacked to
+//!   bytes (148 and 180 instead of 144 and 176).
 //! - Q2_K, Q3_K: the 2-bit fields kept packed four to a byte (and Q3_K's
 //!   high-bit mask interleaved); Q2_K's 4-bit scale/min pairs as GGML's
 //!   bytes (84, GGML's size), Q3_K's 6-bit scales unpacked to signed bytes

@@ -116,14 +116,32 @@ fn q4k(src: &[u8], r: usize, dst: &mut [u8]) {
     k4_scales(Format::Q4K, head, r, dst);
 }
 
-/// Q5_K (Q4_K's head, `qh[32]`, `qs[128]`): as Q4_K, with `qh` interleaved
-/// after the quants (byte `l`, bit `2c + s`: the fifth bit of the quant in
-/// nibble `s` of byte `l` of 64-weight chunk `c`, as GGML has it).
+/// Q5_K (Q4_K's head, `qh[32]`, `qs[128]`; GGML: the fifth bit of nibble
+/// `s` of byte `l` of 64-weight chunk `c` is bit `2c + s` of `qh[l]`), in
+/// the order the kernel reads it: per chunk, two 160-byte halves, each the
+/// chunk's quant bytes `16h..16h + 16` interleaved (four columns `m`), then
+/// one interleaved 4-byte column whose byte `j` has the fifth bit of
+/// nibble `s` of column `m`'s byte `j` in bit `4s + m`. Then scales and
+/// mins as Q4_K's.
 fn q5k(src: &[u8], r: usize, dst: &mut [u8]) {
     let (head, rest) = src.split_at(16);
     let (qh, quants) = rest.split_at(32);
-    interleave(quants, r, dst);
-    interleave(qh, r, &mut dst[GROUP * 128..]);
+    for c in 0..4 {
+        for h in 0..2 {
+            let at = c * 320 + h * 160;
+            interleave(&quants[32 * c + 16 * h..][..16], r, &mut dst[at..]);
+            for j in 0..4 {
+                let mut byte = 0;
+                for m in 0..4 {
+                    for s in 0..2 {
+                        let bit = (qh[16 * h + 4 * m + j] >> (2 * c + s)) & 1;
+                        byte |= bit << (4 * s + m);
+                    }
+                }
+                dst[at + 128 + 4 * r + j] = byte;
+            }
+        }
+    }
     k4_scales(Format::Q5K, head, r, dst);
 }
 

@@ -131,15 +131,21 @@ fn k4(format: Format, w: &[u8], x: &QuantizedRows, r: usize, out: &mut [f32]) {
                 let xi = x.index(r, b * 8 + i);
                 let xq = &x.qs[xi * BLOCK..][..BLOCK];
                 // Element e of sub-block i: byte e of 64-chunk i/2, low
-                // nibble for even i; Q5_K's fifth bit in byte e of qh.
+                // nibble for even i; Q5_K's chunks as `repack::q5k` lays
+                // them out, with the fifth bit in bit 4·(i % 2) + column.
                 let isum: i32 = (0..BLOCK)
                     .map(|e| {
-                        let byte = wb[((i / 2 * 8 + e / 4) * GROUP + lane) * 4 + e % 4];
-                        let mut q = if i % 2 == 0 { byte & 0x0F } else { byte >> 4 };
-                        if five {
-                            let bits = wb[GROUP * 128 + ((e / 4) * GROUP + lane) * 4 + e % 4];
-                            q |= high(bits, i, 16);
-                        }
+                        let q = if five {
+                            let at = i / 2 * 320 + e / 16 * 160;
+                            let (m, j) = (e % 16 / 4, e % 4);
+                            let byte = wb[at + 32 * m + 4 * lane + j];
+                            let bits = wb[at + 128 + 4 * lane + j];
+                            let q = if i % 2 == 0 { byte & 0x0F } else { byte >> 4 };
+                            q | high(bits, 4 * (i % 2) + m, 16)
+                        } else {
+                            let byte = wb[((i / 2 * 8 + e / 4) * GROUP + lane) * 4 + e % 4];
+                            if i % 2 == 0 { byte & 0x0F } else { byte >> 4 }
+                        };
                         i32::from(q) * i32::from(xq[e])
                     })
                     .sum();

@@ -6,7 +6,7 @@
 
 use std::arch::x86_64::*;
 
-use super::{bit_to, broadcast4, dpbusd, high_bit, load, load_f16, store};
+use super::{broadcast4, dpbusd, high_bit, load, load_f16, store};
 use crate::model::quant::{Format, GROUP, QuantizedRows};
 
 /// Eight bytes at `p` as f32, unsigned.
@@ -227,7 +227,8 @@ unsafe fn k4_scale<const R: usize>(
 }
 
 /// Quants of byte column `l4` of chunk `C`: low and high nibbles, plus 16
-/// where (Q5_K) bit `2C` or `2C + 1` of the bit plane is set.
+/// where (Q5_K) the fifth bit is set: bits `l4 % 4` and `4 + l4 % 4` of the
+/// half's bit column (see `repack::q5k`).
 #[inline(always)]
 unsafe fn k4_quants<const FIVE: bool, const C: i32>(
     wb: *const u8,
@@ -236,22 +237,35 @@ unsafe fn k4_quants<const FIVE: bool, const C: i32>(
     // SAFETY: within the super-block (the caller's bounds).
     unsafe {
         let nibble = _mm256_set1_epi8(0x0F);
-        let q = load(wb.add((C as usize * 8 + l4) * 32));
-        let mut lo = _mm256_and_si256(q, nibble);
-        let mut hi = _mm256_and_si256(_mm256_srli_epi16(q, 4), nibble);
-        if FIVE {
-            let sixteen = _mm256_set1_epi8(16);
-            let bits = load(wb.add(GROUP * 128 + l4 * 32));
-            lo = _mm256_or_si256(lo, _mm256_and_si256(bit_to(bits, 2 * C, 4), sixteen));
-            hi = _mm256_or_si256(hi, _mm256_and_si256(bit_to(bits, 2 * C + 1, 4), sixteen));
+        let c = C as usize;
+        if !FIVE {
+            let q = load(wb.add((c * 8 + l4) * 32));
+            return (
+                _mm256_and_si256(q, nibble),
+                _mm256_and_si256(_mm256_srli_epi16(q, 4), nibble),
+            );
         }
+        let half = wb.add(c * 320 + l4 / 4 * 160);
+        let q = load(half.add(l4 % 4 * 32));
+        // Column m's bits to bits 0 and 4 (16-bit shifts by at most 3 keep
+        // them within their byte).
+        let bits = _mm256_srl_epi16(load(half.add(128)), _mm_cvtsi32_si128((l4 % 4) as i32));
+        let sixteen = _mm256_set1_epi8(16);
+        let lo = _mm256_or_si256(
+            _mm256_and_si256(q, nibble),
+            _mm256_and_si256(_mm256_slli_epi16(bits, 4), sixteen),
+        );
+        let hi = _mm256_or_si256(
+            _mm256_and_si256(_mm256_srli_epi16(q, 4), nibble),
+            _mm256_and_si256(bits, sixteen),
+        );
         (lo, hi)
     }
 }
 
 /// Chunk `C` (64 weights) of super-block `b`: the integer sums of its two
 /// sub-blocks for rows `r0..r0+R`, from the low and high nibbles (plus 16
-/// where Q5_K's bit plane has bit `2C`, or `2C + 1`). `VNNI` picks
+/// where Q5_K's fifth bit is set). `VNNI` picks
 /// `vpdpbusd` over `vpmaddubsw` + `vpmaddwd`. AVX2 keeps 4-bit sums in 16
 /// bits for the chunk (8 × 2 × 15 × 127 < 2¹⁵) and adds 5-bit ones in pairs
 /// (2 × 2 × 31 × 127 < 2¹⁵) before widening.

@@ -18,7 +18,7 @@ Threads spin-wait in both engines, so on a busy machine single runs can be
 10-20x slower: look at the spread, and rerun when the machine is quiet.
 
   peers.py llamacpp --gguf M.gguf --threads 2 --prompt-tokens 40 --gen-tokens 128
-  peers.py transformers --model DIR_OR_GGUF [--gguf-file NAME] --threads 2 --gen-tokens 128
+  peers.py transformers --model DIR_OR_GGUF [--gguf-file NAME] [--dtype bf16] --threads 2 --gen-tokens 128
   peers.py chat-llamacpp --gguf M.gguf   # greedy chat answer + token ids (GGUF chat template)
 
 Run it with the venv made by setup-peers.sh.
@@ -196,7 +196,8 @@ def bench_transformers(args):
         name = gguf
     else:      # HF folder; explicit Llama class so "AquilaForCausalLM" needs no remote code
         tokz = AutoTokenizer.from_pretrained(path)
-        model = LlamaForCausalLM.from_pretrained(path, dtype=torch.float32)
+        dtype = {"f32": torch.float32, "bf16": torch.bfloat16}[args.dtype]
+        model = LlamaForCausalLM.from_pretrained(path, dtype=dtype)
         name = os.path.basename(os.path.normpath(path))
     model.eval()
     ids = fixed_prompt(lambda t: tokz(t, add_special_tokens=True)["input_ids"], args.prompt_tokens)
@@ -230,6 +231,8 @@ def main():
         if name == "transformers":
             p.add_argument("--model", required=True, help="HF folder, or a .gguf file")
             p.add_argument("--gguf-file", help="GGUF file name inside --model folder")
+            p.add_argument("--dtype", choices=["f32", "bf16"], default="f32",
+                           help="weights and compute type for an HF folder (GGUF: always f32)")
         else:
             p.add_argument("--gguf", required=True)
         if name == "llamacpp-parallel":

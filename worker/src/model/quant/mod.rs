@@ -21,8 +21,8 @@
 //!   eight quants its nibble byte column feeds (GGML's size: 22 and 24).
 //! - Q4_K, Q5_K: 256-weight super-blocks; the quants interleaved (Q5_K's
 //!   in 160-byte runs of four nibble columns and their fifth bits, in the
-//!   order the kernel reads them), the 6-bit scales and mins unpacked to
-//!   bytes (148 and 180 instead of 144 and 176).
+//!   order the kernel reads them), after the 6-bit scales and mins unpacked
+//!   to bytes (148 and 180 instead of 144 and 176).
 //! - Q2_K, Q3_K: the 2-bit fields kept packed four to a byte (and Q3_K's
 //!   high-bit mask interleaved); Q2_K's 4-bit scale/min pairs as GGML's
 //!   bytes (84, GGML's size), Q3_K's 6-bit scales unpacked to signed bytes
@@ -185,7 +185,25 @@ impl Format {
         }
     }
 
-    /// Bytes of one block of one group: quants, then scales (and mins).
+    /// Where a group block's scales (and mins) start: after the quants, but
+    /// for Q4_K and Q5_K, whose 160 bytes of scales, mins, d and dmin come
+    /// first so that the kernel reads the block front to back.
+    pub(super) const fn scales_at(self) -> usize {
+        match self {
+            Self::Q4K | Self::Q5K => 0,
+            _ => GROUP * self.quant_bytes(),
+        }
+    }
+
+    /// Where a group block's quants start (see [`scales_at`](Self::scales_at)).
+    pub(super) const fn quants_at(self) -> usize {
+        match self {
+            Self::Q4K | Self::Q5K => GROUP * 16 + 2 * GROUP * 2,
+            _ => 0,
+        }
+    }
+
+    /// Bytes of one block of one group: quants and scales (and mins).
     const fn group_block_bytes(self) -> usize {
         let scales = match self {
             Self::Q4_1 | Self::Q5_1 => 2 * GROUP * 2,

@@ -112,7 +112,7 @@ fn q3k(src: &[u8], r: usize, dst: &mut [u8]) {
 /// then d and dmin.
 fn q4k(src: &[u8], r: usize, dst: &mut [u8]) {
     let (head, quants) = src.split_at(16);
-    interleave(quants, r, dst);
+    interleave(quants, r, &mut dst[Format::Q4K.quants_at()..]);
     k4_scales(Format::Q4K, head, r, dst);
 }
 
@@ -128,7 +128,7 @@ fn q5k(src: &[u8], r: usize, dst: &mut [u8]) {
     let (qh, quants) = rest.split_at(32);
     for c in 0..4 {
         for h in 0..2 {
-            let at = c * 320 + h * 160;
+            let at = Format::Q5K.quants_at() + c * 320 + h * 160;
             interleave(&quants[32 * c + 16 * h..][..16], r, &mut dst[at..]);
             for j in 0..4 {
                 let mut byte = 0;
@@ -146,9 +146,9 @@ fn q5k(src: &[u8], r: usize, dst: &mut [u8]) {
 }
 
 /// Q4_K's and Q5_K's 16-byte head (`d`, `dmin`, packed scales and mins)
-/// after the group's quants.
+/// before the group's quants.
 fn k4_scales(format: Format, head: &[u8], r: usize, dst: &mut [u8]) {
-    let sc = GROUP * format.quant_bytes();
+    let sc = format.scales_at();
     for j in 0..8 {
         let (scale, min) = k4_scale_min(j, &head[4..16]);
         dst[sc + j * GROUP + r] = scale;

@@ -119,7 +119,7 @@ fn k2(format: Format, w: &[u8], x: &QuantizedRows, r: usize, out: &mut [f32]) {
 /// `acc += isum·((d·scᵢ)·d_x)`, then `acc -= (dmin·mᵢ)·(d_x·Σq)`.
 fn k4(format: Format, w: &[u8], x: &QuantizedRows, r: usize, out: &mut [f32]) {
     let gb = format.group_block_bytes();
-    let sc = GROUP * format.quant_bytes();
+    let (sc, qa) = (format.scales_at(), format.quants_at());
     let five = format == Format::Q5K;
     for (lane, acc) in out.iter_mut().enumerate() {
         *acc = 0.0;
@@ -136,14 +136,14 @@ fn k4(format: Format, w: &[u8], x: &QuantizedRows, r: usize, out: &mut [f32]) {
                 let isum: i32 = (0..BLOCK)
                     .map(|e| {
                         let q = if five {
-                            let at = i / 2 * 320 + e / 16 * 160;
+                            let at = qa + i / 2 * 320 + e / 16 * 160;
                             let (m, j) = (e % 16 / 4, e % 4);
                             let byte = wb[at + 32 * m + 4 * lane + j];
                             let bits = wb[at + 128 + 4 * lane + j];
                             let q = if i % 2 == 0 { byte & 0x0F } else { byte >> 4 };
                             q | high(bits, 4 * (i % 2) + m, 16)
                         } else {
-                            let byte = wb[((i / 2 * 8 + e / 4) * GROUP + lane) * 4 + e % 4];
+                            let byte = wb[qa + ((i / 2 * 8 + e / 4) * GROUP + lane) * 4 + e % 4];
                             if i % 2 == 0 { byte & 0x0F } else { byte >> 4 }
                         };
                         i32::from(q) * i32::from(xq[e])

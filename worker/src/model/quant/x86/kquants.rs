@@ -141,7 +141,7 @@ pub(super) unsafe fn k4<const R: usize, const VNNI: bool, const FIVE: bool>(
     let gb = format.group_block_bytes();
     let supers = x.blocks / 8;
     assert!(w.len() >= supers * gb && r0 + R <= x.rows);
-    let sc = GROUP * format.quant_bytes();
+    let sc = format.scales_at();
     // SAFETY: every access below stays within super-block b of the group
     // (asserted above) or within row r's 32-blocks (broadcast4).
     unsafe {
@@ -238,6 +238,7 @@ unsafe fn k4_quants<const FIVE: bool, const C: i32>(
     unsafe {
         let nibble = _mm256_set1_epi8(0x0F);
         let c = C as usize;
+        let wb = wb.add(if FIVE { Format::Q5K } else { Format::Q4K }.quants_at());
         if !FIVE {
             let q = load(wb.add((c * 8 + l4) * 32));
             return (

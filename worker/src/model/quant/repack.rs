@@ -108,8 +108,8 @@ fn q3k(src: &[u8], r: usize, dst: &mut [u8]) {
 }
 
 /// Q4_K (`d`, `dmin`, 12 bytes of packed 6-bit scales and mins, 128 bytes
-/// of quants): quants interleaved, then scales and mins as `[8][8]` bytes,
-/// then d and dmin.
+/// of quants): scales and mins as `[8][8]` bytes, d and dmin (160 bytes
+/// for the group), then the quants interleaved.
 fn q4k(src: &[u8], r: usize, dst: &mut [u8]) {
     let (head, quants) = src.split_at(16);
     interleave(quants, r, &mut dst[Format::Q4K.quants_at()..]);
@@ -121,8 +121,8 @@ fn q4k(src: &[u8], r: usize, dst: &mut [u8]) {
 /// the order the kernel reads it: per chunk, two 160-byte halves, each the
 /// chunk's quant bytes `16h..16h + 16` interleaved (four columns `m`), then
 /// one interleaved 4-byte column whose byte `j` has the fifth bit of
-/// nibble `s` of column `m`'s byte `j` in bit `4s + m`. Then scales and
-/// mins as Q4_K's.
+/// nibble `s` of column `m`'s byte `j` in bit `4s + m`; the scales and
+/// mins ahead of them, as Q4_K's.
 fn q5k(src: &[u8], r: usize, dst: &mut [u8]) {
     let (head, rest) = src.split_at(16);
     let (qh, quants) = rest.split_at(32);

@@ -24,21 +24,7 @@ tmp=$(mktemp -d)
 pids=()
 trap 'kill "${pids[@]}" 2>/dev/null || true' EXIT
 
-# Starts `aquila ROLE ARGS` in the background and sets $addr to the
-# address it reports listening on.
-start() { # role, args...
-    local role=$1 log pid
-    shift
-    log=$(mktemp -p "$tmp")
-    RUST_LOG=warn $aq "$@" >"$log" 2>&1 &
-    pid=$!
-    pids+=("$pid")
-    until grep -q "aquila $role listening on" "$log"; do
-        kill -0 "$pid" || { cat "$log" >&2; exit 1; }
-        sleep 0.5
-    done
-    addr=$(grep "aquila $role listening on" "$log" | awk '{print $NF}')
-}
+source tests/bench/serve.sh
 
 # 8 streams through a gateway in front of a worker serving file $1. The
 # decode rate is 8 streams ÷ their mean inter-token gap, the figure
@@ -48,7 +34,7 @@ gateway8() {
     start worker worker --model "$1" --threads "$THREADS" --listen 127.0.0.1:0
     start gateway gateway --listen 127.0.0.1:0 --worker "$addr"
     local url="http://$addr"
-    until $aq generate --gateway "$url" --max-new-tokens 1 hi >/dev/null 2>&1; do sleep 0.5; done
+    ready "$url"
     RUST_LOG=warn $aq bench --gateway "$url" --api generate --concurrency 8 --num-requests 8 \
         --warmup-requests 1 --prompt-tokens 40 --output-tokens "$GEN" --vocab-range 1000:20000 \
         --json "$tmp/gw.json" >/dev/null

@@ -19,24 +19,7 @@ out=$(mktemp -d)
 pids=()
 trap 'kill "${pids[@]}" 2>/dev/null || true' EXIT
 
-# Starts `aquila ARGS` in the background (its pid in $pid) and sets $addr
-# to the address it reports for LABEL. Not in a subshell: $pids must grow.
-start() { # label, args...
-    local label=$1 log
-    shift
-    log=$(mktemp)
-    RUST_LOG=warn $aq "$@" >"$log" &
-    pid=$!
-    pids+=("$pid")
-    until grep -q "aquila $label listening on" "$log"; do
-        kill -0 "$pid" || { echo "aquila $* exited" >&2; exit 1; }
-        sleep 0.2
-    done
-    addr=$(grep "aquila $label listening on" "$log" | awk '{print $NF}')
-}
-ready() { # url: a one-token request succeeds
-    until $aq generate --gateway "$1" --max-new-tokens 1 hi >/dev/null 2>&1; do sleep 0.5; done
-}
+source tests/bench/serve.sh
 
 start worker worker --model "$demo" --threads 2 --listen 127.0.0.1:0
 worker=$addr

@@ -12,7 +12,9 @@
 #    bench-model on it against peers.py transformers --dtype bf16, one after
 #    the other (both hold 15 GB; 24 GiB holds one).
 #   tests/bench/aquila7b-peers.sh [DIR]   (DIR holds q4_0/ and q4_k_m/; default ~/.cache/aquila/aquila-7b-gguf)
-#   GEN=32 PT=512 THREADS=2 TYPES="q4_0 q4_k_m" BF16=DIR to change; needs tests/bench/setup-peers.sh first.
+#   GEN=32 PT=512 THREADS=2 TYPES="q4_0 q4_k_m" BF16=DIR to change; X8_ONLY=1 runs only
+#   the 8-sequence pair (llamacpp-parallel, then the gateway), to repeat it.
+#   Needs tests/bench/setup-peers.sh first.
 set -euo pipefail
 cd "$(dirname "$0")/../.."
 GEN=${GEN:-32} PT=${PT:-512} THREADS=${THREADS:-2} TYPES=${TYPES:-q4_0 q4_k_m}
@@ -57,17 +59,19 @@ for t in $TYPES; do
     f=$dir/$t/model.gguf
     [ -f "$f" ] || $aq make-model --preset 7b --format gguf --gguf-type "$t" --out "$dir/$t"
     echo "== $t"
-    RUST_LOG=warn $aq bench-model --model "$f" --threads "$THREADS" --prompt-tokens "$PT" \
-        --gen-tokens "$GEN" --batch 8
-    "$py" tests/bench/peers.py llamacpp --gguf "$f" --threads "$THREADS" --prompt-tokens "$PT" \
-        --gen-tokens "$GEN" --repeats 1 2>/dev/null | tail -1
+    if [ -z "${X8_ONLY:-}" ]; then
+        RUST_LOG=warn $aq bench-model --model "$f" --threads "$THREADS" --prompt-tokens "$PT" \
+            --gen-tokens "$GEN" --batch 8
+        "$py" tests/bench/peers.py llamacpp --gguf "$f" --threads "$THREADS" --prompt-tokens "$PT" \
+            --gen-tokens "$GEN" --repeats 1 2>/dev/null | tail -1
+    fi
     "$py" tests/bench/peers.py llamacpp-parallel --gguf "$f" --parallel 8 --threads "$THREADS" \
         --prompt-tokens 40 --gen-tokens "$GEN" --repeats 1 2>/dev/null | tail -1
     # The engine alone with llamacpp-parallel's 40-token prompts (the run
     # above decodes its 8 sequences after 512-token prompts: 8 × 512 tokens
     # of f32 KV cache, 4 GB, read every step).
-    RUST_LOG=warn $aq bench-model --model "$f" --threads "$THREADS" --prompt-tokens 40 \
-        --gen-tokens "$GEN" --batch 8
+    [ -n "${X8_ONLY:-}" ] || RUST_LOG=warn $aq bench-model --model "$f" --threads "$THREADS" \
+        --prompt-tokens 40 --gen-tokens "$GEN" --batch 8
     gateway8 "$f"
 done
 

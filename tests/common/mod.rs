@@ -5,7 +5,7 @@
 
 pub mod f64_llama;
 
-use std::io::{BufRead, BufReader};
+use std::io::{BufRead, BufReader, Write};
 use std::path::Path;
 use std::process::{Child, Command, Stdio};
 use std::time::{Duration, Instant};
@@ -259,19 +259,24 @@ pub fn greedy(m: &Llama, prompt: &[u32], n: usize) -> (Vec<f32>, Vec<u32>) {
     (first.unwrap_or_default(), out)
 }
 
-/// The value of `var`, or None with a note that the test is skipped; under
-/// CI (`CI` set) a missing variable is a failure, never a silent skip.
-pub fn env_or_skip(var: &str, set_by: &str) -> Option<String> {
-    match std::env::var(var) {
-        Ok(v) => Some(v),
-        Err(_) if std::env::var_os("CI").is_some() => {
-            panic!("{var} must be set under CI ({set_by} sets it)")
-        }
-        Err(_) => {
-            eprintln!("skipped: {var} is not set ({set_by} sets it)");
-            None
-        }
+/// A test, or a part of one, that cannot run here for `why`: under CI (`CI`
+/// set) a failure, never a silent skip; otherwise a `SKIPPED: why` line,
+/// written to stderr itself so that it shows past the harness's capture.
+pub fn skip(why: &str) {
+    if std::env::var_os("CI").is_some() {
+        panic!("{why}: under CI nothing is skipped");
     }
+    let _ = writeln!(std::io::stderr(), "SKIPPED: {why}");
+}
+
+/// The value of `var`, or None once [`skip`] has said that it is not set
+/// (and that `set_by` sets it).
+pub fn env_or_skip(var: &str, set_by: &str) -> Option<String> {
+    let value = std::env::var(var).ok();
+    if value.is_none() {
+        skip(&format!("{var} is not set ({set_by} sets it)"));
+    }
+    value
 }
 
 /// The tiny model served by a worker process behind a gateway process, and

@@ -23,13 +23,13 @@ use std::io::{BufRead, BufReader, Write};
 use std::net::Ipv4Addr;
 use std::path::{Path, PathBuf};
 use std::process::{Child, Command, Stdio};
-use std::time::{Duration, Instant};
+use std::time::Duration;
 
 use aquila_proto::admin::v1::ListReplicasRequest;
 use aquila_proto::admin::v1::admin_client::AdminClient;
 use aquila_proto::v1::generation_client::GenerationClient;
 use aquila_proto::v1::{FinishReason, GenerateRequest};
-use common::{env_or_skip, greedy_params};
+use common::{env_or_skip, eventually, greedy_params};
 use serde_json::Value;
 use tempfile::TempDir;
 use tonic::Status;
@@ -856,27 +856,25 @@ impl Pod {
         if probe.is_null() {
             return;
         }
-        let deadline = Instant::now() + budget;
-        while !self.probe(&probe).await {
+        let what = format!("{}: {which} passing", self.name);
+        eventually(budget, &what, async || {
+            if self.probe(&probe).await {
+                return Ok(());
+            }
             if let Some(status) = self
                 .child
                 .as_mut()
                 .and_then(|c| c.try_wait().ok().flatten())
             {
                 panic!(
-                    "{} exited ({status}) before its {which} passed:\n{}",
+                    "{} exited ({status}) before its {which} passed: {:?}",
                     self.name,
-                    self.log_tail()
+                    LogTail(self.log(self.app()))
                 );
             }
-            assert!(
-                Instant::now() < deadline,
-                "{}: {which} did not pass within {budget:?}:\n{}",
-                self.name,
-                self.log_tail()
-            );
-            tokio::time::sleep(Duration::from_millis(50)).await;
-        }
+            Err(LogTail(self.log(self.app())))
+        })
+        .await;
     }
 
     /// The kubelet's order: the startup probe within its failure budget
@@ -894,15 +892,10 @@ impl Pod {
             .await;
     }
 
-    fn log_tail(&self) -> String {
-        let text = std::fs::read_to_string(self.log(self.app())).unwrap_or_default();
-        let lines: Vec<&str> = text.lines().collect();
-        lines[lines.len().saturating_sub(30)..].join("\n")
-    }
 
     /// SIGTERM, as the kubelet sends it; the exit status must come within
     /// the pod's terminationGracePeriodSeconds.
-    fn terminate(&mut self) -> std::process::ExitStatus {
+    async fn terminate(&mut self) -> std::process::ExitStatus {
         let grace = self.spec()["terminationGracePeriodSeconds"]
             .as_u64()
             .unwrap_or(30);
@@ -912,18 +905,11 @@ impl Pod {
             .status()
             .expect("run kill");
         assert!(sent.success(), "kill -TERM failed");
-        let deadline = Instant::now() + Duration::from_secs(grace);
-        loop {
-            if let Some(status) = child.try_wait().expect("wait") {
-                return status;
-            }
-            assert!(
-                Instant::now() < deadline,
-                "{} outlived its {grace} s grace",
-                self.name
-            );
-            std::thread::sleep(Duration::from_millis(20));
-        }
+        let what = format!("{} exited within its {grace} s grace", self.name);
+        eventually(Duration::from_secs(grace), &what, async || {
+            child.try_wait().expect("wait").ok_or("running")
+        })
+        .await
     }
 
     /// Every line the process logged is a JSON object (AQUILA_LOG_JSON).
@@ -938,6 +924,19 @@ impl Pod {
             n += 1;
         }
         assert!(n > 0, "{} logged nothing", self.name);
+    }
+}
+
+/// The last 30 lines of a log file, read when formatted: in the message of
+/// a failure, at the time it fails.
+struct LogTail(PathBuf);
+
+impl std::fmt::Debug for LogTail {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        let text = std::fs::read_to_string(&self.0).unwrap_or_default();
+        let lines: Vec<&str> = text.lines().collect();
+        let tail = lines[lines.len().saturating_sub(30)..].join("\n");
+        write!(f, "its log ends:\n{tail}")
     }
 }
 
@@ -1007,15 +1006,12 @@ async fn replicas(admin: &str) -> Vec<(String, String, bool)> {
 
 /// Polls the admin API until the replicas are `want` (10 s at most).
 async fn wait_replicas(admin: &str, want: &[(String, String, bool)]) {
-    let deadline = Instant::now() + Duration::from_secs(10);
-    loop {
+    let what = format!("replicas {want:?}");
+    eventually(Duration::from_secs(10), &what, async || {
         let got = replicas(admin).await;
-        if got == want {
-            return;
-        }
-        assert!(Instant::now() < deadline, "replicas {got:?}, want {want:?}");
-        tokio::time::sleep(Duration::from_millis(50)).await;
-    }
+        if got == want { Ok(()) } else { Err(got) }
+    })
+    .await;
 }
 
 async fn generate(gateway: &str, n: u32) -> Vec<u32> {
@@ -1164,13 +1160,13 @@ async fn the_rendered_manifests_run_as_processes() {
     // Scale in: the pod leaves the Service and gets SIGTERM; the gateway
     // drops it at its next lookup and keeps serving from the other.
     cluster.set_dns(&dns(&[&workers[0]]));
-    let status = workers[1].terminate();
+    let status = workers[1].terminate().await;
     assert!(status.success(), "worker-1 exited {status}");
     wait_replicas(&admin, &[entry(&workers[0])]).await;
     assert_eq!(generate(&grpc, 8).await, first);
 
     for pod in [&mut gateway, &mut workers[0]] {
-        let status = pod.terminate();
+        let status = pod.terminate().await;
         assert!(status.success(), "{} exited {status}", pod.name);
         pod.assert_json_logs();
     }
@@ -1253,23 +1249,20 @@ async fn a_leader_worker_set_group_runs_as_processes() {
     // tokens: 16 steps). A follower records a step just after the leader
     // has answered, so its count may trail for a moment.
     for f in &followers {
-        let deadline = Instant::now() + Duration::from_secs(5);
-        loop {
+        let what = format!("{} running 16 steps", f.name);
+        eventually(Duration::from_secs(5), &what, async || {
             let (code, text) = http_get(f.ip, f.port(&"metrics".into()), "/metrics")
                 .await
                 .expect("follower /metrics");
             assert_eq!(code, 200);
             let steps = counter(&text, "aquila_worker_step_duration_seconds_count");
-            if steps >= 16.0 {
-                break;
-            }
-            assert!(Instant::now() < deadline, "{} ran {steps} steps", f.name);
-            tokio::time::sleep(Duration::from_millis(20)).await;
-        }
+            if steps >= 16.0 { Ok(()) } else { Err(steps) }
+        })
+        .await;
     }
 
     for pod in [&mut gateway, &mut leader] {
-        let status = pod.terminate();
+        let status = pod.terminate().await;
         assert!(status.success(), "{} exited {status}", pod.name);
     }
 }
@@ -1384,7 +1377,7 @@ async fn tls_and_api_keys_from_secrets_run_as_processes() {
     );
 
     for pod in [&mut gateway, &mut worker] {
-        let status = pod.terminate();
+        let status = pod.terminate().await;
         assert!(status.success(), "{} exited {status}", pod.name);
     }
 }

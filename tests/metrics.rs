@@ -10,12 +10,12 @@
 mod common;
 
 use std::collections::BTreeMap;
-use std::time::{Duration, Instant};
+use std::time::Duration;
 
 use aquila_loadgen::{LoadgenArgs, Report};
 use aquila_worker::presets::{GgufType, WeightFormat};
 use clap::Parser;
-use common::{Proc, spawn, spawn_gateway, spawn_worker, tiny_model, wait_serving};
+use common::{Proc, eventually, spawn, spawn_gateway, spawn_worker, tiny_model, wait_serving};
 use tokio::io::{AsyncReadExt, AsyncWriteExt};
 
 /// One sample of the text exposition: name, labels, value.
@@ -444,28 +444,27 @@ async fn every_rank_of_a_group_serves_its_metrics() {
     let steps = "aquila_worker_step_duration_seconds_count";
     let collective = "aquila_worker_step_collective_seconds";
     // The follower observes a step just after its last collective: wait for it.
-    let deadline = Instant::now() + Duration::from_secs(10);
-    loop {
-        let (a, b) = (scrape(addrs[0]).await, scrape(addrs[1]).await);
-        let (a_steps, b_steps) = (a.get(steps, &[]), b.get(steps, &[]));
-        if a_steps == b_steps {
-            assert!(a_steps > 0.0);
-            for s in [&a, &b] {
-                assert_eq!(s.get(&format!("{collective}_count"), &[]), a_steps);
-                assert!(s.get(&format!("{collective}_sum"), &[]) > 0.0);
+    let (a, b, a_steps) = eventually(
+        Duration::from_secs(10),
+        "both ranks counting the same steps",
+        async || {
+            let (a, b) = (scrape(addrs[0]).await, scrape(addrs[1]).await);
+            match (a.get(steps, &[]), b.get(steps, &[])) {
+                (a_steps, b_steps) if a_steps == b_steps => Ok((a, b, a_steps)),
+                seen => Err(seen),
             }
-            // Only the leader runs the engine (and its queue and KV pool).
-            let leaders = [&a, &b]
-                .iter()
-                .filter(|s| s.has_prefix("aquila_worker_kv_blocks_total"))
-                .count();
-            assert_eq!(leaders, 1);
-            break;
-        }
-        assert!(
-            Instant::now() < deadline,
-            "ranks saw {a_steps} and {b_steps} steps"
-        );
-        tokio::time::sleep(Duration::from_millis(20)).await;
+        },
+    )
+    .await;
+    assert!(a_steps > 0.0);
+    for s in [&a, &b] {
+        assert_eq!(s.get(&format!("{collective}_count"), &[]), a_steps);
+        assert!(s.get(&format!("{collective}_sum"), &[]) > 0.0);
     }
+    // Only the leader runs the engine (and its queue and KV pool).
+    let leaders = [&a, &b]
+        .iter()
+        .filter(|s| s.has_prefix("aquila_worker_kv_blocks_total"))
+        .count();
+    assert_eq!(leaders, 1);
 }

@@ -197,14 +197,56 @@ pub async fn wait_serving(url: &str) {
 
 /// [`wait_serving`] for an endpoint with its own settings (TLS).
 pub async fn wait_serving_at(endpoint: &tonic::transport::Endpoint) {
-    let deadline = Instant::now() + Duration::from_secs(60);
-    while !is_serving(endpoint).await {
-        assert!(
-            Instant::now() < deadline,
-            "{} not SERVING after 60 s",
-            endpoint.uri()
-        );
-        tokio::time::sleep(Duration::from_millis(25)).await;
+    let what = format!("{} SERVING", endpoint.uri());
+    eventually(Duration::from_secs(60), &what, async || {
+        is_serving(endpoint).await
+    })
+    .await;
+}
+
+/// What a check given to [`eventually`] answers: a `bool`, or a `Result`
+/// whose `Ok` is the value waited for and whose `Err` is what was seen
+/// instead (formatted only if the wait fails).
+pub trait Check {
+    type Done;
+    type Seen: std::fmt::Debug;
+    fn done(self) -> Result<Self::Done, Self::Seen>;
+}
+
+impl Check for bool {
+    type Done = ();
+    type Seen = bool;
+    fn done(self) -> Result<(), bool> {
+        if self { Ok(()) } else { Err(false) }
+    }
+}
+
+impl<T, E: std::fmt::Debug> Check for Result<T, E> {
+    type Done = T;
+    type Seen = E;
+    fn done(self) -> Result<T, E> {
+        self
+    }
+}
+
+/// Runs `check` every 10 ms until it holds and returns what it gave; fails
+/// the test, naming `what` and the last answer, once `limit` has passed.
+/// The one way the tests wait for a state they cannot be told about.
+pub async fn eventually<C: Check>(
+    limit: Duration,
+    what: &str,
+    mut check: impl AsyncFnMut() -> C,
+) -> C::Done {
+    let start = Instant::now();
+    loop {
+        match check().await.done() {
+            Ok(done) => return done,
+            Err(seen) => assert!(
+                start.elapsed() < limit,
+                "not within {limit:?}: {what} (last seen: {seen:?})"
+            ),
+        }
+        tokio::time::sleep(Duration::from_millis(10)).await;
     }
 }
 

@@ -29,7 +29,7 @@ use aquila_proto::admin::v1::ListReplicasRequest;
 use aquila_proto::admin::v1::admin_client::AdminClient;
 use aquila_proto::v1::generation_client::GenerationClient;
 use aquila_proto::v1::{FinishReason, GenerateRequest};
-use common::{env_or_skip, eventually, greedy_params};
+use common::{env_or_skip, eventually, greedy_params, http};
 use serde_json::Value;
 use tempfile::TempDir;
 use tonic::Status;
@@ -814,8 +814,13 @@ impl Pod {
             .unwrap_or_else(|| panic!("{}: no port named {name}", self.name)) as u16
     }
 
+    /// "IP:PORT" of a container port, by name or number.
+    fn addr(&self, port: &Value) -> String {
+        format!("{}:{}", self.ip, self.port(port))
+    }
+
     fn url(&self, port: &Value) -> String {
-        format!("http://{}:{}", self.ip, self.port(port))
+        format!("http://{}", self.addr(port))
     }
 
     /// One probe as the kubelet runs it: gRPC health, HTTP GET or TCP.
@@ -832,9 +837,9 @@ impl Pod {
                 c.check(req).await.is_ok_and(|r| r.into_inner().status == 1)
             } else if let Some(h) = probe.get("httpGet") {
                 let path = h["path"].as_str().unwrap_or("/");
-                http_get(self.ip, self.port(&h["port"]), path)
+                http::try_request(&self.addr(&h["port"]), "GET", path, "", &[])
                     .await
-                    .is_some_and(|(code, _)| (200..400).contains(&code))
+                    .is_ok_and(|r| (200..400).contains(&r.status))
             } else if let Some(t) = probe.get("tcpSocket") {
                 tokio::net::TcpStream::connect((self.ip, self.port(&t["port"])))
                     .await
@@ -947,23 +952,6 @@ impl Drop for Pod {
             let _ = c.wait();
         }
     }
-}
-
-/// A plain HTTP/1.1 GET: (status, body).
-async fn http_get(ip: Ipv4Addr, port: u16, path: &str) -> Option<(u16, String)> {
-    use tokio::io::{AsyncReadExt, AsyncWriteExt};
-    let mut s = tokio::net::TcpStream::connect((ip, port)).await.ok()?;
-    let req = format!("GET {path} HTTP/1.1\r\nHost: {ip}\r\nConnection: close\r\n\r\n");
-    s.write_all(req.as_bytes()).await.ok()?;
-    let mut buf = Vec::new();
-    s.read_to_end(&mut buf).await.ok()?;
-    let text = String::from_utf8_lossy(&buf).into_owned();
-    let code = text.split_whitespace().nth(1)?.parse().ok()?;
-    let body = text
-        .split_once("\r\n\r\n")
-        .map_or("", |(_, b)| b)
-        .to_string();
-    Some((code, body))
 }
 
 fn find<'a>(docs: &'a [Value], kind: &str, name: &str) -> &'a Value {
@@ -1139,19 +1127,16 @@ async fn the_rendered_manifests_run_as_processes() {
             "greedy differs between replicas"
         );
     }
-    let (code, body) = http_get(gateway.ip, gateway.port(&target("http")), "/v1/models")
-        .await
-        .expect("GET /v1/models");
-    assert_eq!(code, 200, "{body}");
+    let models = http::get(&gateway.addr(&target("http")), "/v1/models").await;
+    let body = models.text();
+    assert_eq!(models.status, 200, "{body}");
     assert!(body.contains("SmolLM2-135M-Instruct"), "{body}");
     // Both replicas served, as each one's /metrics port (the PodMonitor's) says.
     let mut total = 0.0;
     for w in &workers {
-        let (code, text) = http_get(w.ip, w.port(&"metrics".into()), "/metrics")
-            .await
-            .expect("worker /metrics");
-        assert_eq!(code, 200);
-        let served = counter(&text, "aquila_worker_requests_finished_total");
+        let metrics = http::get(&w.addr(&"metrics".into()), "/metrics").await;
+        assert_eq!(metrics.status, 200);
+        let served = counter(&metrics.text(), "aquila_worker_requests_finished_total");
         assert!(served >= 1.0, "{} served {served}", w.name);
         total += served;
     }
@@ -1251,11 +1236,9 @@ async fn a_leader_worker_set_group_runs_as_processes() {
     for f in &followers {
         let what = format!("{} running 16 steps", f.name);
         eventually(Duration::from_secs(5), &what, async || {
-            let (code, text) = http_get(f.ip, f.port(&"metrics".into()), "/metrics")
-                .await
-                .expect("follower /metrics");
-            assert_eq!(code, 200);
-            let steps = counter(&text, "aquila_worker_step_duration_seconds_count");
+            let metrics = http::get(&f.addr(&"metrics".into()), "/metrics").await;
+            assert_eq!(metrics.status, 200);
+            let steps = counter(&metrics.text(), "aquila_worker_step_duration_seconds_count");
             if steps >= 16.0 { Ok(()) } else { Err(steps) }
         })
         .await;

@@ -16,7 +16,6 @@ use aquila_loadgen::{LoadgenArgs, Report};
 use aquila_worker::presets::{GgufType, WeightFormat};
 use clap::Parser;
 use common::{Proc, eventually, spawn, spawn_gateway, spawn_worker, tiny_model, wait_serving};
-use tokio::io::{AsyncReadExt, AsyncWriteExt};
 
 /// One sample of the text exposition: name, labels, value.
 #[derive(Debug, Clone)]
@@ -85,17 +84,11 @@ impl Scrape {
 
 /// GET http://ADDR/metrics, parsed.
 async fn scrape(addr: &str) -> Scrape {
-    let mut conn = tokio::net::TcpStream::connect(addr)
-        .await
-        .expect("connect to /metrics");
-    let request = format!("GET /metrics HTTP/1.1\r\nHost: {addr}\r\nConnection: close\r\n\r\n");
-    conn.write_all(request.as_bytes()).await.expect("send");
-    let mut response = String::new();
-    conn.read_to_string(&mut response).await.expect("read");
-    let (head, body) = response.split_once("\r\n\r\n").expect("HTTP head");
-    assert!(head.starts_with("HTTP/1.1 200"), "{head}");
-    assert!(head.contains("text/plain"), "{head}");
-    Scrape(parse(body))
+    let reply = common::http::get(addr, "/metrics").await;
+    assert_eq!(reply.status, 200, "{}", reply.text());
+    let kind = reply.header("content-type").unwrap_or_default();
+    assert!(kind.starts_with("text/plain"), "{kind}");
+    Scrape(parse(&reply.text()))
 }
 
 /// The address a process printed as "aquila WHAT listening on ADDR".

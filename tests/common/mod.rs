@@ -4,6 +4,7 @@
 #![allow(dead_code)]
 
 pub mod f64_llama;
+pub mod http;
 
 use std::io::{BufRead, BufReader, Write};
 use std::path::Path;

@@ -29,6 +29,7 @@ use aquila_proto::admin::v1::ListReplicasRequest;
 use aquila_proto::admin::v1::admin_client::AdminClient;
 use aquila_proto::v1::generation_client::GenerationClient;
 use aquila_proto::v1::{FinishReason, GenerateRequest};
+use common::prometheus::scrape;
 use common::{env_or_skip, eventually, greedy_params, http};
 use serde_json::Value;
 use tempfile::TempDir;
@@ -960,15 +961,6 @@ fn find<'a>(docs: &'a [Value], kind: &str, name: &str) -> &'a Value {
         .unwrap_or_else(|| panic!("no {kind} {name} rendered"))
 }
 
-/// Sums a counter's samples (every label set) in a Prometheus exposition.
-fn counter(exposition: &str, name: &str) -> f64 {
-    exposition
-        .lines()
-        .filter(|l| l.starts_with(name) && l[name.len()..].starts_with(['{', ' ']))
-        .filter_map(|l| l.rsplit(' ').next()?.parse::<f64>().ok())
-        .sum()
-}
-
 async fn replicas(admin: &str) -> Vec<(String, String, bool)> {
     let mut c = AdminClient::connect(admin.to_string())
         .await
@@ -1134,9 +1126,9 @@ async fn the_rendered_manifests_run_as_processes() {
     // Both replicas served, as each one's /metrics port (the PodMonitor's) says.
     let mut total = 0.0;
     for w in &workers {
-        let metrics = http::get(&w.addr(&"metrics".into()), "/metrics").await;
-        assert_eq!(metrics.status, 200);
-        let served = counter(&metrics.text(), "aquila_worker_requests_finished_total");
+        let served = scrape(&w.addr(&"metrics".into()))
+            .await
+            .sum("aquila_worker_requests_finished_total", &[]);
         assert!(served >= 1.0, "{} served {served}", w.name);
         total += served;
     }
@@ -1236,9 +1228,9 @@ async fn a_leader_worker_set_group_runs_as_processes() {
     for f in &followers {
         let what = format!("{} running 16 steps", f.name);
         eventually(Duration::from_secs(5), &what, async || {
-            let metrics = http::get(&f.addr(&"metrics".into()), "/metrics").await;
-            assert_eq!(metrics.status, 200);
-            let steps = counter(&metrics.text(), "aquila_worker_step_duration_seconds_count");
+            let steps = scrape(&f.addr(&"metrics".into()))
+                .await
+                .sum("aquila_worker_step_duration_seconds_count", &[]);
             if steps >= 16.0 { Ok(()) } else { Err(steps) }
         })
         .await;

@@ -9,87 +9,13 @@
 
 mod common;
 
-use std::collections::BTreeMap;
 use std::time::Duration;
 
 use aquila_loadgen::{LoadgenArgs, Report};
 use aquila_worker::presets::{GgufType, WeightFormat};
 use clap::Parser;
+use common::prometheus::{Scrape, scrape};
 use common::{Proc, eventually, spawn, spawn_gateway, spawn_worker, tiny_model, wait_serving};
-
-/// One sample of the text exposition: name, labels, value.
-#[derive(Debug, Clone)]
-struct Sample {
-    name: String,
-    labels: BTreeMap<String, String>,
-    value: f64,
-}
-
-/// Parses the Prometheus text format as the `prometheus` crate writes it:
-/// `name{k="v",...} value` lines, `#` comments. Label values here never
-/// hold `,` or `"`, so a plain split is enough.
-fn parse(text: &str) -> Vec<Sample> {
-    text.lines()
-        .filter(|l| !l.is_empty() && !l.starts_with('#'))
-        .map(|line| {
-            let (series, value) = line.rsplit_once(' ').expect("a value");
-            let (name, labels) = match series.split_once('{') {
-                Some((name, rest)) => {
-                    let inner = rest.strip_suffix('}').expect("closing brace");
-                    let labels = inner
-                        .split(',')
-                        .filter(|kv| !kv.is_empty())
-                        .map(|kv| {
-                            let (k, v) = kv.split_once('=').expect("k=v");
-                            (k.to_string(), v.trim_matches('"').to_string())
-                        })
-                        .collect();
-                    (name.to_string(), labels)
-                }
-                None => (series.to_string(), BTreeMap::new()),
-            };
-            Sample {
-                name,
-                labels,
-                value: value.parse().expect("a number"),
-            }
-        })
-        .collect()
-}
-
-struct Scrape(Vec<Sample>);
-
-impl Scrape {
-    /// The sum of `name` over the samples carrying every label in `labels`;
-    /// panics if there is none.
-    fn get(&self, name: &str, labels: &[(&str, &str)]) -> f64 {
-        let matching: Vec<&Sample> = self
-            .0
-            .iter()
-            .filter(|s| s.name == name)
-            .filter(|s| {
-                labels
-                    .iter()
-                    .all(|(k, v)| s.labels.get(*k).map(String::as_str) == Some(*v))
-            })
-            .collect();
-        assert!(!matching.is_empty(), "no {name}{labels:?} in {:#?}", self.0);
-        matching.iter().map(|s| s.value).sum()
-    }
-
-    fn has_prefix(&self, prefix: &str) -> bool {
-        self.0.iter().any(|s| s.name.starts_with(prefix))
-    }
-}
-
-/// GET http://ADDR/metrics, parsed.
-async fn scrape(addr: &str) -> Scrape {
-    let reply = common::http::get(addr, "/metrics").await;
-    assert_eq!(reply.status, 200, "{}", reply.text());
-    let kind = reply.header("content-type").unwrap_or_default();
-    assert!(kind.starts_with("text/plain"), "{kind}");
-    Scrape(parse(&reply.text()))
-}
 
 /// The address a process printed as "aquila WHAT listening on ADDR".
 fn listener(p: &Proc, what: &str) -> String {
@@ -460,4 +386,24 @@ async fn every_rank_of_a_group_serves_its_metrics() {
         .filter(|s| s.has_prefix("aquila_worker_kv_blocks_total"))
         .count();
     assert_eq!(leaders, 1);
+}
+
+/// The reader itself, on what the servers' output does not show: escapes,
+/// a comma inside a label value, a trailing comma, empty braces, NaN.
+#[test]
+fn the_exposition_reader_reads_labels_escapes_and_values() {
+    let s = Scrape::parse(
+        "# HELP a_total A.\n# TYPE a_total counter\n\
+         a_total 3\n\
+         b_bucket{le=\"+Inf\",path=\"a,\\\"b\\\"\"} 2\n\
+         b_bucket{le=\"0.5\",} 1\n\
+         c{} NaN\n",
+    );
+    assert_eq!(s.get("a_total", &[]), 3.0);
+    assert_eq!(s.get("b_bucket", &[("le", "+Inf")]), 2.0);
+    assert_eq!(s.get("b_bucket", &[("path", "a,\"b\"")]), 2.0);
+    assert_eq!(s.get("b_bucket", &[]), 3.0);
+    assert!(s.get("c", &[]).is_nan());
+    assert_eq!(s.sum("d_total", &[]), 0.0);
+    assert!(s.has_prefix("b_"));
 }

@@ -5,6 +5,7 @@
 
 pub mod f64_llama;
 pub mod http;
+pub mod prometheus;
 
 use std::io::{BufRead, BufReader, Write};
 use std::path::Path;

@@ -1,10 +1,18 @@
-//! Shared fixtures for the end-to-end tests: tiny models written from a seed,
-//! and real `aquila` processes on 127.0.0.1 port 0, waited for by health
-//! checks (never by sleeping).
+//! The one place of the end-to-end tests' support: tiny models written from
+//! a seed, real `aquila` processes on 127.0.0.1 port 0 and the stacks built
+//! of them, waited for by health checks or [`eventually`] (never by
+//! sleeping), and the one [`skip`] rule for what a machine lacks. Beside it:
+//! the HTTP client (`http`), the `/metrics` reader (`prometheus`), the
+//! f64 reference model (`f64_llama`), and for `deploy/` the Dockerfile
+//! reader (`dockerfile`), the chart tools (`chart`) and the pod emulator
+//! (`pods`). Each test file is its own crate and uses only part of it.
 #![allow(dead_code)]
 
+pub mod chart;
+pub mod dockerfile;
 pub mod f64_llama;
 pub mod http;
+pub mod pods;
 pub mod prometheus;
 
 use std::io::{BufRead, BufReader, Write};

@@ -15,16 +15,7 @@ use aquila_loadgen::{LoadgenArgs, Report};
 use aquila_worker::presets::{GgufType, WeightFormat};
 use clap::Parser;
 use common::prometheus::{Scrape, scrape};
-use common::{Proc, eventually, spawn, spawn_gateway, spawn_worker, tiny_model, wait_serving};
-
-/// The address a process printed as "aquila WHAT listening on ADDR".
-fn listener(p: &Proc, what: &str) -> String {
-    p.others
-        .iter()
-        .find(|(w, _)| w == what)
-        .map(|(_, a)| a.clone())
-        .unwrap_or_else(|| panic!("no {what} line in {:?}", p.others))
-}
+use common::{eventually, spawn, spawn_gateway, spawn_worker, tiny_model, wait_serving};
 
 async fn loadgen(url: &str, flags: &[&str]) -> Report {
     let mut args = vec!["bench", "--gateway", url, "--duration-s", "120"];
@@ -71,7 +62,7 @@ async fn run_and_check(flags: &[&str]) -> (Scrape, Scrape, String) {
     assert_eq!(r.succeeded, K);
     assert_eq!(r.total_output_tokens, K * OUTPUT);
 
-    let g = scrape(&listener(&gateway, "gateway metrics")).await;
+    let g = scrape(gateway.addr_of("gateway metrics")).await;
     let k = K as f64;
     let ok = [("method", "GenerateStream"), ("code", "OK")];
     assert_eq!(g.get("aquila_gateway_requests_total", &ok), k);
@@ -113,7 +104,7 @@ async fn run_and_check(flags: &[&str]) -> (Scrape, Scrape, String) {
     assert_eq!(g.get("aquila_gateway_replica_healthy", &this), 1.0);
     assert_eq!(g.get("aquila_gateway_replica_breaker_state", &this), 0.0);
 
-    let w = scrape(&listener(&worker, "worker metrics")).await;
+    let w = scrape(worker.addr_of("worker metrics")).await;
     // The worker frees a sequence's blocks before its last event leaves.
     assert_eq!(w.get("aquila_worker_requests_running", &[]), 0.0);
     assert_eq!(w.get("aquila_worker_requests_waiting", &[]), 0.0);
@@ -310,7 +301,7 @@ async fn serve_exposes_both_registries_on_one_endpoint() {
     )
     .await;
     assert_eq!(r.succeeded, 3);
-    let s = scrape(&listener(&serve, "metrics")).await;
+    let s = scrape(serve.addr_of("metrics")).await;
     assert_eq!(
         s.get("aquila_gateway_requests_total", &[("code", "OK")]),
         3.0

@@ -12,41 +12,10 @@ use std::time::Duration;
 
 use aquila_proto::v1::{ChatMessage, ChatRequest, GenerateRequest, ListModelsRequest};
 use common::http::{self, Reply};
-use common::{Proc, eventually, greedy_params as greedy};
+use common::{eventually, greedy_params as greedy, http_stack};
 use serde_json::{Value, json};
 
 const PROMPT: &[u32] = &[84, 104, 101, 32, 113, 117, 105, 99, 107];
-
-/// The tiny model behind a gateway with the HTTP API on; `gateway_flags` added.
-struct HttpStack {
-    _dir: tempfile::TempDir,
-    worker: Proc,
-    gateway: Proc,
-    /// "127.0.0.1:PORT" of the HTTP API.
-    http: String,
-}
-
-async fn http_stack(gateway_flags: &[&str]) -> HttpStack {
-    let dir = common::tiny_model(
-        aquila_worker::presets::WeightFormat::Safetensors,
-        aquila_worker::presets::GgufType::F32,
-    );
-    let worker = common::spawn_worker(dir.path(), &[]);
-    let mut flags = vec!["--http-listen", "127.0.0.1:0"];
-    flags.extend_from_slice(gateway_flags);
-    let gateway = common::spawn_gateway(&[&worker], &flags);
-    common::wait_serving(&gateway.url()).await;
-    let http = gateway
-        .url_of("gateway http")
-        .trim_start_matches("http://")
-        .to_owned();
-    HttpStack {
-        _dir: dir,
-        worker,
-        gateway,
-        http,
-    }
-}
 
 /// The JSON of each server-sent event; asserts the stream ends with `[DONE]`.
 fn sse_events(reply: &Reply) -> Vec<Value> {

@@ -87,12 +87,17 @@ impl Proc {
 
     /// The URL of another listener the process printed (e.g. "gateway admin").
     pub fn url_of(&self, what: &str) -> String {
+        format!("http://{}", self.addr_of(what))
+    }
+
+    /// "127.0.0.1:PORT" of another listener the process printed.
+    pub fn addr_of(&self, what: &str) -> &str {
         let (_, addr) = self
             .others
             .iter()
             .find(|(w, _)| w == what)
             .unwrap_or_else(|| panic!("no {what} listener in {:?}", self.others));
-        format!("http://{addr}")
+        addr
     }
 
     /// Sends SIGTERM (a graceful stop) and waits for the exit status.
@@ -353,5 +358,30 @@ pub async fn tiny_stack(worker_flags: &[&str]) -> Stack {
         worker,
         gateway,
         client,
+    }
+}
+
+/// The tiny model behind a gateway with the HTTP API on, ready (SERVING).
+pub struct HttpStack {
+    pub dir: TempDir,
+    pub worker: Proc,
+    pub gateway: Proc,
+    /// "127.0.0.1:PORT" of the HTTP API.
+    pub http: String,
+}
+
+pub async fn http_stack(gateway_flags: &[&str]) -> HttpStack {
+    let dir = tiny_model(WeightFormat::Safetensors, GgufType::F32);
+    let worker = spawn_worker(dir.path(), &[]);
+    let mut flags = vec!["--http-listen", "127.0.0.1:0"];
+    flags.extend_from_slice(gateway_flags);
+    let gateway = spawn_gateway(&[&worker], &flags);
+    wait_serving(&gateway.url()).await;
+    let http = gateway.addr_of("gateway http").to_owned();
+    HttpStack {
+        dir,
+        worker,
+        gateway,
+        http,
     }
 }

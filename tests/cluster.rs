@@ -23,7 +23,7 @@ use aquila_proto::worker::v1::worker_client::WorkerClient;
 use aquila_proto::worker::v1::{GetLoadRequest, Load};
 use aquila_worker::model::WeightDtype;
 use aquila_worker::presets::{GgufType, WeightFormat};
-use common::{Proc, spawn, spawn_worker, tiny_model, wait_serving};
+use common::{Proc, eventually, spawn, spawn_worker, tiny_model, wait_serving};
 use tonic::Code;
 use tonic::transport::Channel;
 
@@ -90,19 +90,6 @@ async fn load(worker: &Proc) -> Load {
         .await
         .expect("GetLoad")
         .into_inner()
-}
-
-/// Polls `check` every 10 ms until it holds; panics after `limit`.
-async fn eventually<F, Fut>(limit: Duration, what: &str, mut check: F)
-where
-    F: FnMut() -> Fut,
-    Fut: std::future::Future<Output = bool>,
-{
-    let start = Instant::now();
-    while !check().await {
-        assert!(start.elapsed() < limit, "not within {limit:?}: {what}");
-        tokio::time::sleep(Duration::from_millis(10)).await;
-    }
 }
 
 /// What one streamed request saw.

@@ -12,7 +12,7 @@ use aquila_proto::v1::generation_client::GenerationClient;
 use aquila_proto::v1::{GenerateRequest, SamplingParams};
 use aquila_proto::worker::v1::worker_client::WorkerClient;
 use aquila_proto::worker::v1::{GetLoadRequest, Load};
-use common::{Stack, tiny_stack};
+use common::{Stack, eventually, tiny_stack};
 use futures::future::join_all;
 use tonic::transport::Channel;
 use tonic::{Code, Status};
@@ -162,16 +162,16 @@ async fn cancellations_under_load_leak_no_blocks() {
         }
         assert!(tokens >= 199);
     }
-    let deadline = Instant::now() + Duration::from_secs(30);
-    loop {
+    let l = eventually(Duration::from_secs(30), "blocks returned", async || {
         let l = load(&s).await;
         if l.running == 0 && l.kv_blocks_free == l.kv_blocks_total {
-            assert_eq!(l.requests_cancelled_total, 8);
-            break;
+            Ok(l)
+        } else {
+            Err(l)
         }
-        assert!(Instant::now() < deadline, "blocks not returned: {l:?}");
-        tokio::time::sleep(Duration::from_millis(20)).await;
-    }
+    })
+    .await;
+    assert_eq!(l.requests_cancelled_total, 8);
 }
 
 #[tokio::test]

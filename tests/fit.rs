@@ -126,9 +126,8 @@ async fn a_worker_refuses_what_its_cgroup_cannot_hold_and_serves_what_it_can() {
     const LIMIT: usize = 800 << 20;
     let cg = match Cgroup::new(LIMIT) {
         Ok(cg) => cg,
-        Err(why) if std::env::var_os("CI").is_some() => panic!("under CI: {why}"),
         Err(why) => {
-            println!("SKIPPED: {why}");
+            common::skip(&why);
             return;
         }
     };

@@ -200,11 +200,22 @@ fn gguf_tokenizers_match_llama_cpp() {
     let Some(python) = common::env_or_skip("AQUILA_PYTHON", "tests/run.sh") else {
         return;
     };
-    if common::env_or_skip("AQUILA_TOKENIZER_DIR", ".ci/run").is_none() {
-        eprintln!("SKIPPED: the byte-level BPE fixtures (AQUILA_TOKENIZER_DIR is not set)");
-    }
-    if common::env_or_skip("AQUILA_DEMO_MODEL", "tests/run.sh").is_none() {
-        eprintln!("SKIPPED: the demo model's tokenizer (AQUILA_DEMO_MODEL is not set)");
+    // The script reads these itself; without one, its part is skipped.
+    for (var, set_by, part) in [
+        (
+            "AQUILA_TOKENIZER_DIR",
+            ".ci/run",
+            "the byte-level BPE fixtures",
+        ),
+        (
+            "AQUILA_DEMO_MODEL",
+            "tests/run.sh",
+            "the demo model's tokenizer",
+        ),
+    ] {
+        if std::env::var_os(var).is_none() {
+            common::skip(&format!("{part}: {var} is not set ({set_by} sets it)"));
+        }
     }
     let dir = tempfile::tempdir().unwrap();
     let out = std::process::Command::new(python)

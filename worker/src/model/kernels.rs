@@ -588,11 +588,11 @@ fn transpose<U: Send>(
         let width = group.min(rows - g0);
         for (b, block) in out.chunks_mut(per_line * width).enumerate() {
             let ub = u0 + b * per_line;
+            let ks = ub * step..((ub + block.len() / width) * step).min(in_dim);
             for r in 0..width {
-                let row = &x[(g0 + r) * in_dim..][..in_dim];
-                for j in 0..block.len() / width {
-                    let k = (ub + j) * step;
-                    block[j * width + r].write(unit(&row[k..(k + step).min(in_dim)]));
+                let src = &x[(g0 + r) * in_dim..][ks.clone()];
+                for (j, values) in src.chunks(step).enumerate() {
+                    block[j * width + r].write(unit(values));
                 }
             }
         }

@@ -23,6 +23,9 @@ pub struct BenchResult {
     pub batch_decode_tok_per_s: f64,
     pub weight_bytes: usize,
     pub kernels: &'static str,
+    /// The float kernels' path (bf16 weights on `avx512-bf16` round their
+    /// activations).
+    pub float_kernels: &'static str,
     pub kv_cache_dtype: &'static str,
 }
 
@@ -40,6 +43,7 @@ impl BenchResult {
             "batch_decode_tok_per_s": self.batch_decode_tok_per_s,
             "batch_speedup": self.batch_decode_tok_per_s / self.decode_tok_per_s,
             "kernels": self.kernels,
+            "float_kernels": self.float_kernels,
             "kv_cache_dtype": self.kv_cache_dtype,
             "weight_bytes": self.weight_bytes,
             "decode_gb_per_s": self.weight_bytes as f64 * self.decode_tok_per_s / 1e9,
@@ -94,6 +98,7 @@ pub fn run(
         batch_decode_tok_per_s: (batch * gen_tokens) as f64 / batch_decode,
         weight_bytes: model.weight_bytes(),
         kernels: crate::model::quant::Isa::selected().label(),
+        float_kernels: crate::model::kernels::FloatPath::selected().label(),
         kv_cache_dtype: kv_dtype.label(),
     })
 }

@@ -694,6 +694,66 @@ mod simd {
         pick!(1 2 3 4 5 6)
     }
 
+    /// `$call` with the const `$r` set to the tallest tile of 16, 8, 4, 2
+    /// or 1 rows that `$left` rows hold.
+    macro_rules! tallest {
+        ($left:expr, $r:ident => $call:expr) => {
+            match $left {
+                16.. => {
+                    const $r: usize = 16;
+                    $call
+                }
+                8.. => {
+                    const $r: usize = 8;
+                    $call
+                }
+                4.. => {
+                    const $r: usize = 4;
+                    $call
+                }
+                2.. => {
+                    const $r: usize = 2;
+                    $call
+                }
+                _ => {
+                    const $r: usize = 1;
+                    $call
+                }
+            }
+        };
+    }
+
+    /// A zmm kernel's accumulators for `R` rows of 16 at `c`: zero for the
+    /// first chunk of `in`, else what the earlier chunks stored.
+    ///
+    /// # Safety
+    /// AVX-512F must exist; `c` valid for `R` rows of 16.
+    #[inline(always)]
+    unsafe fn load_acc<const R: usize>(c: Out, first: bool) -> [__m512; R] {
+        // SAFETY: the caller's contract.
+        unsafe {
+            let mut acc = [_mm512_setzero_ps(); R];
+            if !first {
+                for (r, a) in acc.iter_mut().enumerate() {
+                    *a = _mm512_loadu_ps(c.down(r).ptr);
+                }
+            }
+            acc
+        }
+    }
+
+    /// Stores what `load_acc` loaded, after the chunk's sums.
+    ///
+    /// # Safety
+    /// As `load_acc`, and nobody else writes those rows meanwhile.
+    #[inline(always)]
+    unsafe fn store_acc<const R: usize>(c: Out, acc: &[__m512; R]) {
+        for (r, a) in acc.iter().enumerate() {
+            // SAFETY: the caller's contract.
+            unsafe { _mm512_storeu_ps(c.down(r).ptr, *a) };
+        }
+    }
+
     /// As `tile_avx2`, with tiles of 16, 8, 4, 2 or 1 rows.
     ///
     /// # Safety
@@ -710,15 +770,7 @@ mod simd {
         left: usize,
     ) -> usize {
         // SAFETY: the caller's contract.
-        unsafe {
-            match left {
-                16.. => avx512::<T, 16>(x, stride, w, kc, c, first, prefetch),
-                8.. => avx512::<T, 8>(x, stride, w, kc, c, first, prefetch),
-                4.. => avx512::<T, 4>(x, stride, w, kc, c, first, prefetch),
-                2.. => avx512::<T, 2>(x, stride, w, kc, c, first, prefetch),
-                _ => avx512::<T, 1>(x, stride, w, kc, c, first, prefetch),
-            }
-        }
+        tallest!(left, R => unsafe { avx512::<T, R>(x, stride, w, kc, c, first, prefetch) })
     }
 
     /// As `tile_avx512` for bf16 weights (as u16) and bf16 pair
@@ -738,15 +790,7 @@ mod simd {
         left: usize,
     ) -> usize {
         // SAFETY: the caller's contract.
-        unsafe {
-            match left {
-                16.. => avx512_bf16::<16>(x, stride, w, kc, c, first, prefetch),
-                8.. => avx512_bf16::<8>(x, stride, w, kc, c, first, prefetch),
-                4.. => avx512_bf16::<4>(x, stride, w, kc, c, first, prefetch),
-                2.. => avx512_bf16::<2>(x, stride, w, kc, c, first, prefetch),
-                _ => avx512_bf16::<1>(x, stride, w, kc, c, first, prefetch),
-            }
-        }
+        tallest!(left, R => unsafe { avx512_bf16::<R>(x, stride, w, kc, c, first, prefetch) })
     }
 
     /// A tile's share of prefetching the next chunk: with `Some((i, n))`,
@@ -865,16 +909,11 @@ mod simd {
     ) -> usize {
         assert!(w.len() >= kc * PANEL);
         assert!(x.len() >= (kc - 1) * stride + R);
-        let (xp, wp, cp, ldc) = (x.as_ptr(), w.as_ptr(), c.ptr, c.ldc);
+        let (xp, wp) = (x.as_ptr(), w.as_ptr());
         let mut prefetch = Prefetch::new(wp, kc, prefetch);
         // SAFETY: the asserts above bound every access.
         unsafe {
-            let mut acc = [_mm512_setzero_ps(); R];
-            if !first {
-                for (r, a) in acc.iter_mut().enumerate() {
-                    *a = _mm512_loadu_ps(cp.add(r * ldc));
-                }
-            }
+            let mut acc = load_acc::<R>(c, first);
             for k in 0..kc {
                 prefetch.step();
                 let wv = T::load16x(wp.add(k * PANEL));
@@ -882,9 +921,7 @@ mod simd {
                     *a = _mm512_fmadd_ps(_mm512_set1_ps(*xp.add(k * stride + r)), wv, *a);
                 }
             }
-            for (r, a) in acc.iter().enumerate() {
-                _mm512_storeu_ps(cp.add(r * ldc), *a);
-            }
+            store_acc(c, &acc);
         }
         R
     }
@@ -911,7 +948,7 @@ mod simd {
     ) -> usize {
         assert!(w.len() >= kc * PANEL);
         assert!(x.len() >= (kc.div_ceil(2) - 1) * stride + R);
-        let (xp, wp, cp, ldc) = (x.as_ptr(), w.as_ptr(), c.ptr, c.ldc);
+        let (xp, wp) = (x.as_ptr(), w.as_ptr());
         let mut prefetch = Prefetch::new(wp, kc, prefetch);
         // SAFETY: the asserts above bound every access; __m512i and
         // __m512bh are the same 64 bytes.
@@ -922,12 +959,7 @@ mod simd {
                 20, 4, 19, 3, 18, 2, 17, 1, 16, 0,
             );
             let bh = |v: __m512i| std::mem::transmute::<__m512i, __m512bh>(v);
-            let mut acc = [_mm512_setzero_ps(); R];
-            if !first {
-                for (r, a) in acc.iter_mut().enumerate() {
-                    *a = _mm512_loadu_ps(cp.add(r * ldc));
-                }
-            }
+            let mut acc = load_acc::<R>(c, first);
             for p in 0..kc / 2 {
                 prefetch.step();
                 prefetch.step();
@@ -946,9 +978,7 @@ mod simd {
                     *a = _mm512_dpbf16_ps(*a, wv, xv);
                 }
             }
-            for (r, a) in acc.iter().enumerate() {
-                _mm512_storeu_ps(cp.add(r * ldc), *a);
-            }
+            store_acc(c, &acc);
         }
         R
     }

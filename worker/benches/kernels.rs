@@ -18,6 +18,9 @@ use aquila_worker::model::quant::{Format, Isa, PackedMatrix};
 use half::f16;
 
 fn main() {
+    // As a worker does: freed step buffers stay in the heap (without this,
+    // every product with an output over 128 KiB faulted it in afresh).
+    aquila_worker::service::init_threads(0);
     let quick = std::env::var_os("AQUILA_BENCH_QUICK").is_some();
     let budget = Duration::from_millis(if quick { 20 } else { 400 });
     let threads = rayon::current_num_threads();

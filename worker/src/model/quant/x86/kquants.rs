@@ -6,7 +6,7 @@
 
 use std::arch::x86_64::*;
 
-use super::{broadcast4, dpbusd, high_bit, load, load_f16, store};
+use super::{broadcast4, dpbusd, high_bit, load, load_f16, prefetch_ahead, store};
 use crate::model::quant::{Format, GROUP, QuantizedRows};
 
 /// Eight bytes at `p` as f32, unsigned.
@@ -56,6 +56,7 @@ pub(super) unsafe fn k2<const R: usize, const VNNI: bool, const THREE: bool>(
         let mut acc = [_mm256_setzero_ps(); R];
         for b in 0..supers {
             let wb = w.as_ptr().add(b * gb);
+            prefetch_ahead::<R>(wb, gb);
             let d = load_f16(wb.add(sc + 128));
             let dmin = if THREE {
                 _mm256_setzero_ps()
@@ -148,6 +149,7 @@ pub(super) unsafe fn k4<const R: usize, const VNNI: bool, const FIVE: bool>(
         let mut acc = [_mm256_setzero_ps(); R];
         for b in 0..supers {
             let wb = w.as_ptr().add(b * gb);
+            prefetch_ahead::<R>(wb, gb);
             let d = load_f16(wb.add(sc + 128));
             let dmin = load_f16(wb.add(sc + 144));
             let (r0, s) = (r0, (d, dmin, sc));
@@ -366,6 +368,7 @@ pub(super) unsafe fn q6k<const R: usize, const VNNI: bool>(
         let mut acc = [_mm256_setzero_ps(); R];
         for b in 0..supers {
             let wb = w.as_ptr().add(b * gb);
+            prefetch_ahead::<R>(wb, gb);
             let d = load_f16(wb.add(sc + 128));
             for n in 0..2 {
                 for p in 0..2 {
